@@ -1,0 +1,73 @@
+"""The reports' summary table for the runs of an experiment (Markdown + CSV, logged as a run)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from histoflow.errors import DataError
+
+COLUMNS = {
+    "tags.mlflow.runName": "Run",
+    "tags.model": "Model",
+    "tags.dataset.name": "Dataset",
+    "tags.split_mode": "Split",
+    "metrics.test_accuracy": "Accuracy",
+    "metrics.test_loss": "Loss",
+    "metrics.test_precision": "Precision",
+    "metrics.test_recall": "Recall",
+    "metrics.test_f1": "F1",
+    "metrics.test_roc_auc": "AUC",
+    "metrics.test_balanced_accuracy": "Balanced accuracy",
+    "metrics.test_patient_score": "Patient score",
+    "metrics.n_params": "Params",
+    "metrics.train_time_s": "Train time (s)",
+}
+
+
+def summary(experiment: str, dataset: str = "") -> pd.DataFrame:
+    """One row per finished training run of the experiment (newest first)."""
+    if mlflow.get_experiment_by_name(experiment) is None:
+        raise DataError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
+    runs = mlflow.search_runs(experiment_names=[experiment],
+                              filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
+                              order_by=["attributes.start_time DESC"])
+    if dataset:
+        runs = runs[runs.get("tags.dataset.name") == dataset]
+    if runs.empty:
+        raise DataError(f"experiment {experiment!r} has no finished training run"
+                        + (f" on dataset {dataset!r}" if dataset else ""))
+    table = runs.reindex(columns=["run_id", *COLUMNS]).rename(columns=COLUMNS)
+    table["Params"] = table["Params"].astype("Int64")
+    return table.reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    shown = table.drop(columns=["run_id"]).copy()
+    for column in ("Accuracy", "Loss", "Precision", "Recall", "F1", "AUC", "Balanced accuracy", "Patient score"):
+        shown[column] = shown[column].map(lambda v: f"{v:.4f}" if pd.notna(v) else "")
+    shown["Train time (s)"] = shown["Train time (s)"].map(lambda v: f"{v:.0f}" if pd.notna(v) else "")
+    return shown.to_markdown(index=False)
+
+
+def run(experiment: str, dataset: str = "", output_dir: str = "outputs") -> pd.DataFrame:
+    """Print the table, save CSV and Markdown under output_dir, and log both to a `compare` run."""
+    table = summary(experiment, dataset)
+    markdown = to_markdown(table)
+    print(markdown)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "comparison.csv", index=False)
+    (out / "comparison.md").write_text(markdown + "\n")
+    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    # Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and start_run resumes it.
+    in_project = bool(os.environ.get("MLFLOW_RUN_ID"))
+    with mlflow.start_run(experiment_id=None if in_project else experiment_id, run_name="compare"):
+        mlflow.set_tag("histoflow.step", "compare")
+        mlflow.log_param("compared_runs", len(table))
+        mlflow.log_artifact(str(out / "comparison.csv"))
+        mlflow.log_artifact(str(out / "comparison.md"))
+    return table

@@ -1,0 +1,314 @@
+"""Dataset discovery: find the images under a folder, recognise its layout, parse labels and patients.
+
+Three layouts are recognised:
+
+- ``breakhis``: BreaKHis v1, ``.../<benign|malignant>/SOB/<subtype>/<patient>/<mag>X/SOB_<B|M>_<type>-<yy>-<slide>-<mag>-<seq>.png``;
+- ``idc``: the IDC patches, ``<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png``;
+- ``folders``: ``<class>/<file>`` or ``<train|valid|test>/<class>/<file>``, optionally with a ``groups.csv``.
+
+Every selected file is decoded once here: unreadable ones are reported and skipped, and the content
+hashes give the dataset digest logged with every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from histoflow.errors import DataError, ImageDecodeError
+from histoflow.preprocessing import IMAGE_EXTENSIONS, decode_image
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("auto", "breakhis", "idc", "folders")
+MAGNIFICATIONS = ("all", "40", "100", "200", "400")
+
+BREAKHIS_NAME = re.compile(
+    r"^SOB_(?P<cls>[BM])_(?P<type>[A-Z]+)-(?P<year>\d+)-(?P<slide>[0-9A-Za-z]+)-(?P<mag>\d+)-(?P<seq>\d+)\.\w+$"
+)
+IDC_NAME = re.compile(r"^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<cls>[01])\.\w+$")
+BREAKHIS_SUBTYPES = {
+    "A": "adenosis",
+    "F": "fibroadenoma",
+    "PT": "phyllodes_tumor",
+    "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma",
+    "LC": "lobular_carcinoma",
+    "MC": "mucinous_carcinoma",
+    "PC": "papillary_carcinoma",
+}
+SPLIT_FOLDERS = {"train": "train", "training": "train", "valid": "val", "val": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+POSITIVE_NAMES = ("malignant", "idc", "cancer", "tumor", "tumour", "positive", "1", "yes")
+
+COLUMNS = ["path", "relpath", "label", "class_name", "patient", "group", "subtype",
+           "magnification", "source_split"]
+
+
+@dataclass
+class Dataset:
+    """Images of one dataset: one row per usable image, plus what was skipped and why."""
+
+    root: Path
+    layout: str
+    class_names: list[str]
+    frame: pd.DataFrame
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["relpath", "reason"]))
+    ignored_files: int = 0
+    digest: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def report(self) -> dict:
+        """Counts a reviewer needs to judge the data (logged as data_report.json)."""
+        frame = self.frame
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "digest": self.digest,
+            "class_names": self.class_names,
+            "images": int(len(frame)),
+            "patients": int(frame["patient"].nunique()),
+            "patient_groups": int(frame["group"].nunique()),
+            "images_per_class": {self.class_names[k]: int(v) for k, v in
+                                 sorted(Counter(frame["label"]).items())},
+            "patients_per_class": {
+                self.class_names[k]: int(v) for k, v in
+                sorted(frame.groupby("label")["patient"].nunique().items())
+            },
+            "magnifications": {str(k): int(v) for k, v in
+                               sorted(Counter(frame["magnification"].fillna("")).items()) if k},
+            "skipped": self.skipped.to_dict(orient="records"),
+            "ignored_non_image_files": self.ignored_files,
+        }
+
+
+def _walk_images(root: Path) -> tuple[list[Path], int]:
+    images, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(Path(dirpath) / name)
+            else:
+                ignored += 1
+    return images, ignored
+
+
+def detect_layout(paths: list[Path]) -> str:
+    """The layout most files agree on (file names decide; folders are the fallback)."""
+    if not paths:
+        raise DataError("no image files found")
+    names = [p.name for p in paths]
+    breakhis = sum(bool(BREAKHIS_NAME.match(n)) for n in names)
+    idc = sum(bool(IDC_NAME.match(n)) for n in names)
+    if breakhis >= 0.5 * len(names):
+        return "breakhis"
+    if idc >= 0.5 * len(names):
+        return "idc"
+    return "folders"
+
+
+def _parse_breakhis(root: Path, paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
+    rows = []
+    for path in paths:
+        match = BREAKHIS_NAME.match(path.name)
+        if not match:
+            log.warning("not a BreaKHis file name, ignored: %s", path)
+            continue
+        label = 1 if match["cls"] == "M" else 0
+        parent = path.parent.parent.name if re.fullmatch(r"\d+X", path.parent.name) else None
+        # The patient folder (SOB_B_A_14-22549AB) is the patient; folders sharing year-slide
+        # (14-22549AB, 14-22549CD) come from one person and must never be split apart.
+        patient = parent or f"SOB_{match['cls']}_{match['type']}_{match['year']}-{match['slide']}"
+        slide_number = re.match(r"\d+", match["slide"])
+        group = f"{match['year']}-{slide_number.group(0) if slide_number else match['slide']}"
+        rows.append({
+            "path": str(path), "relpath": str(path.relative_to(root)), "label": label,
+            "patient": patient, "group": group,
+            "subtype": BREAKHIS_SUBTYPES.get(match["type"], match["type"]),
+            "magnification": match["mag"], "source_split": None,
+        })
+    return pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "class_name"]), ["benign", "malignant"]
+
+
+def _parse_idc(root: Path, paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
+    rows = []
+    for path in paths:
+        match = IDC_NAME.match(path.name)
+        if not match:
+            log.warning("not an IDC patch file name, ignored: %s", path)
+            continue
+        label = int(match["cls"])
+        rows.append({
+            "path": str(path), "relpath": str(path.relative_to(root)), "label": label,
+            "patient": match["patient"], "group": match["patient"],
+            "subtype": "IDC" if label else "non-IDC", "magnification": None, "source_split": None,
+        })
+    return pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "class_name"]), ["non-IDC", "IDC"]
+
+
+def _class_order(names: set[str]) -> list[str]:
+    """Binary class order with the malignant-like class second (index 1 = positive)."""
+    ordered = sorted(names)
+    positives = [n for n in ordered if n.lower() in POSITIVE_NAMES]
+    if len(ordered) == 2 and len(positives) == 1:
+        ordered.remove(positives[0])
+        ordered.append(positives[0])
+    return ordered
+
+
+def _parse_folders(root: Path, paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
+    rows = []
+    for path in paths:
+        rel = path.relative_to(root)
+        if len(rel.parts) < 2:
+            continue
+        class_name = rel.parts[-2]
+        split = SPLIT_FOLDERS.get(rel.parts[-3].lower()) if len(rel.parts) >= 3 else None
+        rows.append({"path": str(path), "relpath": str(rel), "class_name": class_name,
+                     "source_split": split})
+    loose = sum(len(p.relative_to(root).parts) < 2 for p in paths)
+    if not rows:
+        raise DataError(
+            f"unknown layout under {root}: {loose} image files lie directly in the folder and none "
+            "is in a class folder. Expected BreaKHis, IDC (<patient>/<0|1>/...) or <class>/<file>."
+        )
+    frame = pd.DataFrame(rows)
+    classes = _class_order(set(frame["class_name"]))
+    if len(classes) != 2:
+        raise DataError(
+            f"histoflow classifies two classes (benign vs malignant); found {len(classes)} class "
+            f"folder(s) under {root}: {', '.join(classes)}"
+        )
+    frame["label"] = frame["class_name"].map({c: i for i, c in enumerate(classes)})
+    groups = _read_groups(root)
+    frame["patient"] = frame["relpath"].map(groups) if groups else None
+    # Without patient information every image is its own group (documented as leaky-prone).
+    frame["patient"] = frame["patient"].fillna(frame["relpath"])
+    frame["group"] = frame["patient"]
+    frame["subtype"] = frame["class_name"]
+    frame["magnification"] = None
+    return frame.drop(columns=["class_name"])[[c for c in COLUMNS if c != "class_name"]], classes
+
+
+def _read_groups(root: Path) -> dict[str, str]:
+    groups_file = root / "groups.csv"
+    if not groups_file.exists():
+        return {}
+    table = pd.read_csv(groups_file, dtype=str)
+    if not {"path", "group"} <= set(table.columns):
+        raise DataError(f"{groups_file} must have the columns path,group; found {list(table.columns)}")
+    return dict(zip(table["path"], table["group"]))
+
+
+PARSERS = {"breakhis": _parse_breakhis, "idc": _parse_idc, "folders": _parse_folders}
+
+
+def _check_file(path: str) -> tuple[str, str | None]:
+    """(sha256, None) for a readable image, ("", reason) otherwise."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        return "", f"unreadable: {exc}"
+    try:
+        decode_image(data)
+    except ImageDecodeError as exc:
+        return "", str(exc)
+    return hashlib.sha256(data).hexdigest(), None
+
+
+def _validate(frame: pd.DataFrame, workers: int = 8) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(_check_file, frame["path"]))
+    hashes = [h for h, _ in results]
+    reasons = [r for _, r in results]
+    bad = [r is not None for r in reasons]
+    skipped = pd.DataFrame({"relpath": frame["relpath"][bad].tolist(),
+                            "reason": [r for r in reasons if r is not None]})
+    for row in skipped.itertuples():
+        log.warning("skipping %s: %s", row.relpath, row.reason)
+    keep = [not b for b in bad]
+    return frame[keep].reset_index(drop=True), skipped, [h for h, k in zip(hashes, keep) if k]
+
+
+def _digest(frame: pd.DataFrame, hashes: list[str]) -> str:
+    sha = hashlib.sha256()
+    for rel, label, patient, h in sorted(zip(frame["relpath"], frame["label"], frame["patient"], hashes)):
+        sha.update(f"{rel}\t{label}\t{patient}\t{h}\n".encode())
+    return sha.hexdigest()[:16]
+
+
+def _subsample(frame: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:
+    """A label-stratified random subset (many patients, few images each, so splits stay possible)."""
+    if max_images <= 0 or len(frame) <= max_images:
+        return frame
+    parts = []
+    for label, part in frame.groupby("label"):
+        share = max(1, round(max_images * len(part) / len(frame)))
+        parts.append(part.sample(n=min(share, len(part)), random_state=seed))
+    return pd.concat(parts).sort_values("relpath").reset_index(drop=True)
+
+
+def discover(
+    data_dir: str | os.PathLike,
+    layout: str = "auto",
+    magnification: str = "all",
+    max_images: int = 0,
+    seed: int = 42,
+) -> Dataset:
+    """Find, parse and check the images under data_dir."""
+    root = Path(data_dir).expanduser().resolve()
+    if layout not in LAYOUTS:
+        raise DataError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    magnification = str(magnification).upper().rstrip("X").lower()
+    if magnification not in MAGNIFICATIONS:
+        raise DataError(f"magnification must be one of {', '.join(MAGNIFICATIONS)}; got {magnification!r}")
+    if not root.is_dir():
+        raise DataError(f"data_dir {root} does not exist or is not a folder")
+    paths, ignored = _walk_images(root)
+    if not paths:
+        raise DataError(
+            f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}; found {ignored} other files"
+        )
+    if layout == "auto":
+        layout = detect_layout(paths)
+    frame, class_names = PARSERS[layout](root, paths)
+    if frame.empty:
+        raise DataError(f"no file under {root} matches the {layout} layout ({len(paths)} image files found)")
+    if magnification != "all":
+        if layout != "breakhis":
+            raise DataError(f"magnification={magnification} applies to BreaKHis only; this is {layout}")
+        frame = frame[frame["magnification"] == magnification].reset_index(drop=True)
+        if frame.empty:
+            raise DataError(f"no BreaKHis image at {magnification}X under {root}")
+    frame = _subsample(frame, int(max_images), seed)
+    frame, skipped, hashes = _validate(frame)
+    if frame.empty:
+        raise DataError(
+            f"no readable image under {root}: all {len(skipped)} image files were skipped "
+            f"(first: {skipped.iloc[0].relpath}: {skipped.iloc[0].reason})"
+        )
+    frame["class_name"] = frame["label"].map(dict(enumerate(class_names)))
+    counts = Counter(frame["class_name"])
+    if len(counts) < 2:
+        raise DataError(
+            f"only one class in {root}: {dict(counts)}; a benign vs malignant classifier needs "
+            f"images of both {class_names[0]!r} and {class_names[1]!r}"
+        )
+    frame = frame[COLUMNS]
+    return Dataset(root=root, layout=layout, class_names=class_names, frame=frame, skipped=skipped,
+                   ignored_files=ignored, digest=_digest(frame, hashes))

@@ -1,0 +1,77 @@
+"""Test-set evaluation with scikit-learn: image-level and patient-level metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+# The same names for every variant, so the MLflow UI compare view lines them up.
+METRIC_NAMES = ("accuracy", "loss", "precision", "recall", "specificity", "f1", "roc_auc",
+                "balanced_accuracy", "patient_accuracy", "patient_score")
+
+
+def binary_metrics(y_true: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Metrics of the positive (malignant) class; probabilities has one column per class."""
+    y_true = np.asarray(y_true, dtype=int)
+    positive = probabilities[:, 1]
+    y_pred = (positive >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+    two_classes = len(np.unique(y_true)) == 2
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "loss": float(log_loss(y_true, np.clip(probabilities, 1e-7, 1.0), labels=[0, 1])),
+        "precision": float(precision_score(y_true, y_pred, zero_division=0)),
+        "recall": float(recall_score(y_true, y_pred, zero_division=0)),
+        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "f1": float(f1_score(y_true, y_pred, zero_division=0)),
+        "roc_auc": float(roc_auc_score(y_true, positive)) if two_classes else float("nan"),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if two_classes else float("nan"),
+    }
+
+
+def patient_metrics(patients: pd.Series, y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Patient-level results.
+
+    patient_accuracy: the patient's mean malignant probability vs the patient's majority label.
+    patient_score: BreaKHis' patient-level recognition rate (Spanhol et al. 2016), the mean over
+    patients of the fraction of that patient's images classified correctly.
+    """
+    table = pd.DataFrame({"patient": np.asarray(patients), "y": np.asarray(y_true, dtype=int),
+                          "p": probabilities[:, 1]})
+    table["correct"] = (table["p"] >= 0.5).astype(int) == table["y"]
+    per_patient = table.groupby("patient").agg(y=("y", "mean"), p=("p", "mean"), score=("correct", "mean"))
+    patient_label = (per_patient["y"] >= 0.5).astype(int)
+    patient_pred = (per_patient["p"] >= 0.5).astype(int)
+    return {
+        "patient_accuracy": float((patient_label == patient_pred).mean()),
+        "patient_score": float(per_patient["score"].mean()),
+        "patients": float(len(per_patient)),
+    }
+
+
+def evaluate(frame: pd.DataFrame, probabilities: np.ndarray) -> dict[str, float]:
+    y_true = frame["label"].to_numpy()
+    metrics = binary_metrics(y_true, probabilities)
+    metrics.update(patient_metrics(frame["patient"], y_true, probabilities))
+    return metrics
+
+
+def report_text(y_true: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> str:
+    y_pred = (probabilities[:, 1] >= 0.5).astype(int)
+    return classification_report(y_true, y_pred, labels=[0, 1], target_names=class_names, digits=4,
+                                 zero_division=0)
+
+
+def confusion(y_true: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    return confusion_matrix(y_true, (probabilities[:, 1] >= 0.5).astype(int), labels=[0, 1])

@@ -1,0 +1,213 @@
+"""Model variants: the reports' baseline CNN and the multi-scale fusion head on keras.applications backbones.
+
+Models take float32 images in [0, 1] (the output of ``preprocessing.resize_and_scale``); each backbone's
+own ImageNet normalisation is a built-in layer inside the model, so the saved ``.keras`` file and the
+served model need no custom code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import keras
+import numpy as np
+
+from histoflow.errors import ConfigError, WeightsError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype="float32")
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype="float32")
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype="float32")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A keras.applications backbone with its three tap layers (strides 8, 16, 32) and input scaling."""
+
+    constructor: Callable[..., keras.Model]
+    taps: tuple[str, str, str]
+    scaling: str  # torch | tf | raw255 | caffe (keras.applications' preprocess_input modes)
+    min_size: int
+    weights_file: str  # the file Keras fetches into $KERAS_HOME/models for weights="imagenet"
+
+
+BACKBONES: dict[str, Backbone] = {
+    "densenet121": Backbone(
+        keras.applications.DenseNet121,
+        ("conv3_block12_concat", "conv4_block24_concat", "conv5_block16_concat"),
+        "torch", 32, "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "mobilenet": Backbone(
+        keras.applications.MobileNet,
+        ("conv_pw_5_relu", "conv_pw_11_relu", "conv_pw_13_relu"),
+        "tf", 32, "mobilenet_{alpha}_{rows}_tf_no_top.h5"),
+    "mobilenet_v2": Backbone(
+        keras.applications.MobileNetV2,
+        ("block_5_add", "block_12_add", "out_relu"),
+        "tf", 32, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}_no_top.h5"),
+    "efficientnet_b0": Backbone(
+        keras.applications.EfficientNetB0,
+        ("block3b_add", "block5c_add", "top_activation"),
+        "raw255", 32, "efficientnetb0_notop.h5"),
+    "resnet50v2": Backbone(
+        keras.applications.ResNet50V2,
+        ("conv2_block3_out", "conv3_block4_out", "post_relu"),
+        "tf", 32, "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "vgg16": Backbone(
+        keras.applications.VGG16,
+        ("block3_conv3", "block4_conv3", "block5_conv3"),
+        "caffe", 32, "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "inception_v3": Backbone(
+        keras.applications.InceptionV3,
+        ("mixed2", "mixed7", "mixed10"),
+        "tf", 75, "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "xception": Backbone(
+        keras.applications.Xception,
+        ("block4_sepconv2_bn", "block13_sepconv2_bn", "block14_sepconv2_act"),
+        "tf", 71, "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+}
+ALPHA_BACKBONES = {"mobilenet": (0.25, 0.5, 0.75, 1.0), "mobilenet_v2": (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)}
+GRADCAM_LAYER_BASELINE = "conv3"
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras caches downloaded weights: $KERAS_HOME/models (read by Keras at import), else ~/.keras/models."""
+    try:
+        from keras.src.backend.config import keras_home
+        home = keras_home()
+    except ImportError:
+        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def imagenet_weights_file(backbone: str, image_size: int, alpha: float = 1.0) -> str:
+    """The file name Keras looks for in its cache when weights='imagenet'."""
+    spec = BACKBONES[backbone]
+    if backbone == "mobilenet":
+        # Built on an input tensor, MobileNet v1 always takes the 224 file (it loads at any size).
+        rows = 224
+        alpha_text = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}[alpha]
+        return spec.weights_file.format(alpha=alpha_text, rows=rows)
+    if backbone == "mobilenet_v2":
+        rows = image_size if image_size in (96, 128, 160, 192, 224) else 224
+        return spec.weights_file.format(alpha=f"{alpha:g}" if alpha != 1 else "1.0", rows=rows)
+    return spec.weights_file
+
+
+def _resolve_weights(weights: str) -> str | None:
+    if weights in ("none", "None", "", None):
+        return None
+    if weights == "imagenet":
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist (weights must be imagenet, none or a path)")
+    return str(path)
+
+
+def _scaling_layers(scaling: str, x):
+    """Map [0, 1] inputs to what the backbone was pretrained on, with serialisable built-in layers."""
+    if scaling == "torch":
+        return keras.layers.Normalization(mean=IMAGENET_MEAN, variance=IMAGENET_STD**2,
+                                          name="imagenet_normalize")(x)
+    if scaling == "tf":
+        return keras.layers.Rescaling(2.0, offset=-1.0, name="scale_to_pm1")(x)
+    if scaling == "raw255":
+        return keras.layers.Rescaling(255.0, name="scale_to_255")(x)
+    if scaling == "caffe":
+        x = keras.layers.Rescaling(255.0, name="scale_to_255")(x)
+        # RGB -> BGR and mean subtraction as a fixed 1x1 convolution (no Lambda: .keras stays portable).
+        rgb_to_bgr = keras.layers.Conv2D(3, 1, name="rgb_to_bgr", trainable=False)
+        x = rgb_to_bgr(x)
+        rgb_to_bgr.set_weights([np.eye(3, dtype="float32")[::-1].reshape(1, 1, 3, 3), -CAFFE_MEAN_BGR])
+        return x
+    raise ConfigError(f"unknown scaling {scaling}")
+
+
+def build_baseline(image_size: int = 128, dropout: float = 0.5, num_classes: int = 2) -> keras.Model:
+    """The reports' CNN: Conv 32/64/128 (3x3 ReLU) + MaxPool 2x2 each, Dense 128, Dropout, softmax."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = inputs
+    for i, filters in enumerate((32, 64, 128), start=1):
+        x = keras.layers.Conv2D(filters, 3, activation="relu", name=f"conv{i}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(128, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="baseline_cnn")
+
+
+def build_fusion(
+    backbone: str = "densenet121",
+    image_size: int = 128,
+    weights: str = "imagenet",
+    fusion_width: int = 64,
+    dropout: float = 0.45,
+    alpha: float = 1.0,
+    freeze_backbone: bool = False,
+    num_classes: int = 2,
+) -> keras.Model:
+    """Backbone taps -> (GAP -> Dense(fusion_width) -> BN) each, concat -> Dense 16 -> BN -> Dropout -> softmax."""
+    if backbone not in BACKBONES:
+        raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}; got {backbone!r}")
+    spec = BACKBONES[backbone]
+    if image_size < spec.min_size:
+        raise ConfigError(f"{backbone} needs image_size >= {spec.min_size}; got {image_size}")
+    kwargs = {}
+    if backbone in ALPHA_BACKBONES:
+        if alpha not in ALPHA_BACKBONES[backbone]:
+            raise ConfigError(f"{backbone} alpha must be one of {ALPHA_BACKBONES[backbone]}; got {alpha}")
+        kwargs["alpha"] = alpha
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    scaled = _scaling_layers(spec.scaling, inputs)
+    resolved = _resolve_weights(weights)
+    try:
+        # input_tensor puts the backbone's layers in this model's own graph, so the taps (and
+        # Grad-CAM's target layer) are reachable by name in the saved model.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will be loaded as the default")
+            base = spec.constructor(include_top=False, weights=resolved, input_tensor=scaled, **kwargs)
+    except Exception as exc:
+        if resolved != "imagenet":
+            raise
+        fetched = re.search(r"/([^/\s]+\.h5)\b", str(exc))
+        name = fetched.group(1) if fetched else imagenet_weights_file(backbone, image_size, alpha)
+        raise WeightsError(
+            f"could not load ImageNet weights for {backbone}: Keras needs the file {name} in "
+            f"{keras_cache_dir()} and could not download it ({type(exc).__name__}: {exc}). Copy the "
+            "file there, pass weights=/path/to/weights.h5, or use weights=none"
+        ) from None
+    base.trainable = not freeze_backbone
+    branches = []
+    for i, tap in enumerate(spec.taps, start=1):
+        x = keras.layers.GlobalAveragePooling2D(name=f"fusion{i}_gap")(base.get_layer(tap).output)
+        x = keras.layers.Dense(fusion_width, activation="relu", name=f"fusion{i}_dense")(x)
+        branches.append(keras.layers.BatchNormalization(name=f"fusion{i}_bn")(x))
+    x = keras.layers.Concatenate(name="fusion_concat")(branches)
+    x = keras.layers.Dense(16, activation="relu", name="head_dense")(x)
+    x = keras.layers.BatchNormalization(name="head_bn")(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=f"{backbone}_fusion")
+
+
+def gradcam_layer(model: keras.Model, backbone: str | None) -> str:
+    """The convolutional layer Grad-CAM explains: the last conv of the CNN, the deepest tap otherwise."""
+    return BACKBONES[backbone].taps[-1] if backbone else GRADCAM_LAYER_BASELINE
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy", keras.metrics.AUC(name="auc")],
+    )
+    return model
+
+
+def count_params(model: keras.Model) -> int:
+    return int(model.count_params())

@@ -1,0 +1,70 @@
+"""The one image preprocessing used by training, evaluation and serving.
+
+Decoding goes through Pillow (PNG, JPEG, TIFF, BMP, any size or mode) and resizing/scaling through
+TensorFlow, in both the tf.data pipeline and the scoring server, so there is no training/serving skew.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from histoflow.errors import ImageDecodeError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+# Whole-slide tiles above this are refused before decoding (decompression-bomb guard); BreakHis
+# originals are 0.32 MP, a 4k x 4k tile is 16 MP.
+MAX_PIXELS = 40_000_000
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to an RGB uint8 array of shape (height, width, 3)."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
+                    f"{max_pixels:,} pixels"
+                )
+            im.load()
+            rgb = im.convert("RGB")
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (Pillow cannot identify the format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
+    array = np.asarray(rgb, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageDecodeError(f"image has no pixels (shape {array.shape})")
+    return array
+
+
+def read_image(path: str) -> np.ndarray:
+    with open(path, "rb") as fh:
+        return decode_image(fh.read())
+
+
+def resize_and_scale(image, image_size: int):
+    """Resize an RGB uint8 image (or batch) to image_size x image_size and scale to [0, 1] float32.
+
+    The aspect ratio is not kept: BreakHis' own 224x224 copies are squeezed the same way, and
+    histology has no canonical orientation.
+    """
+    import tensorflow as tf
+
+    image = tf.convert_to_tensor(image)
+    resized = tf.image.resize(
+        tf.cast(image, tf.float32), (image_size, image_size), method="bilinear", antialias=True
+    )
+    return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
+
+
+def preprocess_bytes(data: bytes, image_size: int) -> np.ndarray:
+    """Bytes of one image file -> float32 array (image_size, image_size, 3) in [0, 1]."""
+    return resize_and_scale(decode_image(data), image_size).numpy()

@@ -1,0 +1,141 @@
+"""MLflow tracking: where runs go, and the provenance every run carries (data, code, environment)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from histoflow.errors import TrackingError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TRACKED_PACKAGES = ("histoflow", "tensorflow", "tensorflow-cpu", "keras", "mlflow", "optuna", "scikit-learn",
+                    "numpy", "pandas", "pillow", "boto3")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming the URI, when an HTTP tracking server does not answer (MLflow would retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status >= 500:
+                raise TrackingError(f"MLflow tracking server {uri} answered HTTP {response.status}")
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise TrackingError(f"MLflow tracking server {uri} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or unset "
+            f"MLFLOW_TRACKING_URI to use the local {DEFAULT_TRACKING_URI}"
+        ) from None
+
+
+def configure(experiment: str = "") -> str:
+    """Point MLflow at the tracking store and experiment; returns the tracking URI."""
+    uri = tracking_uri()
+    check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    # Under `mlflow run` the run (and so its experiment) already exists: MLFLOW_RUN_ID wins.
+    if experiment and not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment)
+    return uri
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit(path: str | os.PathLike = ".") -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
+                             timeout=5, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_dirty(path: str | os.PathLike = ".") -> bool:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                             capture_output=True, text=True, timeout=5, check=True)
+        return bool(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def log_environment() -> dict[str, Any]:
+    """Code version and package versions as tags, and the full environment as an artifact."""
+    import tensorflow as tf
+
+    versions = package_versions()
+    code_dir = Path(__file__).resolve().parent
+    commit = git_commit(code_dir)
+    tags = {f"version.{k}": v for k, v in versions.items()}
+    if commit:
+        tags["git_commit"] = commit
+        tags["git_dirty"] = str(git_dirty(code_dir)).lower()
+    mlflow.set_tags(tags)
+    environment = {
+        "versions": versions,
+        "git_commit": commit,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+    }
+    mlflow.log_dict(environment, "environment.json")
+    return environment
+
+
+def log_dataset(name: str, digest: str, source: str, split_frame: pd.DataFrame) -> None:
+    """Log the dataset (mlflow.data, with our content digest) and the split table as an artifact."""
+    table = split_frame[["relpath", "label", "class_name", "patient", "group", "subtype", "magnification",
+                         "split"]]
+    for context in ("train", "val", "test"):
+        part = table[table["split"] == context].reset_index(drop=True)
+        with warnings.catch_warnings():
+            # A local folder matches MLflow's local-artifact source twice (both resolve the same),
+            # and the integer label column triggers a schema hint meant for model inputs.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(part, source=source, targets="label", name=f"{name}:{context}",
+                                              digest=f"{digest}-{context}"[:36])
+            mlflow.log_input(dataset, context=context)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "split.csv"
+        table.to_csv(path, index=False)
+        mlflow.log_artifact(str(path), "data")
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    mlflow.log_text(json.dumps(obj, indent=2, default=str), artifact_file)
+
+
+def current_experiment_name() -> str:
+    """The experiment of the run `mlflow run` created, else MLFLOW_EXPERIMENT_NAME, else Default."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        experiment_id = mlflow.get_run(run_id).info.experiment_id
+        return mlflow.get_experiment(experiment_id).name
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"

@@ -1,0 +1,174 @@
+"""One tracked training run: data -> split -> pipeline -> model -> fit -> evaluate -> log to MLflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import keras
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import Model, infer_signature
+
+from histoflow import evaluation, explain, plots, tracking
+from histoflow.config import TrainConfig
+from histoflow.datasets import Dataset, discover
+from histoflow.download import ensure_dataset
+from histoflow.models import build_baseline, build_fusion, compile_model, gradcam_layer
+from histoflow.pipeline import augmented_size, make_dataset
+from histoflow.splits import LEAKY_MODES, split_dataset
+from histoflow.training import EpochMetrics, class_weights, fit, set_seeds, strategy
+
+log = logging.getLogger(__name__)
+MODEL_ARTIFACT = "model"
+KERAS_ARTIFACT_DIR = "keras"
+
+
+def build(config: TrainConfig) -> keras.Model:
+    with strategy().scope():
+        if config.uses_backbone:
+            model = build_fusion(config.backbone, config.image_size, config.weights, config.fusion_width,
+                                 config.dropout, config.alpha, config.freeze_backbone)
+        else:
+            model = build_baseline(config.image_size, config.dropout)
+        return compile_model(model, config.learning_rate)
+
+
+def prepare_data(config: TrainConfig) -> tuple[Dataset, pd.DataFrame]:
+    dataset = discover(ensure_dataset(config.data_dir), config.layout, config.magnification,
+                       config.max_images, config.seed)
+    frame = split_dataset(dataset.frame, config.split, config.val_fraction, config.test_fraction, config.seed)
+    return dataset, frame
+
+
+def _datasets(config: TrainConfig, frame: pd.DataFrame):
+    def part(name: str, training: bool):
+        rows = frame[frame["split"] == name]
+        return make_dataset(rows["path"], rows["label"], config.image_size, config.batch_size,
+                            training=training, augment=config.augment if training else "none",
+                            seed=config.seed)
+    return part("train", True), part("val", False), part("test", False)
+
+
+def _log_figure(fig: plt.Figure, path: str) -> None:
+    mlflow.log_figure(fig, path)
+    plt.close(fig)
+
+
+def _log_evaluation(split: str, rows: pd.DataFrame, probabilities: np.ndarray, class_names: list[str]) -> dict:
+    """Metrics with a split prefix (validation_*, test_*), confusion matrix (PNG+JSON), ROC, report."""
+    metrics = evaluation.evaluate(rows, probabilities)
+    mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics.items() if np.isfinite(v)})
+    y = rows["label"].to_numpy()
+    matrix = evaluation.confusion(y, probabilities)
+    tracking.log_json({"labels": class_names, "matrix": matrix.tolist(), "rows": "true", "columns": "predicted"},
+                      f"evaluation/{split}_confusion_matrix.json")
+    _log_figure(plots.confusion_figure(matrix, class_names, f"{split} confusion matrix"),
+                f"evaluation/{split}_confusion_matrix.png")
+    _log_figure(plots.roc_figure(y, probabilities[:, 1], f"{split} ROC"), f"evaluation/{split}_roc_curve.png")
+    mlflow.log_text(evaluation.report_text(y, probabilities, class_names),
+                    f"evaluation/{split}_classification_report.txt")
+    predictions = rows[["relpath", "patient", "label"]].assign(probability_malignant=probabilities[:, 1])
+    mlflow.log_table(predictions, f"evaluation/{split}_predictions.json")
+    return metrics
+
+
+def _log_gradcam(model: keras.Model, config: TrainConfig, test_ds, rows: pd.DataFrame,
+                 probabilities: np.ndarray, class_names: list[str]) -> None:
+    if config.gradcam_per_class == 0:
+        return
+    labels = rows["label"].to_numpy()
+    chosen = explain.pick_examples(labels, config.gradcam_per_class, config.seed)
+    images = np.concatenate([x.numpy() for x, _ in test_ds])[chosen]
+    predicted = probabilities[chosen].argmax(axis=1)
+    layer = gradcam_layer(model, config.backbone if config.uses_backbone else None)
+    heatmaps = np.stack([explain.gradcam(model, images[i:i + 1], layer, int(predicted[i]))[0]
+                         for i in range(len(chosen))])
+    captions = [f"true {class_names[labels[c]]}\npred {class_names[p]} {probabilities[c, p]:.2f}"
+                for c, p in zip(chosen, predicted)]
+    _log_figure(plots.gradcam_figure(images, heatmaps, captions), "evaluation/gradcam.png")
+
+
+class _KerasFlavor:
+    """mlflow.keras, with the model folder created first: MLflow 3.17's keras save_model writes the
+    input example before it creates the folder (FileNotFoundError whenever an example is given)."""
+
+    __name__ = "mlflow.keras"
+
+    @staticmethod
+    def save_model(path: str, **kwargs) -> None:
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+
+def _log_model(model: keras.Model, config: TrainConfig, example: np.ndarray, class_names: list[str]) -> float:
+    """The .keras file as an artifact and the MLflow model (keras flavor); returns the file size in MB."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{config.model_name}.keras"
+        model.save(path)
+        size_mb = path.stat().st_size / 2**20
+        mlflow.log_artifact(str(path), KERAS_ARTIFACT_DIR)
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    Model.log(
+        artifact_path=None, name=MODEL_ARTIFACT, flavor=_KerasFlavor, flavor_name="mlflow.keras", model=model,
+        signature=signature, input_example=example,
+        metadata={"class_names": class_names, "image_size": config.image_size, "variant": config.variant,
+                  "model": config.model_name, "input": "float32 RGB in [0, 1], resized with "
+                  "histoflow.preprocessing.resize_and_scale"},
+    )
+    return size_mb
+
+
+def run(config: TrainConfig) -> str:
+    """Train and evaluate one variant as one MLflow run; returns the run id."""
+    tracking.configure(config.experiment)  # first: a tracking server that is down fails before any work
+    dataset, frame = prepare_data(config)
+    set_seeds(config.seed)
+    run_name = config.run_name or f"{config.variant}-{config.model_name}-{dataset.name}"
+    with mlflow.start_run(run_name=run_name) as active:
+        # `mlflow run` has already logged the entry point's parameters (as given); add the rest.
+        logged = mlflow.get_run(active.info.run_id).data.params
+        mlflow.log_params({k: v for k, v in config.to_params().items() if k not in logged})
+        leaky = config.split in LEAKY_MODES
+        mlflow.set_tags({"variant": config.variant, "model": config.model_name, "dataset.name": dataset.name,
+                         "dataset.digest": dataset.digest, "dataset.layout": dataset.layout,
+                         "split_mode": config.split, "split_leaky": str(leaky).lower()})
+        if leaky:
+            mlflow.set_tag("mlflow.note.content", "LEAKY image-level split: one patient's images can be in "
+                           "train and test; results are optimistic and not comparable to patient splits.")
+        tracking.log_environment()
+        tracking.log_dataset(dataset.name, dataset.digest, str(dataset.root), frame)
+        report = dataset.report()
+        report["splits"] = {s: {"images": int((frame["split"] == s).sum()),
+                                "patients": int(frame.loc[frame["split"] == s, "patient"].nunique()),
+                                "malignant_share": float(frame.loc[frame["split"] == s, "label"].mean())}
+                            for s in ("train", "val", "test")}
+        tracking.log_json(report, "data/data_report.json")
+        train_ds, val_ds, test_ds = _datasets(config, frame)
+        model = build(config)
+        mlflow.log_metric("n_params", model.count_params())
+        weights = class_weights(frame.loc[frame["split"] == "train", "label"].to_numpy(), config.class_weight)
+        result = fit(model, train_ds, val_ds, config.epochs, [EpochMetrics()], weights,
+                     config.patience, config.lr_patience)
+        n_train = augmented_size(int((frame["split"] == "train").sum()), config.augment)
+        mlflow.log_metrics({"train_time_s": result.seconds, "best_epoch": result.best_epoch,
+                            "epochs_run": result.epochs_run,
+                            "train_images_per_s": n_train * result.epochs_run / result.seconds})
+        _log_figure(plots.history_figure(result.history, run_name), "evaluation/training_curves.png")
+        # Selection happened on validation (early stopping); test is evaluated once, here.
+        metrics = {}
+        for split, ds in (("validation", val_ds), ("test", test_ds)):
+            rows = frame[frame["split"] == ("val" if split == "validation" else split)]
+            probabilities = model.predict(ds, verbose=0)
+            metrics[split] = _log_evaluation(split, rows, probabilities, dataset.class_names)
+        _log_gradcam(model, config, test_ds, rows, probabilities, dataset.class_names)
+        example = next(iter(test_ds))[0].numpy()[:1]
+        mlflow.log_metric("model_size_mb", _log_model(model, config, example, dataset.class_names))
+        test = metrics["test"]
+        print(f"{run_name}: test accuracy {test['accuracy']:.4f}, balanced accuracy "
+              f"{test['balanced_accuracy']:.4f}, ROC AUC {test['roc_auc']:.4f} (run {active.info.run_id})")
+        return active.info.run_id

@@ -1,0 +1,86 @@
+"""Model fitting: seeds, Keras callbacks, class weights, distribution strategy."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import keras
+import mlflow
+import mlflow.keras
+import numpy as np
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+
+def set_seeds(seed: int) -> None:
+    """Python, NumPy and TensorFlow seeds (one call: keras.utils.set_random_seed)."""
+    keras.utils.set_random_seed(seed)
+
+
+def strategy() -> tf.distribute.Strategy:
+    """MirroredStrategy over all GPUs when there are several; the default strategy otherwise."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
+    if mode == "none":
+        return None
+    classes = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=classes, y=labels)
+    return {int(c): float(w) for c, w in zip(classes, weights)}
+
+
+def callbacks(patience: int, lr_patience: int) -> list[keras.callbacks.Callback]:
+    """Model selection on validation loss only; the best epoch's weights are restored."""
+    return [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True,
+                                      verbose=1),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=lr_patience,
+                                          min_lr=1e-7, verbose=1),
+    ]
+
+
+class EpochMetrics(mlflow.keras.MlflowCallback):
+    """MLflow's Keras callback with train_*/val_* names per epoch.
+
+    Its on_test_end would also log unstepped validation_* metrics, which collide with the final
+    validation evaluation (validation_accuracy, ...), so that hook is off.
+    """
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs:
+            renamed = {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": v
+                       for k, v in logs.items()}
+            super().on_epoch_end(epoch, renamed)
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        return None
+
+
+@dataclass
+class FitResult:
+    history: dict[str, list[float]]
+    seconds: float
+    best_epoch: int
+    epochs_run: int
+
+
+def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, epochs: int,
+        extra_callbacks: list[keras.callbacks.Callback], class_weight: dict[int, float] | None,
+        patience: int, lr_patience: int) -> FitResult:
+    verbose = 1 if sys.stdout.isatty() else 2  # the progress bar on a terminal, one line per epoch in logs
+    start = time.perf_counter()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose, shuffle=False,  # the tf.data pipeline shuffles
+                        class_weight=class_weight,
+                        callbacks=callbacks(patience, lr_patience) + extra_callbacks)
+    seconds = time.perf_counter() - start
+    mlflow.flush_async_logging()
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    val_loss = hist.get("val_loss", [0.0])
+    return FitResult(history=hist, seconds=seconds, best_epoch=int(np.argmin(val_loss)) + 1,
+                     epochs_run=len(val_loss))

@@ -1,0 +1,77 @@
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from histoflow.errors import ConfigError, WeightsError
+from histoflow.models import BACKBONES, build_baseline, build_fusion, imagenet_weights_file
+
+
+def test_baseline_is_the_reports_cnn():
+    model = build_baseline(128)
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [32, 64, 128]
+    assert all(c.kernel_size == (3, 3) and c.activation.__name__ == "relu" for c in convs)
+    assert sum(isinstance(l, keras.layers.MaxPooling2D) for l in model.layers) == 3
+    assert model.get_layer("dense").units == 128 and model.get_layer("dropout").rate == 0.5
+    assert model.output.shape[-1] == 2 and model.get_layer("probabilities").activation.__name__ == "softmax"
+
+
+def test_densenet_fusion_head_structure():
+    model = build_fusion("densenet121", 64, weights="none", fusion_width=48, dropout=0.3)
+    for i, tap in enumerate(BACKBONES["densenet121"].taps, start=1):
+        gap = model.get_layer(f"fusion{i}_gap")
+        assert gap.input is model.get_layer(tap).output or gap._inbound_nodes[0].parent_nodes[0].operation.name == tap
+        assert model.get_layer(f"fusion{i}_dense").units == 48
+        assert isinstance(model.get_layer(f"fusion{i}_bn"), keras.layers.BatchNormalization)
+    assert model.get_layer("head_dense").units == 16
+    assert model.get_layer("head_dropout").rate == 0.3
+    probabilities = model.predict(np.random.rand(2, 64, 64, 3).astype("float32"), verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_has_its_three_taps(name):
+    size = max(BACKBONES[name].min_size, 96)
+    model = build_fusion(name, size, weights="none", alpha=0.75 if name == "mobilenet" else 1.0)
+    widths = [model.get_layer(t).output.shape[1] for t in BACKBONES[name].taps]
+    assert widths[0] > widths[-1]  # three scales, finest first
+
+
+def test_freeze_backbone_leaves_only_the_head_trainable():
+    model = build_fusion("mobilenet", 64, weights="none", alpha=0.5, freeze_backbone=True)
+    trainable = {w.path.split("/")[0] for w in model.trainable_weights}
+    assert trainable and all(n.startswith(("fusion", "head", "probabilities")) for n in trainable)
+
+
+def test_imagenet_weights_from_the_seeded_keras_cache(keras_home):
+    model = build_fusion("mobilenet", 128, weights="imagenet", alpha=0.75)
+    with h5py.File(keras_home / "models" / "mobilenet_7_5_224_tf_no_top.h5") as h5:
+        stored = np.asarray(h5["conv1"]["conv1"]["kernel"])
+    np.testing.assert_array_equal(model.get_layer("conv1").get_weights()[0], stored)
+
+
+def test_weights_file_path_loads_at_any_size(keras_home):
+    model = build_fusion("mobilenet", 128, weights=str(keras_home / "models" / "mobilenet_7_5_224_tf_no_top.h5"),
+                         alpha=0.75)
+    assert np.abs(model.get_layer("conv1").get_weights()[0]).sum() > 0
+
+
+def test_missing_imagenet_weights_name_the_file_and_cache(keras_home):
+    with pytest.raises(WeightsError) as err:
+        build_fusion("densenet121", 64, weights="imagenet")
+    message = str(err.value)
+    assert "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert str(keras_home / "models") in message
+    assert imagenet_weights_file("mobilenet", 128, 0.75) == "mobilenet_7_5_224_tf_no_top.h5"
+
+
+def test_bad_backbone_parameters():
+    with pytest.raises(ConfigError, match="backbone must be"):
+        build_fusion("alexnet", 128)
+    with pytest.raises(ConfigError, match="image_size"):
+        build_fusion("inception_v3", 64, weights="none")
+    with pytest.raises(ConfigError, match="alpha"):
+        build_fusion("mobilenet", 128, weights="none", alpha=0.6)
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_fusion("mobilenet", 128, weights="/nonexistent/weights.h5")

@@ -1,0 +1,134 @@
+"""Every entry point through MLflow Projects on ~100 real images, 1 epoch; the runs hold what a reviewer needs."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import BREAKHIS, IDC, REPO
+from histoflow.evaluation import METRIC_NAMES
+from histoflow.pipeline import make_dataset
+from histoflow.splits import patient_overlap
+
+pytestmark = pytest.mark.slow
+COMMON = {"max_images": 100, "epochs": 1, "batch_size": 16, "gradcam_per_class": 2}
+RUNS = {
+    "baseline": {"data_dir": str(IDC), "image_size": 64},
+    "augmented": {"data_dir": str(IDC), "image_size": 64},
+    "densenet": {"data_dir": str(BREAKHIS), "image_size": 64, "weights": "none"},
+    "transfer": {"data_dir": str(BREAKHIS), "image_size": 96, "backbone": "mobilenet", "alpha": 0.75,
+                 "weights": "imagenet"},
+}
+EXPERIMENT = "project-test"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    finished = {}
+    for entry_point, params in RUNS.items():
+        submitted = mlflow.projects.run(str(REPO), entry_point=entry_point, parameters={**COMMON, **params},
+                                        env_manager="local", experiment_name=EXPERIMENT, synchronous=True)
+        finished[entry_point] = MlflowClient().get_run(submitted.run_id)
+    return finished
+
+
+def _artifacts(run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in MlflowClient().list_artifacts(run_id, path):
+        found |= _artifacts(run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.mark.parametrize("entry_point", list(RUNS))
+def test_run_holds_params_metrics_and_provenance(runs, entry_point):
+    run = runs[entry_point]
+    assert run.info.status == "FINISHED"
+    data = run.data
+    assert data.params["variant"] == entry_point
+    assert data.params["epochs"] == "1" and data.params["max_images"] == "100"
+    for name in METRIC_NAMES:
+        assert 0.0 <= data.metrics[f"test_{name}"] <= (10.0 if name == "loss" else 1.0), name
+        assert f"validation_{name}" in data.metrics
+    for name in ("train_loss", "train_accuracy", "train_auc", "val_loss", "val_accuracy", "val_auc"):
+        history = MlflowClient().get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [0], name
+    assert data.metrics["n_params"] > 1e5 and data.metrics["model_size_mb"] > 0.1
+    assert data.metrics["train_time_s"] > 0
+    tags = data.tags
+    assert tags["split_mode"] == "patient" and tags["split_leaky"] == "false"
+    assert len(tags["dataset.digest"]) == 16
+    assert tags["mlflow.project.entryPoint"] == entry_point
+    assert len(tags.get("mlflow.source.git.commit") or tags.get("git_commit", "")) == 40
+    assert {"version.tensorflow-cpu", "version.keras", "version.mlflow"} <= set(tags)
+    contexts = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(contexts) == {"train", "val", "test"}
+    assert all(d.digest.startswith(tags["dataset.digest"]) for d in contexts.values())
+
+
+@pytest.mark.parametrize("entry_point", list(RUNS))
+def test_run_artifacts(runs, entry_point):
+    run = runs[entry_point]
+    artifacts = _artifacts(run.info.run_id)
+    expected = {"data/split.csv", "data/data_report.json", "environment.json", "evaluation/gradcam.png",
+                "evaluation/test_confusion_matrix.png", "evaluation/test_confusion_matrix.json",
+                "evaluation/test_roc_curve.png", "evaluation/training_curves.png",
+                "evaluation/test_classification_report.txt", f"keras/{run.data.params['model']}.keras"}
+    assert expected <= artifacts
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data")
+    split = pd.read_csv(f"{local}/split.csv")
+    assert len(split) == 100 and set(split["split"]) == {"train", "val", "test"}
+    assert patient_overlap(split) == set()
+    matrix = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/test_confusion_matrix.json"))
+    assert np.asarray(matrix["matrix"]).sum() == (split["split"] == "test").sum()
+
+
+def test_logged_model_predicts_like_the_keras_file(runs):
+    run = runs["baseline"]
+    [output] = run.outputs.model_outputs
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    keras_dir = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="keras")
+    model = keras.saving.load_model(f"{keras_dir}/baseline_cnn.keras")
+    split = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data/split.csv"))
+    test = split[split["split"] == "test"]
+    images = next(iter(make_dataset([str(IDC / p) for p in test["relpath"]], test["label"], 64, 64)))[0].numpy()
+    expected = model.predict(images, verbose=0)
+    got = np.asarray(pyfunc.predict(images))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 64, 64, 3]
+    assert pyfunc.metadata.metadata["class_names"] == ["non-IDC", "IDC"]
+
+
+def test_compare_entry_point_tabulates_every_variant(runs, store):
+    mlflow.projects.run(str(REPO), entry_point="compare", parameters={"output_dir": str(store / "cmp")},
+                        env_manager="local", experiment_name=EXPERIMENT, synchronous=True)
+    table = pd.read_csv(store / "cmp" / "comparison.csv")
+    assert set(table["run_id"]) == {r.info.run_id for r in runs.values()}
+    for run in runs.values():
+        row = table[table["run_id"] == run.info.run_id].iloc[0]
+        assert row["Accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+        assert row["AUC"] == pytest.approx(run.data.metrics["test_roc_auc"])
+    markdown = (store / "cmp" / "comparison.md").read_text()
+    assert "| Model" in markdown and "densenet121_fusion" in markdown and "mobilenet_fusion" in markdown
+    # The MLflow UI compare view lines the variants up: the same test metric names everywhere.
+    names = [{k for k in r.data.metrics if k.startswith("test_")} for r in runs.values()]
+    assert all(n == names[0] for n in names)
+    compare_run = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string="tags.histoflow.step = 'compare'")
+    assert len(compare_run) == 1
