@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from PIL import Image
 
 from conftest import BREAKHIS, IDC, copy_tree_subset, idc_patient_dirs
 from histoflow.datasets import BREAKHIS_NAME, IDC_NAME, detect_layout, discover

@@ -112,7 +112,7 @@ def test_logged_model_predicts_like_the_keras_file(runs):
     expected = model.predict(images, verbose=0)
     got = np.asarray(pyfunc.predict(images))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 64, 64, 3]
+    assert list(pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 64, 64, 3]
     assert pyfunc.metadata.metadata["class_names"] == ["non-IDC", "IDC"]
 
 

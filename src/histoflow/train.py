@@ -160,15 +160,13 @@ def run(config: TrainConfig) -> str:
                             "train_images_per_s": n_train * result.epochs_run / result.seconds})
         _log_figure(plots.history_figure(result.history, run_name), "evaluation/training_curves.png")
         # Selection happened on validation (early stopping); test is evaluated once, here.
-        metrics = {}
-        for split, ds in (("validation", val_ds), ("test", test_ds)):
-            rows = frame[frame["split"] == ("val" if split == "validation" else split)]
-            probabilities = model.predict(ds, verbose=0)
-            metrics[split] = _log_evaluation(split, rows, probabilities, dataset.class_names)
-        _log_gradcam(model, config, test_ds, rows, probabilities, dataset.class_names)
+        val_rows, test_rows = frame[frame["split"] == "val"], frame[frame["split"] == "test"]
+        _log_evaluation("validation", val_rows, model.predict(val_ds, verbose=0), dataset.class_names)
+        test_probabilities = model.predict(test_ds, verbose=0)
+        test = _log_evaluation("test", test_rows, test_probabilities, dataset.class_names)
+        _log_gradcam(model, config, test_ds, test_rows, test_probabilities, dataset.class_names)
         example = next(iter(test_ds))[0].numpy()[:1]
         mlflow.log_metric("model_size_mb", _log_model(model, config, example, dataset.class_names))
-        test = metrics["test"]
         print(f"{run_name}: test accuracy {test['accuracy']:.4f}, balanced accuracy "
               f"{test['balanced_accuracy']:.4f}, ROC AUC {test['roc_auc']:.4f} (run {active.info.run_id})")
         return active.info.run_id

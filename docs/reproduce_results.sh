@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Reproduce docs/results.md: every variant on the developer sets, patient split, plus leaky image splits.
+# Usage (from the repository root, venv active): bash docs/reproduce_results.sh [breakhis|idc|densenet|all]
+set -euo pipefail
+SHARED=${SHARED:-../shared}
+export KERAS_HOME=${KERAS_HOME:-$PWD/.keras-home}      # MobileNet ImageNet weights, offline
+mkdir -p "$KERAS_HOME/models" && cp -n "$SHARED"/keras-weights/*.h5 "$KERAS_HOME/models/"
+run() { mlflow run . --env-manager local "$@"; }
+BH="-P data_dir=$SHARED/data/breakhis"
+IDC="-P data_dir=$SHARED/data/idc -P image_size=50"   # IDC patches are 50x50: no upsampling
+what=${1:-all}
+
+if [[ $what == breakhis || $what == all ]]; then
+  for e in baseline augmented transfer; do run -e $e --experiment-name results-breakhis $BH; done
+  run -e baseline --experiment-name results-breakhis $BH -P split=image
+  run -e transfer --experiment-name results-breakhis $BH -P split=image
+fi
+if [[ $what == idc || $what == all ]]; then
+  for e in baseline augmented transfer; do run -e $e --experiment-name results-idc $IDC; done
+  run -e transfer --experiment-name results-idc $IDC -P split=image
+fi
+if [[ $what == densenet || $what == all ]]; then
+  # No DenseNet121 ImageNet weights offline: trained from scratch, 30 epochs at most on 2 CPU cores.
+  run -e densenet --experiment-name results-breakhis $BH -P weights=none -P epochs=30
+  run -e densenet --experiment-name results-idc $IDC -P weights=none -P epochs=30
+fi
+for ds in breakhis idc; do
+  run -e compare --experiment-name results-$ds -P output_dir=docs/results/$ds || true
+done
