@@ -40,7 +40,7 @@ class TrainConfig:
     lr_patience: int = 5
     class_weight: str = "none"
     seed: int = 42
-    experiment: str = "histoflow"
+    experiment: str = ""  # "" = MLflow's choice: the `mlflow run` run's, MLFLOW_EXPERIMENT_NAME, or Default
     run_name: str = ""
     gradcam_per_class: int = 3
 
@@ -55,6 +55,8 @@ class TrainConfig:
     def to_params(self) -> dict[str, Any]:
         """Parameters as logged to MLflow (backbone fields only where they apply)."""
         params = asdict(self)
+        for key in ("experiment", "run_name"):  # where the run goes, not how the model was made
+            params.pop(key)
         if not self.uses_backbone:
             for key in ("backbone", "weights", "alpha", "freeze_backbone", "fusion_width"):
                 params.pop(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -131,6 +132,8 @@ def ensure_dataset(data_dir: str | os.PathLike) -> Path:
                 return download(spec.name, path)
             except DataError as exc:
                 shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()  # data/ too, when the failed download left it empty
                 raise DataError(
                     f"{exc}. {spec.name} is not in {path} and could not be downloaded: fetch "
                     f"{spec.filename} from {spec.homepage}, extract it into {path}, or pass -P data_dir=<folder>"
