@@ -69,3 +69,81 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
     """Run `histoflow ...` in a subprocess (the installed console script's module)."""
     return subprocess.run([sys.executable, "-m", "histoflow.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """A SQLite store with two small trained BreakHis models (baseline and augmented, 32 px, 1 epoch).
+
+    Session-scoped: the registry, serving and docker tests share it. Returns (root, uri, run ids).
+    """
+    import mlflow
+
+    from histoflow import train
+    from histoflow.config import make_config
+
+    root = tmp_path_factory.mktemp("registry-store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    runs = {}
+    for variant in ("baseline", "augmented"):
+        config = make_config(variant, data_dir=str(BREAKHIS), max_images=60, epochs=1, image_size=32,
+                             batch_size=16, gradcam_per_class=1, experiment="tiny")
+        runs[variant] = train.run(config)
+    mp.undo()
+    return root, uri, runs
+
+
+@pytest.fixture
+def use_store(tiny_store, monkeypatch):
+    root, uri, runs = tiny_store
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tiny")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("tiny")
+    return tiny_store
+
+
+@pytest.fixture(scope="session")
+def classifier(tiny_store):
+    """The baseline run's serving pyfunc (models:/m-...) and the run's test images."""
+    import mlflow
+
+    from histoflow import registry
+
+    _, uri, runs = tiny_store
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.get_run(runs["baseline"])
+    model_uri = registry.classifier_uri(run)
+    _, split, _ = registry.run_split(run)
+    return model_uri, split
+
+
+def wait_for(url: str, process, timeout: float = 120.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {timeout} s")

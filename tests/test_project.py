@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BREAKHIS, IDC, REPO
+from conftest import BREAKHIS, IDC, REPO, idc_patient_dirs
 from histoflow.evaluation import METRIC_NAMES
 from histoflow.pipeline import make_dataset
 from histoflow.splits import patient_overlap
@@ -132,3 +132,25 @@ def test_compare_entry_point_tabulates_every_variant(runs, store):
     assert all(n == names[0] for n in names)
     compare_run = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string="tags.histoflow.step = 'compare'")
     assert len(compare_run) == 1
+
+
+def test_registry_entry_points_register_promote_and_predict(runs, store):
+    def project(entry_point: str, **parameters):
+        submitted = mlflow.projects.run(str(REPO), entry_point=entry_point, parameters=parameters,
+                                        env_manager="local", experiment_name=EXPERIMENT, synchronous=True)
+        return MlflowClient().get_run(submitted.run_id)
+
+    project("register", metric="validation_accuracy", name="project-model")
+    best = max(runs.values(), key=lambda r: r.data.metrics["validation_accuracy"])
+    version = MlflowClient().get_model_version_by_alias("project-model", "challenger")
+    assert version.tags["run_id"] == best.info.run_id
+    project("promote", name="project-model", min_balanced_accuracy=0.0, max_images=20)
+    assert MlflowClient().get_model_version_by_alias("project-model", "champion").version == version.version
+    folder = store / "to-score"
+    folder.mkdir()
+    for patient in idc_patient_dirs(2):  # a folder assembled from links, as labs often do
+        (folder / patient.name).symlink_to(patient)
+    scored = project("predict", model_uri="models:/project-model@champion", data_dir=str(folder),
+                     output_dir=str(store / "pred"))
+    assert scored.data.tags["histoflow.step"] == "predict" and int(scored.data.params["images"]) > 20
+    assert (store / "pred" / "predictions.csv").is_file()

@@ -1,4 +1,4 @@
-"""Command line: `histoflow train|download|compare`; the MLproject entry points call these."""
+"""Command line: `histoflow train|download|compare|register|promote|rollback|predict` (the MLproject entry points)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import fields
 
-from histoflow.errors import HistoflowError
+from histoflow.errors import ConfigError, HistoflowError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -37,7 +37,50 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--experiment", default="", help="default: the current experiment")
     cmp.add_argument("--dataset", default="", help="only runs on this dataset name")
     cmp.add_argument("--output_dir", default="outputs")
+    reg = sub.add_parser("register", help="register the best run's serving model as @challenger")
+    reg.add_argument("--experiment", default="", help="default: the current experiment")
+    reg.add_argument("--metric", default="validation_roc_auc", help="validation metric to select by")
+    reg.add_argument("--name", default="histoflow", help="registered model name")
+    reg.add_argument("--include_leaky", default="false", help="also consider image-level (leaky) splits")
+    pro = sub.add_parser("promote", help="move @champion to @challenger if it passes the metric gate")
+    pro.add_argument("--name", default="histoflow")
+    pro.add_argument("--data_dir", default="", help="evaluation images (default: the challenger's test split)")
+    pro.add_argument("--layout", default="auto")
+    pro.add_argument("--max_images", default="0")
+    from histoflow.registry import Gate
+
+    for f in fields(Gate):
+        pro.add_argument(f"--{f.name}", default=str(f.default))
+    rb = sub.add_parser("rollback", help="move @champion back to @previous")
+    rb.add_argument("--name", default="histoflow")
+    pr = sub.add_parser("predict", help="score a folder of images with a registered model")
+    pr.add_argument("--model_uri", default="models:/histoflow@champion")
+    pr.add_argument("--data_dir", required=True)
+    pr.add_argument("--output_dir", default="outputs/predictions")
     return parser
+
+
+def _number(name: str, value: str, kind=float):
+    try:
+        return kind(float(value)) if kind is int else kind(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number; got {value!r}") from None
+
+
+def _registry_command(args: argparse.Namespace) -> None:
+    from histoflow import registry, tracking
+
+    tracking.configure()
+    if args.command == "register":
+        leaky = args.include_leaky.strip().lower() in ("1", "true", "yes")
+        registry.register(args.experiment or tracking.current_experiment_name(), args.metric, args.name, leaky)
+    elif args.command == "promote":
+        gate = registry.Gate(**{f.name: _number(f.name, getattr(args, f.name)) for f in fields(registry.Gate)})
+        registry.promote(args.name, gate, args.data_dir, args.layout, _number("max_images", args.max_images, int))
+    elif args.command == "rollback":
+        registry.rollback(args.name)
+    elif args.command == "predict":
+        registry.batch_predict(args.model_uri, args.data_dir, args.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
             tracking.configure()
             compare.run(args.experiment or tracking.current_experiment_name(), args.dataset, args.output_dir)
+        else:
+            _registry_command(args)
     except HistoflowError as exc:
         print(f"histoflow: error: {exc}", file=sys.stderr)
         return 2

@@ -95,7 +95,8 @@ class Dataset:
 
 def _walk_images(root: Path) -> tuple[list[Path], int]:
     images, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
+    # Symlinked folders are followed: labs often assemble cohorts from links into a slide archive.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):

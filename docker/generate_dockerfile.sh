@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Write the serving image's build context (Dockerfile + the model baked in) with MLflow's own generator:
+#   bash docker/generate_dockerfile.sh [MODEL_URI] [OUTPUT_DIR]
+# Defaults: models:/histoflow@champion, docker/build. Needs MLFLOW_TRACKING_URI pointing at the registry
+# (default: the local sqlite:///mlflow.db). Works offline; `docker build` of the result needs the internet.
+set -euo pipefail
+MODEL_URI=${1:-${MODEL_URI:-models:/histoflow@champion}}
+OUT=${2:-${OUT:-docker/build}}
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+rm -rf "$OUT"
+# env-manager local: the model's pinned requirements are pip-installed into the image's Python.
+mlflow models generate-dockerfile -m "$MODEL_URI" -d "$OUT" --env-manager local
+echo "build context in $OUT: docker build -t histoflow $OUT"

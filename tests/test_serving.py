@@ -1,0 +1,175 @@
+"""The served model: in-process pyfunc and the real `mlflow models serve` process, good and bad requests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from PIL import Image
+
+from conftest import free_port, wait_for
+from histoflow.preprocessing import MAX_PIXELS
+from histoflow.serving import MAX_IMAGES_PER_REQUEST, RequestError, decode_request, encode_file
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _png(width: int, height: int, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def test_images(classifier):
+    _, split = classifier
+    paths = split.loc[split["split"] == "test", "path"].tolist()
+    return paths[:4]
+
+
+@pytest.fixture(scope="module")
+def server(classifier, tiny_store):
+    model_uri, _ = classifier
+    _, uri, _ = tiny_store
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/ping", process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_decode_request_formats_and_errors(test_images):
+    data = encode_file(test_images[0])
+    assert len(decode_request(pd.DataFrame({"image": [data, data]}))) == 2
+    assert decode_request({"image": data})[0].ndim == 3
+    assert decode_request([data])[0].shape[2] == 3
+    for bad, message in [([], "no images"), (["%%%"], "not valid base64"), ({"img": [data]}, "key 'image'"),
+                         ([_b64(b"")], "empty file"), ([_b64(b"plain text")], "not an image"),
+                         ([data] * (MAX_IMAGES_PER_REQUEST + 1), "the limit is")]:
+        with pytest.raises(RequestError, match=message):
+            decode_request(bad)
+
+
+def test_pyfunc_matches_the_keras_model_with_training_preprocessing(classifier, test_images):
+    import keras
+
+    from histoflow.pipeline import make_dataset
+
+    model_uri, split = classifier
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    out = pyfunc.predict(pd.DataFrame({"image": [encode_file(p) for p in test_images]}))
+    assert list(out.columns) == ["label", "confidence", "probabilities"]
+    probs = np.array([[row["benign"], row["malignant"]] for row in out["probabilities"]])
+    # The same images through the training input pipeline and the .keras file.
+    keras_path = next((p for p in _model_files(model_uri) if p.endswith(".keras")))
+    model = keras.saving.load_model(keras_path)
+    labels = split.set_index("path").loc[test_images, "label"]
+    batch = next(iter(make_dataset(test_images, labels, 32, 8)))[0]
+    np.testing.assert_allclose(probs, model.predict(batch, verbose=0), rtol=1e-4, atol=1e-5)
+    assert out["label"].tolist() == [["benign", "malignant"][k] for k in probs.argmax(1)]
+    assert np.allclose(out["confidence"], probs.max(1))
+    assert pyfunc.metadata.signature.inputs.input_names() == ["image"]
+
+
+def _model_files(model_uri: str) -> list[str]:
+    local = mlflow.artifacts.download_artifacts(model_uri)
+    return [os.path.join(d, f) for d, _, files in os.walk(local) for f in files]
+
+
+def test_server_endpoints_and_formats(server, classifier, test_images):
+    model_uri, _ = classifier
+    assert requests.get(f"{server}/ping", timeout=10).status_code == 200
+    assert requests.get(f"{server}/health", timeout=10).status_code == 200
+    assert requests.get(f"{server}/version", timeout=10).text == mlflow.__version__
+    images = [encode_file(p) for p in test_images]
+    expected = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": images}))
+    payloads = {
+        "inputs list": {"inputs": images},
+        "inputs columns": {"inputs": {"image": images}},
+        "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}},
+        "dataframe_records": {"dataframe_records": [{"image": i} for i in images]},
+    }
+    for name, payload in payloads.items():
+        response = requests.post(f"{server}/invocations", json=payload, timeout=60)
+        assert response.status_code == 200, (name, response.text[:300])
+        predictions = response.json()["predictions"]
+        assert [p["label"] for p in predictions] == expected["label"].tolist(), name
+        for got, want in zip(predictions, expected.to_dict("records")):
+            assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-5)
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+
+
+def _bad_requests(good: str) -> dict[str, dict]:
+    truncated = base64.b64decode(good)[:2000]
+    return {
+        "not base64": {"json": {"inputs": {"image": ["this is not base64!"]}}},
+        "base64 of a non-image": {"json": {"inputs": {"image": [_b64(b"%PDF-1.4 not an image")]}}},
+        "truncated image": {"json": {"inputs": {"image": [_b64(truncated)]}}},
+        "0-byte image": {"json": {"inputs": {"image": [""]}}},
+        "too many pixels": {"json": {"inputs": {"image": [_b64(_png(8000, 5001, "L"))]}}},
+        "too many images": {"json": {"inputs": {"image": [good] * (MAX_IMAGES_PER_REQUEST + 1)}}},
+        "empty list": {"json": {"inputs": []}},
+        "wrong JSON key": {"json": {"images": [good]}},
+        "wrong column": {"json": {"dataframe_split": {"columns": ["img"], "data": [[good]]}}},
+        "malformed JSON": {"data": '{"inputs": [', "headers": {"Content-Type": "application/json"}},
+        "wrong content type": {"data": good, "headers": {"Content-Type": "image/png"}},
+    }
+
+
+EXPECTED_MESSAGES = {
+    "not base64": "not valid base64", "base64 of a non-image": "not an image",
+    "truncated image": "truncated", "0-byte image": "empty file",
+    "too many pixels": f"{MAX_PIXELS:,} pixels", "too many images": f"the limit is {MAX_IMAGES_PER_REQUEST}",
+    "empty list": "no images", "wrong JSON key": "exactly one of the input fields",
+    "wrong column": "image", "malformed JSON": "valid JSON", "wrong content type": "content types",
+}
+
+
+@pytest.mark.parametrize("case", list(EXPECTED_MESSAGES))
+def test_bad_request_gets_4xx_and_the_server_keeps_serving(server, test_images, case):
+    good = encode_file(test_images[0])
+    response = requests.post(f"{server}/invocations", timeout=60, **_bad_requests(good)[case])
+    assert 400 <= response.status_code < 500, (case, response.status_code, response.text[:300])
+    assert EXPECTED_MESSAGES[case] in response.text, (case, response.text[:500])
+    assert len(response.text) < 5000  # the message, not an echo of the payload
+    after = requests.post(f"{server}/invocations", json={"inputs": [good]}, timeout=60)
+    assert after.status_code == 200 and len(after.json()["predictions"]) == 1
+
+
+def test_any_size_and_format(server):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (300, 470, 3), dtype=np.uint8)
+    files = []
+    for fmt in ("PNG", "JPEG", "TIFF", "BMP"):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=fmt)
+        files.append(_b64(buffer.getvalue()))
+    files.append(_b64(_png(37, 1200, "RGBA")))
+    response = requests.post(f"{server}/invocations", json={"inputs": files}, timeout=60)
+    assert response.status_code == 200, response.text[:300]
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 5
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions)
+    # Lossless formats of the same pixels give the same answer.
+    lossless = [predictions[i]["probabilities"]["malignant"] for i in (0, 2, 3)]
+    assert max(lossless) - min(lossless) < 1e-5
+    assert json.dumps(predictions)
