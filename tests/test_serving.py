@@ -173,3 +173,14 @@ def test_any_size_and_format(server):
     lossless = [predictions[i]["probabilities"]["malignant"] for i in (0, 2, 3)]
     assert max(lossless) - min(lossless) < 1e-5
     assert json.dumps(predictions)
+
+
+def test_in_process_batches_are_chunked_not_refused(classifier, test_images):
+    model_uri, _ = classifier
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    images = [encode_file(p) for p in test_images]
+    many = images * (MAX_IMAGES_PER_REQUEST // len(images) + 1)  # more than one request may hold
+    out = pyfunc.predict(pd.DataFrame({"image": many}))
+    assert len(out) == len(many) > MAX_IMAGES_PER_REQUEST
+    few = pyfunc.predict(pd.DataFrame({"image": images}))
+    assert out["label"].tolist() == few["label"].tolist() * (len(many) // len(images))

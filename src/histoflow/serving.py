@@ -14,6 +14,7 @@ import base64
 import binascii
 import importlib.metadata
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,33 +81,46 @@ def _as_strings(model_input: Any) -> list:
     raise RequestError(f"expected base64-encoded image files; got {type(model_input).__name__}")
 
 
-def decode_request(model_input: Any, max_images: int = MAX_IMAGES_PER_REQUEST) -> list[np.ndarray]:
-    """Base64 image files of one request -> RGB uint8 arrays; RequestError names the first bad one."""
+def request_items(model_input: Any, max_images: int | None = MAX_IMAGES_PER_REQUEST) -> list:
+    """The base64 strings of a request, checked for count (no limit when max_images is None)."""
     items = _as_strings(model_input)
     if not items:
         raise RequestError("the request holds no images (empty list)")
-    if len(items) > max_images:
+    if max_images is not None and len(items) > max_images:
         raise RequestError(f"{len(items)} images in one request; the limit is {max_images}: split the request")
-    images = []
-    for i, item in enumerate(items):
-        if isinstance(item, bytes):
-            data = item  # already decoded (binary columns, in-process calls)
-        elif isinstance(item, str):
-            if len(item) > MAX_BASE64_CHARS:
-                raise RequestError(f"image {i}: {len(item):,} base64 characters, above the limit of "
-                                   f"{MAX_BASE64_CHARS:,}")
-            try:
-                data = base64.b64decode(item, validate=True)
-            except (binascii.Error, ValueError):
-                raise RequestError(f"image {i}: not valid base64 (encode the image file's bytes with "
-                                   "standard base64)") from None
-        else:
-            raise RequestError(f"image {i}: expected a base64 string, got {type(item).__name__}")
+    return items
+
+
+def decode_item(i: int, item: Any) -> np.ndarray:
+    """One base64 image file -> RGB uint8 array; RequestError names the item."""
+    if isinstance(item, bytes):
+        data = item  # already decoded (binary columns, in-process calls)
+    elif isinstance(item, str):
+        if len(item) > MAX_BASE64_CHARS:
+            raise RequestError(f"image {i}: {len(item):,} base64 characters, above the limit of "
+                               f"{MAX_BASE64_CHARS:,}")
         try:
-            images.append(decode_image(data, MAX_PIXELS))
-        except ImageDecodeError as exc:
-            raise RequestError(f"image {i}: {exc}") from None
-    return images
+            data = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"image {i}: not valid base64 (encode the image file's bytes with "
+                               "standard base64)") from None
+    else:
+        raise RequestError(f"image {i}: expected a base64 string, got {type(item).__name__}")
+    try:
+        return decode_image(data, MAX_PIXELS)
+    except ImageDecodeError as exc:
+        raise RequestError(f"image {i}: {exc}") from None
+
+
+def decode_request(model_input: Any, max_images: int | None = MAX_IMAGES_PER_REQUEST) -> list[np.ndarray]:
+    """Base64 image files of one request -> RGB uint8 arrays; RequestError names the first bad one."""
+    return [decode_item(i, item) for i, item in enumerate(request_items(model_input, max_images))]
+
+
+def in_scoring_server() -> bool:
+    # Set by MLflow's scoring server: the per-request limit protects a server, not an in-process caller
+    # (mlflow.models.evaluate, batch scoring), which is processed in chunks of the same size instead.
+    return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").lower() == "true"
 
 
 def encode_file(path: str | Path) -> str:
@@ -141,7 +155,12 @@ class ImageClassifier(PythonModel):
         return self._infer(batch).numpy()
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        probabilities = self.probabilities(decode_request(model_input))
+        items = request_items(model_input, MAX_IMAGES_PER_REQUEST if in_scoring_server() else None)
+        chunks = []
+        for start in range(0, len(items), MAX_IMAGES_PER_REQUEST):
+            part = items[start:start + MAX_IMAGES_PER_REQUEST]
+            chunks.append(self.probabilities([decode_item(start + i, item) for i, item in enumerate(part)]))
+        probabilities = np.concatenate(chunks)
         best = probabilities.argmax(axis=1)
         return pd.DataFrame({
             "label": [self.class_names[k] for k in best],
