@@ -1,4 +1,4 @@
-"""Command line: `histoflow train|download|compare|register|promote|rollback|predict` (the MLproject entry points)."""
+"""Command line: `histoflow train|tune|download|compare|register|promote|rollback|predict` (MLproject entry points)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,27 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             parser.add_argument(f"--{f.name}", default=None, help=f"default: the variant's ({f.default!r})")
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from histoflow.config import TrainConfig
+    from histoflow.tuning import SEARCHED, TuneConfig
+
+    parser = sub.add_parser("tune", help="Optuna study of the fusion head on cached backbone features, "
+                                         "then the best parameters as a full run")
+    # Not argparse choices: make_tune_config explains why only densenet and transfer can be tuned.
+    parser.add_argument("--variant", default="transfer", help="densenet or transfer (default: transfer)")
+    for f in fields(TrainConfig):
+        if f.name not in ("variant", "freeze_backbone", *SEARCHED):  # searched, or set by --fine_tune
+            parser.add_argument(f"--{f.name}", default=None, help=f"default: the variant's ({f.default!r})")
+    for f in fields(TuneConfig):
+        if f.name != "train":
+            parser.add_argument(f"--{f.name}", default=None, help=f"default: {f.default!r}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_tune(sub)
     dl = sub.add_parser("download", help="download, verify and extract a public dataset")
     dl.add_argument("--dataset", required=True, choices=["breakhis", "idc"])
     dl.add_argument("--dest", default="", help="target folder (default data/<dataset>)")
@@ -93,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides = {k: v for k, v in vars(args).items() if k not in ("command", "variant")}
             train.run(make_config(args.variant, **overrides))
+        elif args.command == "tune":
+            from histoflow import tuning
+
+            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "variant")}
+            tuning.run(tuning.make_tune_config(args.variant, **overrides))
         elif args.command == "download":
             from histoflow.download import download
 

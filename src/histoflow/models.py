@@ -12,7 +12,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -182,17 +182,27 @@ def build_fusion(
             "file there, pass weights=/path/to/weights.h5, or use weights=none"
         ) from None
     base.trainable = not freeze_backbone
+    pooled = [keras.layers.GlobalAveragePooling2D(name=f"fusion{i}_gap")(base.get_layer(tap).output)
+              for i, tap in enumerate(spec.taps, start=1)]
+    return keras.Model(inputs, fusion_head(pooled, fusion_width, dropout, num_classes), name=f"{backbone}_fusion")
+
+
+def fusion_head(pooled: Sequence[keras.KerasTensor], fusion_width: int, dropout: float,
+                num_classes: int = 2) -> keras.KerasTensor:
+    """(Dense(fusion_width) -> BN) per pooled tap, concat -> Dense 16 -> BN -> Dropout -> softmax.
+
+    The one definition of the head: build_fusion puts it on the backbone's pooled taps, tuning on
+    cached pooled vectors (histoflow.features), so a tuned head is the head the full model trains.
+    """
     branches = []
-    for i, tap in enumerate(spec.taps, start=1):
-        x = keras.layers.GlobalAveragePooling2D(name=f"fusion{i}_gap")(base.get_layer(tap).output)
+    for i, x in enumerate(pooled, start=1):
         x = keras.layers.Dense(fusion_width, activation="relu", name=f"fusion{i}_dense")(x)
         branches.append(keras.layers.BatchNormalization(name=f"fusion{i}_bn")(x))
     x = keras.layers.Concatenate(name="fusion_concat")(branches)
     x = keras.layers.Dense(16, activation="relu", name="head_dense")(x)
     x = keras.layers.BatchNormalization(name="head_bn")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=f"{backbone}_fusion")
+    return keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
 
 
 def gradcam_layer(model: keras.Model, backbone: str | None) -> str:

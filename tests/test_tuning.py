@@ -1,0 +1,155 @@
+"""The `tune` study on ~120 real IDC patches at 32 px: nested trial runs, pruning, resume, the feature
+cache and the final training run; bad parameters fail with a message."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import IDC, run_cli
+from histoflow import tuning
+from histoflow.config import make_config
+from histoflow.datasets import Dataset
+from histoflow.errors import ConfigError
+from histoflow.features import extract, head_model
+from histoflow.models import build_fusion
+from histoflow.pipeline import make_dataset
+from histoflow.train import prepare_data
+
+STUDY = "tune-test"
+DATA = {"data_dir": str(IDC), "max_images": 120, "image_size": 32, "batch_size": 16, "backbone": "mobilenet",
+        "alpha": 0.75, "weights": "imagenet", "epochs": 1, "gradcam_per_class": 0}
+GOOD = {"dropout": 0.2, "fusion_width": 64}  # one width: every trial starts from the same initial head
+# Enqueued (Optuna's way to fix a trial's parameters): with the same start, a learning rate of 1e-6
+# leaves the head where it began while the others improve, so the median pruner, active once 5 trials
+# are complete, stops it.
+FIRST = [{"learning_rate": lr, **GOOD} for lr in (1e-2, 5e-3, 3e-3, 2e-3)]
+RESUMED = [{"learning_rate": 1e-3, **GOOD}, {"learning_rate": 1e-6, **GOOD}]
+
+
+def _tune(tmp_path, n_trials: int) -> tuning.TuneResult:
+    config = tuning.make_tune_config("transfer", **DATA, n_trials=n_trials, trial_epochs=3, study_name=STUDY,
+                                     storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                                     cache_dir=str(tmp_path / "cache"))
+    return tuning.run(config)
+
+
+def _enqueue(tmp_path, trials: list[dict]) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name=STUDY,
+                                direction="maximize", load_if_exists=True)
+    for params in trials:
+        study.enqueue_trial(params)
+
+
+def _children(parent_id: str) -> list:
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def test_study_runs_nested_trials_prunes_resumes_caches_and_trains_the_best(tracking_uri, keras_home, tmp_path):
+    client = MlflowClient()
+    _enqueue(tmp_path, FIRST)
+    first = _tune(tmp_path, n_trials=4)
+    assert first.new_trials == 4 and first.best_trial is not None
+
+    trials = _children(first.parent_run_id)
+    assert len(trials) == 4
+    for run in trials:
+        assert {"learning_rate", "dropout", "fusion_width"} <= set(run.data.params)
+        assert run.data.tags["state"] == "complete" and run.data.tags["optuna.study_name"] == STUDY
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [0, 1, 2]
+        assert 0.0 <= run.data.metrics["final_val_auc"] <= 1.0
+
+    parent = client.get_run(first.parent_run_id)
+    assert parent.data.tags["feature_cache"] == "miss" and parent.data.tags["optuna.study_name"] == STUDY
+    assert float(parent.data.params["best_learning_rate"]) == first.best_trial.params["learning_rate"]
+    assert parent.data.metrics["best_val_auc"] == pytest.approx(first.best_trial.value)
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {"optuna/optimization_history.png", "optuna/param_importances.png"} <= plots
+
+    [cache] = list((tmp_path / "cache").glob("*.npz"))
+    mtime = cache.stat().st_mtime_ns
+
+    final = client.get_run(first.final_run_id)
+    assert final.data.tags["optuna.study_name"] == STUDY and final.data.tags["variant"] == "transfer"
+    assert final.data.params["freeze_backbone"] == "True"
+    assert float(final.data.params["learning_rate"]) == first.best_trial.params["learning_rate"]
+    assert 0.0 <= final.data.metrics["test_accuracy"] <= 1.0
+    assert client.get_run(first.parent_run_id).data.tags["optuna.final_run_id"] == first.final_run_id
+
+    # Same study name and storage: the study resumes (n_trials is its total) on the cached features.
+    _enqueue(tmp_path, RESUMED)
+    second = _tune(tmp_path, n_trials=6)
+    assert second.new_trials == 2
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 6
+    assert client.get_run(second.parent_run_id).data.tags["feature_cache"] == "hit"
+    assert list((tmp_path / "cache").glob("*.npz")) == [cache] and cache.stat().st_mtime_ns == mtime
+
+    resumed = {r.data.tags["optuna.trial_number"]: r for r in _children(second.parent_run_id)}
+    assert set(resumed) == {"4", "5"}
+    pruned = resumed["5"]
+    assert study.trials[5].state == optuna.trial.TrialState.PRUNED
+    assert pruned.data.tags["state"] == "pruned" and pruned.info.status == "FINISHED"
+    assert "final_val_auc" not in pruned.data.metrics
+    assert len(client.get_metric_history(pruned.info.run_id, "val_auc")) < 3
+    assert client.get_run(second.final_run_id).data.tags["optuna.study_name"] == STUDY
+
+
+def test_head_on_cached_vectors_is_the_full_models_head(keras_home):
+    config = make_config("transfer", **{**DATA, "max_images": 40})
+    _, frame = prepare_data(config)
+    features = extract(config, frame)
+    assert len(features["train"]) == 3 * (frame["split"] == "train").sum()  # the seed copies of each image
+    full = build_fusion("mobilenet", 32, "imagenet", fusion_width=24, dropout=0.3, alpha=0.75, freeze_backbone=True)
+    head = head_model([t.shape[1] for t in features["val"].taps], 24, 0.3)
+    for layer in head.layers:  # the same layer names: weights move across by name
+        if layer.weights:
+            layer.set_weights(full.get_layer(layer.name).get_weights())
+    val = frame[frame["split"] == "val"]
+    images = np.concatenate([x for x, _ in make_dataset(val["path"], val["label"], 32, 16).as_numpy_iterator()])
+    np.testing.assert_allclose(head.predict(list(features["val"].taps), verbose=0), full.predict(images, verbose=0),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(features["val"].labels, val["label"].to_numpy())
+
+
+def test_a_study_resumes_only_on_the_same_features(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    dataset = Dataset(root=tmp_path, layout="idc", class_names=["non-IDC", "IDC"], frame=None, digest="d1")
+    config = tuning.make_tune_config("transfer", storage=storage, study_name="s")
+    tuning.open_study(config, dataset, key="k1")
+    assert tuning.open_study(config, dataset, key="k1").user_attrs["histoflow.features"] == "k1"
+    with pytest.raises(ConfigError, match="features 'k1' \\(now 'k2'\\).*use another study_name"):
+        tuning.open_study(config, dataset, key="k2")
+    with pytest.raises(ConfigError, match="metric 'val_auc' \\(now 'val_accuracy'\\)"):
+        tuning.open_study(tuning.make_tune_config("transfer", storage=storage, study_name="s",
+                                                  metric="val_accuracy"), dataset, key="k1")
+    with pytest.raises(ConfigError, match="needs the other direction"):
+        tuning.open_study(tuning.make_tune_config("transfer", storage=storage, study_name="s", metric="val_loss"),
+                          dataset, key="k1")
+    with pytest.raises(ConfigError, match="cannot open the Optuna storage sqlite:///"):
+        tuning.open_study(tuning.make_tune_config("transfer", storage=f"sqlite:///{tmp_path}/no/such/dir/o.db"),
+                          dataset, key="k1")
+
+
+@pytest.mark.parametrize("variant,overrides,message", [
+    ("baseline", {}, "tune applies to the variants densenet, transfer"),
+    ("transfer", {"n_trials": "0"}, "n_trials must be >= 1"),
+    ("transfer", {"sampler": "grid"}, "sampler must be one of tpe, random"),
+    ("transfer", {"pruner": "hyperband"}, "pruner must be one of median, none"),
+    ("transfer", {"metric": "test_auc"}, "metric must be one of"),
+    ("transfer", {"learning_rate": "1e-3"}, "searched by the study"),
+    ("densenet", {"backbone": "mobilenet"}, "densenet variant uses backbone densenet121"),
+])
+def test_bad_parameters_fail_with_a_message(variant, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tuning.make_tune_config(variant, **overrides)
+
+
+def test_cli_reports_a_bad_parameter(tmp_path):
+    result = run_cli("tune", "--variant", "transfer", "--sampler", "grid", cwd=tmp_path)
+    assert result.returncode == 2 and "histoflow: error: sampler must be one of" in result.stderr
+    assert "Traceback" not in result.stderr
