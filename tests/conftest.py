@@ -147,3 +147,60 @@ def wait_for(url: str, process, timeout: float = 120.0) -> None:
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer in {timeout} s")
+
+
+POSTGRES_ROLE = "histoflow_test"
+POSTGRES_PASSWORD = "histoflow_test"
+
+
+def _postgres_superuser(sql: str) -> None:
+    """Run SQL as the cluster's superuser (peer authentication of the postgres account)."""
+    import shlex
+
+    command = ["psql", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql]
+    if os.geteuid() == 0:
+        command = ["su", "postgres", "-c", " ".join(shlex.quote(part) for part in command)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
+
+
+def _start_postgres() -> None:
+    if shutil.which("pg_ctlcluster") is None:
+        pytest.fail("PostgreSQL is not installed (no pg_ctlcluster): the distributed tuning tests need a local "
+                    "server; install it with `apt-get install postgresql` (.ci/run does)")
+    clusters = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True, check=True).stdout.split()
+    if not clusters:
+        newest = max(Path("/usr/lib/postgresql").iterdir(), key=lambda p: int(p.name)).name
+        subprocess.run(["pg_createcluster", newest, "main", "--start"], check=True, capture_output=True)
+        return
+    version, name = clusters[:2]
+    started = subprocess.run(["pg_ctlcluster", version, name, "start"], capture_output=True, text=True)
+    if started.returncode != 0 and "already running" not in started.stdout + started.stderr:
+        pytest.fail(f"cannot start PostgreSQL {version}/{name}: {started.stdout}{started.stderr}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh database on the local PostgreSQL, owned by a password role; dropped after the session.
+
+    The role may create databases: a test needing another one (e.g. an MLflow store) names it
+    `<this database>_<suffix>`, and it is dropped with this one.
+    """
+    import sqlalchemy
+
+    _start_postgres()
+    _postgres_superuser(
+        f"DO $$ BEGIN CREATE ROLE {POSTGRES_ROLE} LOGIN CREATEDB PASSWORD '{POSTGRES_PASSWORD}'; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    _postgres_superuser(f"ALTER ROLE {POSTGRES_ROLE} LOGIN CREATEDB PASSWORD '{POSTGRES_PASSWORD}'")
+    server = f"postgresql+psycopg2://{POSTGRES_ROLE}:{POSTGRES_PASSWORD}@127.0.0.1:5432"
+    name = f"histoflow_test_{os.urandom(4).hex()}"
+    admin = sqlalchemy.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    yield f"{server}/{name}"
+    with admin.connect() as connection:
+        owned = connection.execute(sqlalchemy.text("SELECT datname FROM pg_database WHERE starts_with(datname, :name)"),
+                                   {"name": name}).scalars().all()
+        for database in owned:  # FORCE: a killed worker's connections may linger
+            connection.execute(sqlalchemy.text(f'DROP DATABASE "{database}" WITH (FORCE)'))
+    admin.dispose()

@@ -7,16 +7,23 @@ variant (histoflow.train.run), ready for `register`.
 ``n_trials`` is the study's total: a run on an existing study (same study_name and storage) adds
 only the trials still missing, so re-running an interrupted command finishes it, and a larger
 n_trials extends the study. Complete and pruned trials count; failed ones are retried.
+
+Workers on other processes or machines may share the storage: trials send heartbeats, and the
+trial of a worker that died is failed (its MLflow run marked KILLED) and queued again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import secrets
+import socket
 import sys
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import keras
 import matplotlib.pyplot as plt
@@ -47,6 +54,8 @@ PRUNERS = ("median", "none")
 METRICS = {"val_auc": "maximize", "val_accuracy": "maximize", "val_loss": "minimize"}
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 STATE_TAGS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+# A trial whose worker keeps dying (e.g. killed for memory) must not take down every worker in turn.
+STALE_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class TuneConfig:
     fine_tune: bool = False
     trial_epochs: int = 20
     cache_dir: str = ".histoflow-cache/features"
+    heartbeat_interval: int = 60  # seconds between a running trial's heartbeats; 0 = no heartbeats
+    grace_period: int = 0  # seconds without a heartbeat before a trial counts as dead; 0 = 2 x heartbeat_interval
 
 
 @dataclass(frozen=True)
@@ -99,14 +110,45 @@ def _validate(c: TuneConfig) -> None:
         (c.trial_epochs >= 1, "trial_epochs must be >= 1"),
         (bool(c.storage.strip()), "storage must be a SQLAlchemy URL, e.g. sqlite:///optuna.db"),
         (bool(c.cache_dir.strip()), "cache_dir must be a folder"),
+        (c.heartbeat_interval >= 0, "heartbeat_interval must be >= 0 seconds (0 = no heartbeats)"),
+        # A grace not longer than the interval would fail trials that are alive between two beats.
+        (c.grace_period == 0 or c.grace_period > c.heartbeat_interval,
+         "grace_period must be longer than heartbeat_interval (0 = twice heartbeat_interval)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
 
 
-def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.TPESampler(seed=seed) if name == "tpe" else optuna.samplers.RandomSampler(seed=seed)
+@contextlib.contextmanager
+def _experimental() -> Iterator[None]:
+    """Optuna marks the heartbeat API, the constant liar and the matplotlib plots experimental; nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _sampler(name: str, seed: int, shared: bool) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # The constant liar counts other workers' running trials as bad, so TPE does not propose their parameters again.
+    with _experimental():
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=shared)
+
+
+def _is_shared(storage: str) -> bool:
+    """A database server is there to be shared by workers; a SQLite file is taken to be one worker's."""
+    try:
+        return sqlalchemy.engine.make_url(storage).get_backend_name() != "sqlite"
+    except sqlalchemy.exc.ArgumentError:
+        return False
+
+
+def _sampler_seed(seed: int, n_trials: int, shared: bool) -> int:
+    # Seeded per resumption: the same seed again would replay the first trials' random draws. Workers
+    # that start together see the same trial count, so on shared storage a random part keeps them apart
+    # (and a shared study's draws cannot be reproduced).
+    return seed + n_trials + (secrets.randbits(31) if shared else 0)
 
 
 def _pruner(name: str) -> optuna.pruners.BasePruner:
@@ -120,12 +162,59 @@ def _safe_url(url: str) -> str:
         return url
 
 
+def _terminate_run(client: MlflowClient, run_id: str) -> None:
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status="KILLED")
+
+
+def _close_stale_runs(trial: FrozenTrial) -> None:
+    """End the MLflow runs a dead worker left RUNNING: the trial's run and its worker's study run."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id is None:  # the worker died before its trial's run existed
+        return
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:  # e.g. a worker logging to another tracking store
+        log.warning("stale trial %d: its MLflow run %s cannot be closed here: %s", trial.number, run_id, exc)
+        return
+    client.set_tag(run_id, "state", STATE_TAGS[TrialState.FAIL])
+    client.set_tag(run_id, "optuna.stale", "true")
+    _terminate_run(client, run_id)
+    if "mlflow.parentRunId" in run.data.tags:
+        _terminate_run(client, run.data.tags["mlflow.parentRunId"])
+
+
+def _stale_trial_callback(n_trials: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Run by whichever worker finds a dead worker's trial, once Optuna has failed it."""
+    with _experimental():
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES)
+
+    def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        log.warning("trial %d lost its worker (%s): failed, its MLflow runs marked KILLED", trial.number,
+                    trial.user_attrs.get("worker", "unknown"))
+        _close_stale_runs(trial)
+        # Queued again (same parameters, as WAITING) only if the study still needs it: a full study
+        # would keep the copy waiting for no one.
+        if len(study.get_trials(deepcopy=False, states=COUNTED)) < n_trials:
+            retry(study, trial)
+    return on_stale_trial
+
+
+def _storage(config: TuneConfig) -> optuna.storages.RDBStorage:
+    heartbeats = {} if config.heartbeat_interval == 0 else {
+        "heartbeat_interval": config.heartbeat_interval, "grace_period": config.grace_period or None,
+        "heartbeat_stale_trial_callback": _stale_trial_callback(config.n_trials)}
+    with _experimental():
+        return optuna.storages.RDBStorage(config.storage, **heartbeats)
+
+
 def open_study(config: TuneConfig, dataset: Dataset, key: str) -> optuna.Study:
     """Create the study, or load it to resume; refuse one whose trials were run on other features."""
     t = config.train
     name = config.study_name or f"{t.variant}-{t.backbone}-{key[:8]}"
     try:
-        study = optuna.create_study(storage=config.storage, study_name=name, direction=METRICS[config.metric],
+        study = optuna.create_study(storage=_storage(config), study_name=name, direction=METRICS[config.metric],
                                     pruner=_pruner(config.pruner), load_if_exists=True)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
         raise ConfigError(f"cannot open the Optuna storage {_safe_url(config.storage)}: {exc}") from None
@@ -144,8 +233,11 @@ def open_study(config: TuneConfig, dataset: Dataset, key: str) -> optuna.Study:
     for k, v in expected.items():
         if k not in stored:  # a new study, or one prepared outside histoflow (e.g. enqueued trials)
             study.set_user_attr(k, v)
-    # Seeded per resumption: the same seed again would replay the first trials' random draws.
-    study.sampler = _sampler(config.sampler, t.seed + len(study.trials))
+    # Optuna checks for dead workers' trials only before starting one; a worker with none to run checks here.
+    with _experimental():
+        optuna.storages.fail_stale_trials(study)
+    shared = _is_shared(config.storage)
+    study.sampler = _sampler(config.sampler, _sampler_seed(t.seed, len(study.trials), shared), shared)
     return study
 
 
@@ -178,6 +270,7 @@ def _train_head(config: TuneConfig, features: CachedFeatures, params: dict[str, 
 def _objective(config: TuneConfig, features: CachedFeatures, study_name: str) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who to look for when it goes stale
         pruned: optuna.TrialPruned | None = None
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -236,8 +329,7 @@ def _log_plots(study: optuna.Study, n_complete: int) -> None:
         figures["optuna/param_importances.png"] = plots.plot_param_importances
     else:
         log.info("parameter importances need >= 2 complete trials; %d so far, plot skipped", n_complete)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _experimental():
         for path, plot in figures.items():
             figure = plot(study).figure
             figure.tight_layout()
