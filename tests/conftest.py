@@ -43,6 +43,29 @@ def keras_home() -> Path:
     return KERAS_HOME
 
 
+# As the suite found them: a developer may run it with an experiment of their own exported.
+EXPERIMENT_ENV = {name: os.environ.get(name) for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+
+
+def forget_experiment() -> None:
+    """Undo mlflow.set_experiment: it caches the id in-process and exports MLFLOW_EXPERIMENT_ID, which the
+    next test's store (or a worker process it starts) would then look up and not find."""
+    from mlflow.tracking import fluent
+
+    fluent._active_experiment_id = None
+    for name, value in EXPERIMENT_ENV.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def isolated_experiment():
+    forget_experiment()
+    yield
+    forget_experiment()
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -102,6 +125,7 @@ def tiny_store(tmp_path_factory):
                              batch_size=16, gradcam_per_class=1, experiment="tiny")
         runs[variant] = train.run(config)
     mp.undo()
+    forget_experiment()
     return root, uri, runs
 
 
