@@ -19,7 +19,7 @@ if is breakhis; then
 fi
 # No DenseNet121 ImageNet weights offline: trained from scratch, with fewer epochs on 2 CPU cores.
 if is densenet-breakhis; then
-  run -e densenet --experiment-name results-breakhis $BH -P weights=none -P epochs=10
+  run -e densenet --experiment-name results-breakhis-densenet $BH -P weights=none -P epochs=10
 fi
 # IDC: 6,000+ training patches; epochs capped so the whole section fits in about an hour on 2 CPU cores
 # (EarlyStopping usually stops the CNNs earlier; the cap is in each run's params).
@@ -30,10 +30,10 @@ if is idc; then
   run -e baseline --experiment-name results-idc $IDC -P epochs=20 -P split=image
 fi
 if is densenet-idc; then
-  run -e densenet --experiment-name results-idc $IDC -P weights=none -P epochs=3
+  run -e densenet --experiment-name results-idc-densenet $IDC -P weights=none -P epochs=12
 fi
 if is compare; then
-  for ds in ${COMPARE:-breakhis idc}; do
+  for ds in ${COMPARE:-breakhis idc breakhis-densenet idc-densenet}; do
     run -e compare --experiment-name results-$ds -P output_dir=docs/results/$ds
   done
 fi

@@ -3,6 +3,8 @@
 import socket
 import time
 
+import pytest
+
 from conftest import BREAKHIS, run_cli
 
 
@@ -20,14 +22,23 @@ def test_bad_parameter(tmp_path):
     assert result.returncode == 2 and "dropout must be in [0, 1)" in result.stderr
 
 
-def test_tracking_server_down_fails_at_once_naming_the_uri(tmp_path):
+COMMANDS_THAT_TRACK = {
+    "train": ["--variant", "baseline", "--data_dir", str(BREAKHIS), "--max_images", "50"],
+    "tune": ["--variant", "transfer", "--data_dir", str(BREAKHIS), "--max_images", "50"],
+    "compare": [],
+    "register": [],
+    "promote": [],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS_THAT_TRACK))
+def test_tracking_server_down_fails_at_once_naming_the_uri(command, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     start = time.monotonic()
-    result = run_cli("train", "--variant", "baseline", "--data_dir", str(BREAKHIS), "--max_images", "50",
-                     cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
-    assert result.returncode == 2
+    result = run_cli(command, *COMMANDS_THAT_TRACK[command], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 2, result.stderr[-2000:]
     assert uri in result.stderr and "cannot reach" in result.stderr
     assert time.monotonic() - start < 60  # imports included; MLflow's own retries would take minutes

@@ -1,4 +1,4 @@
-"""Command line: `histoflow train|tune|download|compare|register|promote|rollback|predict` (MLproject entry points)."""
+"""Command line: `histoflow train|tune|data|main|download|compare|register|promote|rollback|predict` (MLproject entry points)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_tune(sub)
+    data = sub.add_parser("data", help="discover and split a dataset and log its report as a run (no training)")
+    from histoflow.data_report import DATA_PARAMS
+    from histoflow.workflow import WorkflowConfig
+
+    for name in (*DATA_PARAMS, "experiment"):
+        data.add_argument(f"--{name}", default=None)
+    main = sub.add_parser("main", help="the whole study: data, variants, tune, register, promote, comparison")
+    for f in fields(WorkflowConfig):
+        main.add_argument(f"--{f.name}", default=None, help=f"default: {f.default!r}")
     dl = sub.add_parser("download", help="download, verify and extract a public dataset")
     dl.add_argument("--dataset", required=True, choices=["breakhis", "idc"])
     dl.add_argument("--dest", default="", help="target folder (default data/<dataset>)")
@@ -115,6 +124,17 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides = {k: v for k, v in vars(args).items() if k not in ("command", "variant")}
             tuning.run(tuning.make_tune_config(args.variant, **overrides))
+        elif args.command == "data":
+            from histoflow import data_report
+            from histoflow.config import make_config
+
+            overrides = {k: v for k, v in vars(args).items() if k != "command"}
+            data_report.run(make_config("baseline", **overrides))
+        elif args.command == "main":
+            from histoflow import workflow
+
+            overrides = {k: v for k, v in vars(args).items() if k != "command"}
+            workflow.run(workflow.make_workflow_config(**overrides))
         elif args.command == "download":
             from histoflow.download import download
 

@@ -53,21 +53,27 @@ def to_markdown(table: pd.DataFrame) -> str:
     return shown.to_markdown(index=False)
 
 
-def run(experiment: str, dataset: str = "", output_dir: str = "outputs") -> pd.DataFrame:
-    """Print the table, save CSV and Markdown under output_dir, and log both to a `compare` run."""
-    table = summary(experiment, dataset)
+def write(table: pd.DataFrame, output_dir: str) -> tuple[str, list[Path]]:
+    """The Markdown table, and comparison.csv/.md saved under output_dir."""
     markdown = to_markdown(table)
-    print(markdown)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "comparison.csv", index=False)
     (out / "comparison.md").write_text(markdown + "\n")
+    return markdown, [out / "comparison.csv", out / "comparison.md"]
+
+
+def run(experiment: str, dataset: str = "", output_dir: str = "outputs") -> pd.DataFrame:
+    """Print the table, save CSV and Markdown under output_dir, and log both to a `compare` run."""
+    table = summary(experiment, dataset)
+    markdown, files = write(table, output_dir)
+    print(markdown)
     experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
     # Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and start_run resumes it.
     in_project = bool(os.environ.get("MLFLOW_RUN_ID"))
     with mlflow.start_run(experiment_id=None if in_project else experiment_id, run_name="compare"):
         mlflow.set_tag("histoflow.step", "compare")
         mlflow.log_param("compared_runs", len(table))
-        mlflow.log_artifact(str(out / "comparison.csv"))
-        mlflow.log_artifact(str(out / "comparison.md"))
+        for path in files:
+            mlflow.log_artifact(str(path))
     return table

@@ -40,6 +40,7 @@ class TrainConfig:
     lr_patience: int = 5
     class_weight: str = "none"
     seed: int = 42
+    mixed_precision: bool = False  # float16 compute, float32 weights and softmax: for GPUs
     experiment: str = ""  # "" = MLflow's choice: the `mlflow run` run's, MLFLOW_EXPERIMENT_NAME, or Default
     run_name: str = ""
     gradcam_per_class: int = 3

@@ -137,7 +137,7 @@ def build_baseline(image_size: int = 128, dropout: float = 0.5, num_classes: int
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(128, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="baseline_cnn")
 
 
@@ -202,7 +202,8 @@ def fusion_head(pooled: Sequence[keras.KerasTensor], fusion_width: int, dropout:
     x = keras.layers.Dense(16, activation="relu", name="head_dense")(x)
     x = keras.layers.BatchNormalization(name="head_bn")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    return keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    # float32 softmax even under mixed precision: float16 probabilities round to 0/1 and break the loss.
+    return keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
 
 
 def gradcam_layer(model: keras.Model, backbone: str | None) -> str:

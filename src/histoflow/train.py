@@ -16,12 +16,10 @@ from mlflow.models import Model, infer_signature
 
 from histoflow import evaluation, explain, plots, tracking
 from histoflow.config import TrainConfig
-from histoflow.datasets import Dataset, discover
-from histoflow.download import ensure_dataset
+from histoflow.data_report import log_data, prepare_data
 from histoflow.models import build_baseline, build_fusion, compile_model, gradcam_layer
 from histoflow.pipeline import augmented_size, make_dataset
-from histoflow.splits import LEAKY_MODES, split_dataset
-from histoflow.training import EpochMetrics, class_weights, fit, set_seeds, strategy
+from histoflow.training import EpochMetrics, class_weights, fit, precision_policy, set_seeds, strategy
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
@@ -29,20 +27,13 @@ KERAS_ARTIFACT_DIR = "keras"
 
 
 def build(config: TrainConfig) -> keras.Model:
-    with strategy().scope():
+    with strategy().scope(), precision_policy(config.mixed_precision):
         if config.uses_backbone:
             model = build_fusion(config.backbone, config.image_size, config.weights, config.fusion_width,
                                  config.dropout, config.alpha, config.freeze_backbone)
         else:
             model = build_baseline(config.image_size, config.dropout)
         return compile_model(model, config.learning_rate)
-
-
-def prepare_data(config: TrainConfig) -> tuple[Dataset, pd.DataFrame]:
-    dataset = discover(ensure_dataset(config.data_dir), config.layout, config.magnification,
-                       config.max_images, config.seed)
-    frame = split_dataset(dataset.frame, config.split, config.val_fraction, config.test_fraction, config.seed)
-    return dataset, frame
 
 
 def _datasets(config: TrainConfig, frame: pd.DataFrame):
@@ -133,21 +124,8 @@ def run(config: TrainConfig) -> str:
         # `mlflow run` has already logged the entry point's parameters (as given); add the rest.
         logged = mlflow.get_run(active.info.run_id).data.params
         mlflow.log_params({k: v for k, v in config.to_params().items() if k not in logged})
-        leaky = config.split in LEAKY_MODES
-        mlflow.set_tags({"variant": config.variant, "model": config.model_name, "dataset.name": dataset.name,
-                         "dataset.digest": dataset.digest, "dataset.layout": dataset.layout,
-                         "split_mode": config.split, "split_leaky": str(leaky).lower()})
-        if leaky:
-            mlflow.set_tag("mlflow.note.content", "LEAKY image-level split: one patient's images can be in "
-                           "train and test; results are optimistic and not comparable to patient splits.")
-        tracking.log_environment()
-        tracking.log_dataset(dataset.name, dataset.digest, str(dataset.root), frame)
-        report = dataset.report()
-        report["splits"] = {s: {"images": int((frame["split"] == s).sum()),
-                                "patients": int(frame.loc[frame["split"] == s, "patient"].nunique()),
-                                "malignant_share": float(frame.loc[frame["split"] == s, "label"].mean())}
-                            for s in ("train", "val", "test")}
-        tracking.log_json(report, "data/data_report.json")
+        mlflow.set_tags({"variant": config.variant, "model": config.model_name})
+        log_data(config, dataset, frame)
         train_ds, val_ds, test_ds = _datasets(config, frame)
         model = build(config)
         mlflow.log_metric("n_params", model.count_params())

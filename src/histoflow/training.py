@@ -1,9 +1,12 @@
-"""Model fitting: seeds, Keras callbacks, class weights, distribution strategy."""
+"""Model fitting: seeds, Keras callbacks, class weights, distribution strategy, precision policy."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import keras
@@ -12,6 +15,8 @@ import mlflow.keras
 import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
+
+log = logging.getLogger(__name__)
 
 
 def set_seeds(seed: int) -> None:
@@ -25,6 +30,27 @@ def strategy() -> tf.distribute.Strategy:
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+@contextlib.contextmanager
+def precision_policy(mixed: bool) -> Iterator[None]:
+    """Layers built inside take mixed_float16 (float16 compute, float32 variables) when `mixed`.
+
+    The policy is global in Keras; it is restored afterwards so that later models (and the serving
+    model loaded from the .keras file, whose layers carry their own policy) are not affected. Keras's
+    compile wraps the optimizer in a LossScaleOptimizer for such a model.
+    """
+    if not mixed:
+        yield
+        return
+    if not tf.config.list_logical_devices("GPU"):
+        log.warning("mixed_precision=true without a GPU: float16 on a CPU is slower than float32, not faster")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
