@@ -78,11 +78,20 @@ class EpochMetrics(mlflow.keras.MlflowCallback):
     validation evaluation (validation_accuracy, ...), so that hook is off.
     """
 
+    def __init__(self, synchronous: bool = False) -> None:
+        super().__init__()
+        # Asynchronous logging costs nothing per epoch but about 2 s to flush when fit ends: right for a
+        # training run, too much for a tuning trial that trains a small head in a few seconds.
+        self.synchronous = synchronous
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs:
             renamed = {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": v
                        for k, v in logs.items()}
-            super().on_epoch_end(epoch, renamed)
+            if self.synchronous:
+                mlflow.log_metrics(renamed, step=epoch, synchronous=True, model_id=self.model_id)
+            else:
+                super().on_epoch_end(epoch, renamed)
 
     def on_test_end(self, logs: dict | None = None) -> None:
         return None

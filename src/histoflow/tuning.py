@@ -259,7 +259,7 @@ def _train_head(config: TuneConfig, features: CachedFeatures, params: dict[str, 
     train_part, val_part = features.splits["train"], features.splits["val"]
     result = fit(model, head_dataset(train_part, t.batch_size, True, t.seed),
                  head_dataset(val_part, t.batch_size, False, t.seed), config.trial_epochs,
-                 [EpochMetrics(), KerasPruningCallback(trial, config.metric)],
+                 [EpochMetrics(synchronous=True), KerasPruningCallback(trial, config.metric)],
                  class_weights(train_part.labels, t.class_weight), t.patience, t.lr_patience)
     mlflow.log_metrics({"train_time_s": result.seconds, "best_epoch": result.best_epoch,
                         "epochs_run": result.epochs_run})
@@ -267,8 +267,9 @@ def _train_head(config: TuneConfig, features: CachedFeatures, params: dict[str, 
     return result.history[config.metric][result.best_epoch - 1]
 
 
-def _objective(config: TuneConfig, features: CachedFeatures, study_name: str) -> Callable[[optuna.Trial], float]:
-    def objective(trial: optuna.Trial) -> float:
+def objective(config: TuneConfig, features: CachedFeatures, study_name: str) -> Callable[[optuna.Trial], float]:
+    """One trial: the head trained on the cached features, as a nested MLflow run of the active one."""
+    def run_trial(trial: optuna.Trial) -> float:
         params = suggest(trial)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who to look for when it goes stale
         pruned: optuna.TrialPruned | None = None
@@ -296,7 +297,7 @@ def _objective(config: TuneConfig, features: CachedFeatures, study_name: str) ->
         if pruned is not None:
             raise pruned
         return value
-    return objective
+    return run_trial
 
 
 def _log_setup(config: TuneConfig, study: optuna.Study, dataset: Dataset, frame: pd.DataFrame,
@@ -385,7 +386,7 @@ def run(config: TuneConfig) -> TuneResult:
               f"({features.seconds:.1f} s)")
         if new_trials:
             # The callback stops this worker once the study holds n_trials, counting other workers' trials.
-            study.optimize(_objective(config, features, study.study_name), n_trials=new_trials,
+            study.optimize(objective(config, features, study.study_name), n_trials=new_trials,
                            timeout=config.timeout or None,
                            callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=COUNTED)],
                            show_progress_bar=sys.stdout.isatty())
