@@ -228,3 +228,16 @@ def postgres_url():
         for database in owned:  # FORCE: a killed worker's connections may linger
             connection.execute(sqlalchemy.text(f'DROP DATABASE "{database}" WITH (FORCE)'))
     admin.dispose()
+
+
+def postgres_database(postgres_url: str, suffix: str) -> str:
+    """Another database beside the session's, `<its name>_<suffix>` (dropped with it); returns its URL."""
+    import sqlalchemy
+
+    url = sqlalchemy.engine.make_url(postgres_url)
+    name = f"{url.database}_{suffix}"
+    engine = sqlalchemy.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)

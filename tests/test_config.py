@@ -29,13 +29,13 @@ def test_string_parameters_are_coerced():
 @pytest.mark.parametrize("overrides,message", [
     ({"dropout": "1.5"}, "dropout"),
     ({"learning_rate": "0"}, "learning_rate"),
-    ({"epochs": "many"}, "epochs must be a int"),
+    ({"epochs": "many"}, "epochs must be an integer"),
     ({"split": "random"}, "split must be"),
     ({"augment": "mixup"}, "augment must be"),
     ({"class_weight": "auto"}, "class_weight"),
     ({"backbone": "vgg16"}, "densenet variant"),
     ({"colour": "blue"}, "unknown parameter"),
-    ({"freeze_backbone": "maybe"}, "freeze_backbone must be a bool"),
+    ({"freeze_backbone": "maybe"}, "freeze_backbone must be true or false"),
 ])
 def test_bad_parameters_are_rejected_with_a_message(overrides, message):
     with pytest.raises(ConfigError, match=message):

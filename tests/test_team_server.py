@@ -17,26 +17,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import sqlalchemy
 from mlflow.tracking import MlflowClient
 
-from conftest import BREAKHIS, IDC, free_port, wait_for
+from conftest import BREAKHIS, IDC, free_port, postgres_database, wait_for
 from histoflow import registry, train, tuning
 from histoflow.config import make_config
 
 BUCKET = "histoflow-artifacts"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "team-key", "AWS_SECRET_ACCESS_KEY": "team-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 MODEL = "histoflow-team"
-
-
-def create_database(postgres_url: str, suffix: str) -> str:
-    url = sqlalchemy.engine.make_url(postgres_url)
-    name = f"{url.database}_{suffix}"
-    engine = sqlalchemy.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
 
 
 def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -54,7 +43,7 @@ def team_server(postgres_url, tmp_path_factory):
     wait_for(s3_url, s3, timeout=60)
     boto3.client("s3", endpoint_url=s3_url, **_credentials()).create_bucket(Bucket=BUCKET)
 
-    backend = create_database(postgres_url, "team")
+    backend = postgres_database(postgres_url, "team")
     server_env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url}
     server_env.pop("MLFLOW_TRACKING_URI", None)
     server = _start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
@@ -96,7 +85,7 @@ def test_train_tune_and_promote_through_the_team_server(team_server, postgres_ur
     study = tuning.run(tuning.make_tune_config(
         "transfer", data_dir=str(IDC), max_images=120, image_size=32, batch_size=16, backbone="mobilenet",
         alpha=0.75, weights="imagenet", epochs=1, gradcam_per_class=0, experiment="team", n_trials=2,
-        trial_epochs=2, pruner="none", study_name="team-study", storage=create_database(postgres_url, "optuna"),
+        trial_epochs=2, pruner="none", study_name="team-study", storage=postgres_database(postgres_url, "optuna"),
         cache_dir=str(tmp_path / "cache")))
     version = registry.register("team", name=MODEL)
     decision = registry.promote(MODEL)

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from conftest import IDC
+from conftest import IDC, postgres_database
 from histoflow import tuning
 from histoflow.errors import ConfigError
 from histoflow.features import load_or_extract
@@ -36,12 +35,7 @@ TUNE = {"n_trials": N_TRIALS, "trial_epochs": 4, "pruner": "none", "study_name":
 
 def _mlflow_database(postgres_url: str) -> str:
     """A second database beside the Optuna one: two processes writing one SQLite store lock each other."""
-    url = f"{postgres_url}_mlflow"
-    server = sqlalchemy.engine.make_url(postgres_url).set(database="postgres")
-    engine = sqlalchemy.create_engine(server, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{sqlalchemy.engine.make_url(url).database}"'))
-    engine.dispose()
+    url = postgres_database(postgres_url, "mlflow")
     MlflowClient(url).search_experiments()  # creates MLflow's tables once, not in two workers at the same time
     return url
 

@@ -79,7 +79,11 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-def _coerce(name: str, value: Any, kind: type) -> Any:
+_KINDS = {"int": int, "float": float, "bool": bool, "str": str}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def coerce(name: str, value: Any, kind: type) -> Any:
     if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     text = str(value).strip()
@@ -92,22 +96,27 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             return int(float(text)) if float(text).is_integer() else int(text)
         return kind(text)
     except ValueError:
-        raise ConfigError(f"parameter {name} must be a {kind.__name__}; got {value!r}") from None
+        raise ConfigError(f"parameter {name} must be {_KIND_NAMES[kind]}; got {value!r}") from None
+
+
+def coerce_fields(cls: type, params: dict[str, Any], exclude: tuple[str, ...] = (), strict: bool = True
+                  ) -> dict[str, Any]:
+    """A dataclass's fields from (possibly string) parameters, e.g. MLproject's; None or "" = its default.
+
+    strict: an unknown parameter is an error; otherwise it is left for another config to take.
+    """
+    kinds = {f.name: _KINDS[f.type] for f in fields(cls) if f.name not in exclude}
+    unknown = sorted(set(params) - set(kinds))
+    if strict and unknown:
+        raise ConfigError(f"unknown parameter {unknown[0]!r}; known: {', '.join(sorted(kinds))}")
+    return {k: coerce(k, v, kinds[k]) for k, v in params.items() if k in kinds and v is not None and v != ""}
 
 
 def make_config(variant: str, **overrides: Any) -> TrainConfig:
     """The variant's defaults, overridden by the given (possibly string) parameters, validated."""
     if variant not in VARIANTS:
         raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    kinds = {"int": int, "float": float, "bool": bool, "str": str}
-    values = dict(VARIANT_DEFAULTS[variant])
-    for key, value in overrides.items():
-        if key not in types:
-            raise ConfigError(f"unknown parameter {key!r}; known: {', '.join(sorted(types))}")
-        if value is None or value == "":
-            continue
-        values[key] = _coerce(key, value, kinds[types[key]])
+    values = {**VARIANT_DEFAULTS[variant], **coerce_fields(TrainConfig, overrides, exclude=("variant",))}
     config = replace(TrainConfig(), variant=variant, **values)
     validate(config)
     return config

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -109,6 +110,21 @@ def log_environment() -> dict[str, Any]:
     return environment
 
 
+def _log_input(dataset, context: str, attempts: int = 3) -> None:
+    for attempt in range(1, attempts + 1):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            # Processes starting together (tuning workers) log the same dataset at once: MLflow's store
+            # looks it up, then inserts it, so all but one insert hit its unique key. The dataset
+            # exists by then; logging again only links it to this run.
+            message = str(exc).lower()
+            if attempt == attempts or not ("duplicate key" in message or "unique constraint" in message):
+                raise
+            time.sleep(0.1 * attempt)
+
+
 def log_dataset(name: str, digest: str, source: str, split_frame: pd.DataFrame) -> None:
     """Log the dataset (mlflow.data, with our content digest) and the split table as an artifact."""
     table = split_frame[["relpath", "label", "class_name", "patient", "group", "subtype", "magnification",
@@ -121,7 +137,7 @@ def log_dataset(name: str, digest: str, source: str, split_frame: pd.DataFrame) 
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(part, source=source, targets="label", name=f"{name}:{context}",
                                               digest=f"{digest}-{context}"[:36])
-            mlflow.log_input(dataset, context=context)
+            _log_input(dataset, context)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "split.csv"
         table.to_csv(path, index=False)

@@ -37,7 +37,7 @@ from optuna_integration import KerasPruningCallback
 
 from histoflow import tracking
 from histoflow import train as training_run
-from histoflow.config import TrainConfig, _coerce, make_config
+from histoflow.config import TrainConfig, coerce_fields, make_config
 from histoflow.datasets import Dataset
 from histoflow.errors import ConfigError
 from histoflow.features import CachedFeatures, cache_key, head_dataset, head_model, load_or_extract
@@ -92,9 +92,8 @@ def make_tune_config(variant: str, **params: Any) -> TuneConfig:
     fixed = [k for k in (*SEARCHED, "freeze_backbone") if params.get(k) not in (None, "")]
     if fixed:
         raise ConfigError(f"{', '.join(fixed)}: searched by the study (freeze_backbone: set by fine_tune)")
-    kinds = {"int": int, "float": float, "bool": bool, "str": str}
-    own = {f.name: kinds[f.type] for f in fields(TuneConfig) if f.name != "train"}
-    settings = {k: _coerce(k, v, own[k]) for k, v in params.items() if k in own and v not in (None, "")}
+    own = {f.name for f in fields(TuneConfig) if f.name != "train"}
+    settings = coerce_fields(TuneConfig, params, exclude=("train",), strict=False)
     config = TuneConfig(make_config(variant, **{k: v for k, v in params.items() if k not in own}), **settings)
     _validate(config)
     return config

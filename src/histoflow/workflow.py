@@ -12,7 +12,7 @@ The comparison table ends every `main` run.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from histoflow import tracking
-from histoflow.config import VARIANTS, make_config
+from histoflow.config import VARIANTS, coerce_fields, make_config
 from histoflow.errors import ConfigError, HistoflowError
 
 STEP_TAG = "histoflow.workflow.step"
@@ -29,7 +29,6 @@ CODE_TAG = "histoflow.code_digest"
 DATA_TAG = "histoflow.workflow.data_digest"
 PARENT_TAG = "mlflow.parentRunId"
 TUNABLE = ("densenet", "transfer")
-KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
 @dataclass(frozen=True)
@@ -63,27 +62,7 @@ class WorkflowConfig:
 
 def make_workflow_config(**params: Any) -> WorkflowConfig:
     """Validated settings from (possibly string) parameters; data settings are checked by make_config."""
-    kinds = {f.name: f.type for f in fields(WorkflowConfig)}
-    values: dict[str, Any] = {}
-    for key, value in params.items():
-        if key not in kinds:
-            raise ConfigError(f"unknown parameter {key!r}; known: {', '.join(sorted(kinds))}")
-        if value is None or value == "":
-            continue
-        text = str(value).strip()
-        try:
-            if kinds[key] == "int":
-                values[key] = int(float(text))
-            elif kinds[key] == "float":
-                values[key] = float(text)
-            elif kinds[key] == "bool":
-                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                values[key] = text.lower() in ("true", "1", "yes")
-            else:
-                values[key] = text
-        except ValueError:
-            raise ConfigError(f"parameter {key} must be {KIND_NAMES[kinds[key]]}; got {value!r}") from None
+    values = coerce_fields(WorkflowConfig, params)
     config = replace(WorkflowConfig(), **values)
     unknown = [v for v in config.variant_list if v not in VARIANTS]
     if not config.variant_list or unknown:

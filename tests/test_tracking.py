@@ -1,0 +1,46 @@
+"""Provenance logging under concurrency: processes that start together (tuning workers, a team's
+runs) log the same dataset into one PostgreSQL MLflow store at the same moment."""
+
+from __future__ import annotations
+
+import threading
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from conftest import BREAKHIS, postgres_database
+from histoflow import tracking
+from histoflow.config import make_config
+from histoflow.data_report import prepare_data
+
+WRITERS = 6
+
+
+def test_the_same_dataset_logged_by_simultaneous_runs_is_linked_to_every_run(postgres_url, monkeypatch):
+    url = postgres_database(postgres_url, "race")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    mlflow.set_tracking_uri(url)
+    client = MlflowClient(url)
+    experiment = client.create_experiment("race")
+    dataset, frame = prepare_data(make_config("baseline", data_dir=str(BREAKHIS), max_images=40))
+    runs = [client.create_run(experiment).info.run_id for _ in range(WRITERS)]
+    start, errors = threading.Barrier(WRITERS), []
+
+    def write(run_id: str) -> None:
+        try:
+            with mlflow.start_run(run_id=run_id):
+                start.wait()  # every writer reaches MLflow's look-up-then-insert at the same time
+                tracking.log_dataset(dataset.name, dataset.digest, str(dataset.root), frame)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(run_id,)) for run_id in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    for run_id in runs:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert sorted(i.dataset.name for i in inputs) == [f"{dataset.name}:{c}" for c in ("test", "train", "val")]
+        assert {i.dataset.digest for i in inputs} == {f"{dataset.digest}-{c}"[:36] for c in ("train", "val", "test")}
