@@ -6,7 +6,8 @@ median pruner on the per-epoch validation AUC, the same trial length, early stop
 validation AUC of the epoch early stopping keeps), each trial a nested MLflow run.
 
   cached  histoflow's `tune`: the frozen backbone's pooled tap features are extracted once (included
-          in the budget: a cold cache) and each trial trains only the fusion head on them;
+          in the budget: a cold cache) and each trial trains only the fusion head on them, on a
+          head compiled once per width bucket (histoflow.features.HeadTrainer);
   naive   each trial builds the full model (the same frozen backbone and head) and trains it on the
           images, so the backbone's forward pass is recomputed for every image of every epoch.
 
@@ -15,7 +16,7 @@ reached within the budget, and the ratios. Target (issue 4): at least 20x the tr
 equal or better best value. Augmentation is off in both modes (`augment=none`) so the two see
 identical images.
 
-    python bench/tune_speed.py --data_dir ../shared/data/idc --max_images 2000 --image_size 50 --budget 300
+    python bench/tune_speed.py --data_dir ../shared/data/idc --max_images 2000 --image_size 128 --budget 300
 """
 
 from __future__ import annotations
@@ -56,10 +57,14 @@ def naive_objective(config: tuning.TuneConfig, datasets):
         keras.backend.clear_session()
         set_seeds(t.seed)
         model = train.build(replace(t, freeze_backbone=True, **params))
+        epoch_metrics = EpochMetrics(batched=True)  # logged as the cached trials log theirs
         with mlflow.start_run(run_name=f"naive-{trial.number}", nested=True):
             mlflow.log_params(params)
-            result = fit(model, train_ds, val_ds, config.trial_epochs,
-                         [EpochMetrics(synchronous=True), KerasPruningCallback(trial, METRIC)], None, t.patience, t.lr_patience)
+            try:
+                result = fit(model, train_ds, val_ds, config.trial_epochs,
+                             [epoch_metrics, KerasPruningCallback(trial, METRIC)], None, t.patience, t.lr_patience)
+            finally:
+                epoch_metrics.flush()
         return result.history[METRIC][result.best_epoch - 1]
     return run_trial
 

@@ -14,10 +14,11 @@ from histoflow import tuning
 from histoflow.config import make_config
 from histoflow.datasets import Dataset
 from histoflow.errors import ConfigError
-from histoflow.features import extract, head_model
-from histoflow.models import build_fusion
+from histoflow.features import HeadTrainer, extract, head_dataset, head_model
+from histoflow.models import build_fusion, compile_model
 from histoflow.pipeline import make_dataset
 from histoflow.train import prepare_data
+from histoflow.training import set_seeds
 
 STUDY = "tune-test"
 DATA = {"data_dir": str(IDC), "max_images": 120, "image_size": 32, "batch_size": 16, "backbone": "mobilenet",
@@ -114,6 +115,42 @@ def test_head_on_cached_vectors_is_the_full_models_head(keras_home):
     np.testing.assert_allclose(head.predict(list(features["val"].taps), verbose=0), full.predict(images, verbose=0),
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(features["val"].labels, val["label"].to_numpy())
+
+
+def _fit_head(model, features, seed: int) -> dict[str, list[float]]:
+    train, val = (head_dataset(features[s], 16, s == "train", seed) for s in ("train", "val"))
+    return model.fit(train, validation_data=val, epochs=4, verbose=0).history
+
+
+def test_trials_share_one_traced_head_per_width_bucket_and_train_as_their_own_head(keras_home):
+    config = make_config("transfer", **{**DATA, "max_images": 60})
+    _, frame = prepare_data(config)
+    features = extract(config, frame)
+    widths = [t.shape[1] for t in features["train"].taps]
+
+    def own_head(width: int, dropout: float, lr: float) -> tuple[dict, np.ndarray]:
+        set_seeds(7)
+        model = compile_model(head_model(widths, width, dropout), lr)
+        return _fit_head(model, features, 7), model.predict(list(features["val"].taps), verbose=0)
+
+    trainer = HeadTrainer(widths, max_width=256)
+    assert [trainer.bucket(w) for w in (16, 17, 24, 32, 33, 200, 256)] == [16, 32, 32, 32, 64, 256, 256]
+    for width, dropout, lr in [(24, 0.4, 3e-3), (20, 0.0, 1e-2), (24, 0.4, 3e-3)]:
+        expected_history, expected = own_head(width, dropout, lr)
+        model = trainer.start(width, dropout, lr, seed=7)
+        history = _fit_head(model, features, 7)
+        # The same up to float rounding: the wider matrix products sum in another order.
+        for key in ("loss", "val_loss", "val_auc"):
+            np.testing.assert_allclose(history[key], expected_history[key], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(model.predict(list(features["val"].taps), verbose=0), expected,
+                                   rtol=1e-3, atol=1e-4)
+        # The padded units never left zero, so they took no part.
+        dense, bn = model.get_layer("fusion1_dense"), model.get_layer("fusion1_bn")
+        assert not np.any(dense.get_weights()[0][:, width:]) and not np.any(bn.get_weights()[0][width:])
+        assert not np.any(model.get_layer("head_dense").get_weights()[0][32 + width:64])
+    assert list(trainer.models) == [32]  # three trials, one compiled (and traced) head
+    with pytest.raises(ValueError, match="fusion_width must be in 1..256"):
+        trainer.start(300, 0.1, 1e-3, seed=7)
 
 
 def test_a_study_resumes_only_on_the_same_features(tmp_path):

@@ -188,11 +188,13 @@ def build_fusion(
 
 
 def fusion_head(pooled: Sequence[keras.KerasTensor], fusion_width: int, dropout: float,
-                num_classes: int = 2) -> keras.KerasTensor:
+                num_classes: int = 2, dropout_layer: Callable[..., keras.layers.Layer] = keras.layers.Dropout,
+                ) -> keras.KerasTensor:
     """(Dense(fusion_width) -> BN) per pooled tap, concat -> Dense 16 -> BN -> Dropout -> softmax.
 
     The one definition of the head: build_fusion puts it on the backbone's pooled taps, tuning on
     cached pooled vectors (histoflow.features), so a tuned head is the head the full model trains.
+    Tuning swaps in a dropout whose rate is a variable (``dropout_layer``), the same operation.
     """
     branches = []
     for i, x in enumerate(pooled, start=1):
@@ -201,7 +203,7 @@ def fusion_head(pooled: Sequence[keras.KerasTensor], fusion_width: int, dropout:
     x = keras.layers.Concatenate(name="fusion_concat")(branches)
     x = keras.layers.Dense(16, activation="relu", name="head_dense")(x)
     x = keras.layers.BatchNormalization(name="head_bn")(x)
-    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    x = dropout_layer(dropout, name="head_dropout")(x)
     # float32 softmax even under mixed precision: float16 probabilities round to 0/1 and break the loss.
     return keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
 
@@ -211,11 +213,12 @@ def gradcam_layer(model: keras.Model, backbone: str | None) -> str:
     return BACKBONES[backbone].taps[-1] if backbone else GRADCAM_LAYER_BASELINE
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
+def compile_model(model: keras.Model, learning_rate: float, steps_per_execution: int = 1) -> keras.Model:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="categorical_crossentropy",
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
+        steps_per_execution=steps_per_execution,
     )
     return model
 

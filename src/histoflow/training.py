@@ -76,22 +76,38 @@ class EpochMetrics(mlflow.keras.MlflowCallback):
 
     Its on_test_end would also log unstepped validation_* metrics, which collide with the final
     validation evaluation (validation_accuracy, ...), so that hook is off.
+
+    Asynchronous logging (the default) costs nothing per epoch but about 2 s to flush when fit ends:
+    right for a training run, too much for a tuning trial that trains a head in about a second. With
+    ``batched`` the epochs are kept and written in one request by ``flush()``, which the caller also
+    calls when a pruner stops fit with an exception; nothing is logged when training begins (a
+    trial logs its own parameters, and its head's summary would show the shared padded head).
     """
 
-    def __init__(self, synchronous: bool = False) -> None:
+    def __init__(self, batched: bool = False) -> None:
         super().__init__()
-        # Asynchronous logging costs nothing per epoch but about 2 s to flush when fit ends: right for a
-        # training run, too much for a tuning trial that trains a small head in a few seconds.
-        self.synchronous = synchronous
+        self.batched = batched
+        self.pending: list[mlflow.entities.Metric] = []
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not self.batched:
+            super().on_train_begin(logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs:
-            renamed = {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": v
-                       for k, v in logs.items()}
-            if self.synchronous:
-                mlflow.log_metrics(renamed, step=epoch, synchronous=True, model_id=self.model_id)
-            else:
-                super().on_epoch_end(epoch, renamed)
+        if not logs:
+            return
+        renamed = {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": v for k, v in logs.items()}
+        if self.batched:
+            now = int(time.time() * 1000)
+            self.pending += [mlflow.entities.Metric(k, float(v), now, epoch) for k, v in renamed.items()]
+        else:
+            super().on_epoch_end(epoch, renamed)
+
+    def flush(self) -> None:
+        """Write the kept epochs to the active run (batched mode)."""
+        if self.pending:
+            mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=self.pending)
+            self.pending = []
 
     def on_test_end(self, logs: dict | None = None) -> None:
         return None

@@ -40,14 +40,14 @@ from histoflow import train as training_run
 from histoflow.config import TrainConfig, coerce_fields, make_config
 from histoflow.datasets import Dataset
 from histoflow.errors import ConfigError
-from histoflow.features import CachedFeatures, cache_key, head_dataset, head_model, load_or_extract
-from histoflow.models import compile_model
-from histoflow.training import EpochMetrics, class_weights, fit, set_seeds
+from histoflow.features import CachedFeatures, HeadTrainer, cache_key, head_dataset, load_or_extract
+from histoflow.training import EpochMetrics, class_weights, fit
 
 log = logging.getLogger(__name__)
 
 TUNE_VARIANTS = ("densenet", "transfer")
 SEARCHED = ("learning_rate", "dropout", "fusion_width")
+FUSION_WIDTHS = (16, 256)
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
 # Keras' names for the per-epoch validation metrics of compile_model, and which way is better.
@@ -244,21 +244,20 @@ def suggest(trial: optuna.Trial) -> dict[str, Any]:
     return {
         "learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-2, log=True),
         "dropout": trial.suggest_float("dropout", 0.0, 0.7),
-        "fusion_width": trial.suggest_int("fusion_width", 16, 256),
+        "fusion_width": trial.suggest_int("fusion_width", *FUSION_WIDTHS),
     }
 
 
-def _train_head(config: TuneConfig, features: CachedFeatures, params: dict[str, Any], trial: optuna.Trial) -> float:
+def _train_head(config: TuneConfig, features: CachedFeatures, trainer: HeadTrainer, params: dict[str, Any],
+                trial: optuna.Trial, epoch_metrics: EpochMetrics) -> float:
     """Fit the head on the cached vectors; the value is the metric at the epoch early stopping keeps."""
     t = config.train
-    keras.backend.clear_session()  # trials would otherwise pile up graphs in one process
-    set_seeds(t.seed)  # the same seed for every trial: differences come from the parameters
-    model = compile_model(head_model(features.widths, params["fusion_width"], params["dropout"]),
-                          params["learning_rate"])
+    # The same seed for every trial: differences come from the parameters.
+    model = trainer.start(params["fusion_width"], params["dropout"], params["learning_rate"], t.seed)
     train_part, val_part = features.splits["train"], features.splits["val"]
     result = fit(model, head_dataset(train_part, t.batch_size, True, t.seed),
                  head_dataset(val_part, t.batch_size, False, t.seed), config.trial_epochs,
-                 [EpochMetrics(synchronous=True), KerasPruningCallback(trial, config.metric)],
+                 [epoch_metrics, KerasPruningCallback(trial, config.metric)],
                  class_weights(train_part.labels, t.class_weight), t.patience, t.lr_patience)
     mlflow.log_metrics({"train_time_s": result.seconds, "best_epoch": result.best_epoch,
                         "epochs_run": result.epochs_run})
@@ -268,24 +267,28 @@ def _train_head(config: TuneConfig, features: CachedFeatures, params: dict[str, 
 
 def objective(config: TuneConfig, features: CachedFeatures, study_name: str) -> Callable[[optuna.Trial], float]:
     """One trial: the head trained on the cached features, as a nested MLflow run of the active one."""
+    keras.backend.clear_session()  # earlier studies' graphs in this process
+    trainer = HeadTrainer(features.widths, FUSION_WIDTHS[1])
+
     def run_trial(trial: optuna.Trial) -> float:
         params = suggest(trial)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who to look for when it goes stale
         pruned: optuna.TrialPruned | None = None
+        epoch_metrics = EpochMetrics(batched=True)
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.set_tags({"histoflow.step": "tune-trial", "optuna.study_name": study_name,
                              "optuna.trial_number": str(trial.number)})
             mlflow.log_params({**params, "trial_epochs": config.trial_epochs})
             try:
-                value = _train_head(config, features, params, trial)
+                value = _train_head(config, features, trainer, params, trial, epoch_metrics)
             except optuna.TrialPruned as exc:
                 pruned = exc  # raised after the run closes: a pruned trial is a finished run, not a failed one
             except BaseException:
                 mlflow.set_tag("state", STATE_TAGS[TrialState.FAIL])
                 raise
             finally:
-                mlflow.flush_async_logging()  # the per-epoch metrics are logged asynchronously
+                epoch_metrics.flush()  # also the epochs of a trial the pruner stopped
             if pruned is not None:
                 state = TrialState.PRUNED
             else:  # Optuna fails a trial whose value is NaN (e.g. AUC of a one-class validation split)
