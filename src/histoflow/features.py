@@ -2,9 +2,9 @@
 
 With a frozen backbone the fusion head only ever sees the three pooled tap vectors
 (``fusion{i}_gap``), so tuning computes them once per data/backbone setting and trains the head
-alone on the cached vectors: a trial then costs about a second instead of a pass through the backbone per
-epoch. Once the backbone is gone, most of what is left of a trial is TensorFlow tracing the new
-head's training step, so trials share one traced head (HeadTrainer).
+alone on the cached vectors instead of passing every image through the backbone every epoch. What
+is then left of a trial is mostly tracing a new head's training step (~2 s on a CPU, twice the
+training), so trials share traced heads (HeadTrainer) and one costs about a second.
 
 Augmentation: ``augment=seed`` caches the three fixed copies of each training image (original,
 rot90+flip, rot180+flip), as training sees them. ``augment=random`` draws a new transform every
