@@ -51,3 +51,24 @@ def test_mlproject_defaults_match_the_config():
             expected = make_config(variant, **{name: str(spec["default"])})
             assert getattr(expected, name) == getattr(config, name), (variant, name)
             assert f"{{{name}}}" in entry["command"], (variant, name)
+
+
+def test_conda_yaml_describes_the_pyproject_environment():
+    """Users with conda get the environment the tests ran in: every runtime requirement, at a version
+    pyproject allows."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())["dependencies"]
+    python = next(d for d in conda if isinstance(d, str) and d.startswith("python="))
+    assert Version(python.split("=")[1]) in Requirement(f"python{project['requires-python']}").specifier
+    pinned = {Requirement(line).name: Requirement(line) for d in conda if isinstance(d, dict)
+              for line in d["pip"] if not line.startswith("-")}
+    for line in project["dependencies"]:
+        required = Requirement(line)
+        assert required.name in pinned, f"conda.yaml lacks {required.name}"
+        pins = [s.version for s in pinned[required.name].specifier if s.operator == "=="]
+        assert all(Version(v) in required.specifier for v in pins), (required, pinned[required.name])
