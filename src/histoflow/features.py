@@ -225,8 +225,6 @@ class VariableRateDropout(keras.layers.Layer):
 def _pad_to(narrow: np.ndarray, shape: tuple[int, ...], fill: float, blocks: int = 1) -> np.ndarray:
     """`narrow` in the leading corner of an array of `shape` (of its first axis, `blocks` equal parts each)."""
     wide = np.full(shape, fill, dtype=narrow.dtype)
-    if narrow.ndim == 0:
-        return narrow
     rows, wide_rows = narrow.shape[0] // blocks, shape[0] // blocks
     for b in range(blocks):
         target = (slice(b * wide_rows, b * wide_rows + rows),) + tuple(slice(0, n) for n in narrow.shape[1:])
