@@ -20,7 +20,6 @@ import base64
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,20 +44,21 @@ def free_port() -> int:
 
 def train_model(data_dir: str, image_size: int, tmp: str) -> tuple[str, str, str, str]:
     """A small real model (1 epoch on 200 images): returns (pyfunc uri, keras-flavor uri, .keras path, image)."""
-    from histoflow import registry, train
-    from histoflow.config import make_config
+    from histoflow.modeling import training_run
+    from histoflow.modeling.variants import make_train_config
+    from histoflow.registry.selection import classifier_uri, keras_artifact, run_split
 
-    config = make_config("baseline", data_dir=data_dir, max_images=200, epochs=1, image_size=image_size,
-                         gradcam_per_class=1, experiment="bench-serve")
-    run = mlflow.get_run(train.run(config))
-    classifier = registry.classifier_uri(run)
+    config = make_train_config("baseline", data_dir=data_dir, max_images=200, epochs=1, image_size=image_size,
+                               gradcam_per_class=1, experiment="bench-serve")
+    run = mlflow.get_run(training_run.run(config))
+    classifier = classifier_uri(run)
     keras_model = f"models:/{run.outputs.model_outputs[0].model_id}"
-    _, split, _ = registry.run_split(run)
+    _, split, _ = run_split(run)
     # The typical file: median size among the test images (most BreakHis files are 224x224 copies; a few
     # are 700x460 originals, which cost ~4x more to decode).
     test = sorted(split.loc[split["split"] == "test", "path"], key=lambda p: Path(p).stat().st_size)
     image = test[len(test) // 2]
-    keras_path = registry._keras_artifact(run.info.run_id)
+    keras_path = keras_artifact(run.info.run_id)
     return classifier, keras_model, keras_path, image
 
 
@@ -126,7 +126,7 @@ def main() -> None:
     env = {**os.environ}
     classifier, keras_model, keras_path, image = train_model(args.data_dir, args.image_size, tmp)
     b64 = base64.b64encode(Path(image).read_bytes()).decode()
-    from histoflow.preprocessing import preprocess_bytes
+    from histoflow.data.images import preprocess_bytes
 
     tensor = preprocess_bytes(Path(image).read_bytes(), args.image_size)[None].tolist()
     bodies = {"histoflow": json.dumps({"inputs": [b64]}).encode(),

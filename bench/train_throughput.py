@@ -23,10 +23,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import mlflow  # noqa: E402
 
-from histoflow import train  # noqa: E402
-from histoflow.config import make_config  # noqa: E402
-from histoflow.pipeline import augmented_size  # noqa: E402
-from histoflow.training import EpochMetrics, fit, set_seeds  # noqa: E402
+from histoflow.data.pipeline import augmented_size  # noqa: E402
+from histoflow.data.step import prepare_data  # noqa: E402
+from histoflow.modeling import training_run  # noqa: E402
+from histoflow.modeling.fitting import EpochMetrics, fit, set_seeds  # noqa: E402
+from histoflow.modeling.variants import make_train_config  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -42,7 +43,7 @@ class EpochTimer(keras.callbacks.Callback):
 
 def measure(config, datasets, n_train: int, tracked: bool, epochs: int) -> float:
     set_seeds(config.seed)
-    model = train.build(config)
+    model = training_run.build(config)
     train_ds, val_ds, _ = datasets
     timer = EpochTimer()
     if tracked:
@@ -73,11 +74,11 @@ def main() -> None:
         extra = {"weights": "none"} if variant == "densenet" else {}
         if variant == "transfer":
             extra = {"weights": args.transfer_weights}
-        config = make_config(variant, data_dir=args.data_dir, max_images=args.max_images,
-                             image_size=args.image_size, batch_size=32, **extra)
-        _, frame = train.prepare_data(config)
-        datasets = train._datasets(config, frame)
-        n_train = augmented_size(int((frame["split"] == "train").sum()), config.augment)
+        config = make_train_config(variant, data_dir=args.data_dir, max_images=args.max_images,
+                                   image_size=args.image_size, batch_size=32, **extra)
+        prepared = prepare_data(config)
+        datasets = training_run.datasets(config, prepared)
+        n_train = augmented_size(len(prepared.rows("train")), config.augment)
         bare, tracked = [], []
         for repeat in range(args.repeats):
             order = (False, True) if repeat % 2 == 0 else (True, False)

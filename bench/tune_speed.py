@@ -7,7 +7,7 @@ validation AUC of the epoch early stopping keeps), each trial a nested MLflow ru
 
   cached  histoflow's `tune`: the frozen backbone's pooled tap features are extracted once (included
           in the budget: a cold cache) and each trial trains only the fusion head on them, on a
-          head compiled once per width bucket (histoflow.features.HeadTrainer);
+          head compiled once per width bucket (histoflow.tuning.head_trainer.HeadTrainer);
   naive   each trial builds the full model (the same frozen backbone and head) and trains it on the
           images, so the backbone's forward pass is recomputed for every image of every epoch.
 
@@ -35,9 +35,11 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from optuna_integration import KerasPruningCallback  # noqa: E402
 
-from histoflow import train, tuning  # noqa: E402
-from histoflow.features import load_or_extract  # noqa: E402
-from histoflow.training import EpochMetrics, fit, set_seeds  # noqa: E402
+from histoflow.data.step import prepare_data  # noqa: E402
+from histoflow.modeling import training_run  # noqa: E402
+from histoflow.modeling.fitting import EpochMetrics, fit, set_seeds  # noqa: E402
+from histoflow.tuning import study as tuning  # noqa: E402
+from histoflow.tuning.feature_cache import load_or_extract  # noqa: E402
 
 METRIC = "val_auc"
 
@@ -53,10 +55,10 @@ def naive_objective(config: tuning.TuneConfig, datasets):
     t = config.train
 
     def run_trial(trial: optuna.Trial) -> float:
-        params = tuning.suggest(trial)
+        params = config.space.suggest(trial)
         keras.backend.clear_session()
         set_seeds(t.seed)
-        model = train.build(replace(t, freeze_backbone=True, **params))
+        model = training_run.build(replace(t, unfrozen_blocks=0, **params))
         epoch_metrics = EpochMetrics(batched=True)  # logged as the cached trials log theirs
         with mlflow.start_run(run_name=f"naive-{trial.number}", nested=True):
             mlflow.log_params(params)
@@ -100,7 +102,8 @@ def main() -> None:
         "transfer", data_dir=args.data_dir, max_images=args.max_images, image_size=args.image_size,
         backbone=args.backbone, alpha=args.alpha, weights=args.weights, augment="none", seed=args.seed,
         trial_epochs=args.trial_epochs, cache_dir=f"{tmp}/cache")
-    dataset, frame = train.prepare_data(config.train)
+    prepared = prepare_data(config.train)
+    dataset, frame = prepared.dataset, prepared.frame
     counts = frame["split"].value_counts()
     print(f"{dataset.name}: {len(frame)} images (train {counts['train']}, val {counts['val']}), "
           f"{args.image_size} px, {args.backbone}, {args.trial_epochs} epochs per trial, budget {args.budget:.0f} s per mode")
@@ -108,14 +111,14 @@ def main() -> None:
     rows = []
     with mlflow.start_run(run_name="cached"):
         start = time.monotonic()
-        features = load_or_extract(config.train, dataset.digest, frame, config.cache_dir)
+        features = load_or_extract(config.train, prepared, config.cache_dir)
         setup = time.monotonic() - start
         cached = study(args.seed)
         cached.optimize(tuning.objective(config, features, "bench-cached"), timeout=max(1.0, args.budget - setup))
         rows.append(summarise("cached features", cached, time.monotonic() - start, setup))
     with mlflow.start_run(run_name="naive"):
         start = time.monotonic()
-        datasets = train._datasets(config.train, frame)
+        datasets = training_run.datasets(config.train, prepared)
         setup = time.monotonic() - start
         naive = study(args.seed)
         naive.optimize(naive_objective(config, datasets), timeout=max(1.0, args.budget - setup))

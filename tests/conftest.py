@@ -36,6 +36,8 @@ def _seed_keras_home() -> Path:
 
 
 KERAS_HOME = _seed_keras_home()
+# Fixtures of wider scope start outside any test's own folder (below): this one, not the working tree.
+os.chdir(tempfile.mkdtemp(prefix="histoflow-tests-"))
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +66,13 @@ def isolated_experiment():
     forget_experiment()
     yield
     forget_experiment()
+
+
+@pytest.fixture(autouse=True)
+def outside_the_repository(tmp_path, monkeypatch):
+    """Every test runs in its own temporary folder: relative defaults (./mlruns of a new MLflow store,
+    optuna.db, outputs/) land there, never in the working tree."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -110,8 +119,8 @@ def tiny_store(tmp_path_factory):
     """
     import mlflow
 
-    from histoflow import train
-    from histoflow.config import make_config
+    from histoflow.modeling import training_run
+    from histoflow.modeling.variants import make_train_config
 
     root = tmp_path_factory.mktemp("registry-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -121,9 +130,9 @@ def tiny_store(tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     runs = {}
     for variant in ("baseline", "augmented"):
-        config = make_config(variant, data_dir=str(BREAKHIS), max_images=60, epochs=1, image_size=32,
-                             batch_size=16, gradcam_per_class=1, experiment="tiny")
-        runs[variant] = train.run(config)
+        config = make_train_config(variant, data_dir=str(BREAKHIS), max_images=60, epochs=1, image_size=32,
+                                   batch_size=16, gradcam_per_class=1, experiment="tiny")
+        runs[variant] = training_run.run(config)
     mp.undo()
     forget_experiment()
     return root, uri, runs
@@ -142,18 +151,32 @@ def use_store(tiny_store, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def classifier(tiny_store):
-    """The baseline run's serving pyfunc (models:/m-...) and the run's test images."""
+def registered_classifier(tiny_store) -> str:
+    """The baseline run's serving pyfunc as MLflow names it (models:/m-...), in the tiny store."""
     import mlflow
 
-    from histoflow import registry
+    from histoflow.registry.selection import classifier_uri
 
     _, uri, runs = tiny_store
     mlflow.set_tracking_uri(uri)
-    run = mlflow.get_run(runs["baseline"])
-    model_uri = registry.classifier_uri(run)
-    _, split, _ = registry.run_split(run)
-    return model_uri, split
+    return classifier_uri(mlflow.get_run(runs["baseline"]))
+
+
+@pytest.fixture(scope="session")
+def classifier(tiny_store, registered_classifier):
+    """The baseline run's serving pyfunc and the run's test images.
+
+    The model is a local folder, a copy of the logged model: it loads whatever store a test points at.
+    """
+    import mlflow
+
+    from histoflow.registry.selection import run_split
+
+    root, uri, runs = tiny_store
+    mlflow.set_tracking_uri(uri)
+    model_dir = mlflow.artifacts.download_artifacts(registered_classifier, dst_path=str(root / "classifier"))
+    _, split, _ = run_split(mlflow.get_run(runs["baseline"]))
+    return model_dir, split
 
 
 def wait_for(url: str, process, timeout: float = 120.0) -> None:
@@ -187,19 +210,20 @@ def _postgres_superuser(sql: str) -> None:
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
 
 
-def _start_postgres() -> None:
-    if shutil.which("pg_ctlcluster") is None:
-        pytest.fail("PostgreSQL is not installed (no pg_ctlcluster): the distributed tuning tests need a local "
-                    "server; install it with `apt-get install postgresql` (.ci/run does)")
-    clusters = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True, check=True).stdout.split()
-    if not clusters:
-        newest = max(Path("/usr/lib/postgresql").iterdir(), key=lambda p: int(p.name)).name
-        subprocess.run(["pg_createcluster", newest, "main", "--start"], check=True, capture_output=True)
-        return
-    version, name = clusters[:2]
-    started = subprocess.run(["pg_ctlcluster", version, name, "start"], capture_output=True, text=True)
-    if started.returncode != 0 and "already running" not in started.stdout + started.stderr:
-        pytest.fail(f"cannot start PostgreSQL {version}/{name}: {started.stdout}{started.stderr}")
+def _require_postgres() -> None:
+    """Skip, saying why, unless a PostgreSQL server answers on 127.0.0.1:5432 (.ci/run starts one)."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
+    except OSError as exc:
+        pytest.skip(f"PostgreSQL is not running on 127.0.0.1:5432 ({exc}); start it (pg_ctlcluster 15 main start, "
+                    "as .ci/run does) to run the tests that need it")
+    try:
+        _postgres_superuser("SELECT 1")
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"PostgreSQL runs, but its superuser cannot be reached through the postgres account ({exc}); "
+                    "the tests create their own role and database with it")
 
 
 @pytest.fixture(scope="session")
@@ -211,7 +235,7 @@ def postgres_url():
     """
     import sqlalchemy
 
-    _start_postgres()
+    _require_postgres()
     _postgres_superuser(
         f"DO $$ BEGIN CREATE ROLE {POSTGRES_ROLE} LOGIN CREATEDB PASSWORD '{POSTGRES_PASSWORD}'; "
         "EXCEPTION WHEN duplicate_object THEN NULL; END $$")

@@ -1,74 +1,52 @@
-from pathlib import Path
+"""Typed settings from strings: one boolean parser and one coercion for every command and file."""
+
+import os
+from dataclasses import dataclass
 
 import pytest
-import yaml
 
-from histoflow.config import VARIANTS, make_config
+from histoflow.config import coerce, find_file, from_params, parse_bool, read_yaml
 from histoflow.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+
+@pytest.mark.parametrize("text,value", [("true", True), ("TRUE", True), ("1", True), ("yes", True), ("on", True),
+                                        ("false", False), ("0", False), ("No", False), ("off", False)])
+def test_one_boolean_parser(text, value):
+    assert parse_bool("flag", text) is value
+    assert coerce("flag", text, bool) is value
 
 
-def test_variant_defaults_follow_the_reports():
-    baseline = make_config("baseline")
-    assert (baseline.learning_rate, baseline.dropout, baseline.augment) == (1e-3, 0.5, "none")
-    assert make_config("augmented").augment == "seed"
-    densenet = make_config("densenet")
-    assert (densenet.backbone, densenet.learning_rate, densenet.dropout, densenet.fusion_width) == (
-        "densenet121", 1e-5, 0.45, 64)
-    assert densenet.weights == "imagenet" and densenet.image_size == 128 and densenet.batch_size == 64
-    assert make_config("transfer").backbone == "mobilenet"
+def test_coerce_numbers_as_mlflow_projects_passes_them():
+    assert coerce("n", "3.0", int) == 3 and coerce("n", 7, int) == 7 and coerce("x", "1e-4", float) == 1e-4
+    for bad, kind in (("2.5", int), ("1e400", int), ("ten", float), ("maybe", bool)):
+        with pytest.raises(ConfigError, match="parameter n must be"):
+            coerce("n", bad, kind)
 
 
-def test_string_parameters_are_coerced():
-    config = make_config("densenet", epochs="3.0", freeze_backbone="true", learning_rate="1e-4",
-                         max_images="100")
-    assert (config.epochs, config.freeze_backbone, config.learning_rate, config.max_images) == (3, True, 1e-4, 100)
+@dataclass(frozen=True)
+class Example:
+    size: int = 8
+    rate: float = 0.5
+    name: str = "a"
+    limit: float | None = None
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"dropout": "1.5"}, "dropout"),
-    ({"learning_rate": "0"}, "learning_rate"),
-    ({"epochs": "many"}, "epochs must be an integer"),
-    ({"split": "random"}, "split must be"),
-    ({"augment": "mixup"}, "augment must be"),
-    ({"class_weight": "auto"}, "class_weight"),
-    ({"backbone": "vgg16"}, "densenet variant"),
-    ({"colour": "blue"}, "unknown parameter"),
-    ({"freeze_backbone": "maybe"}, "freeze_backbone must be true or false"),
-])
-def test_bad_parameters_are_rejected_with_a_message(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        make_config("densenet", **overrides)
+def test_from_params_applies_given_values_and_names_unknown_ones():
+    assert from_params(Example, {"size": "16", "rate": "", "limit": "0.25"}) == Example(size=16, limit=0.25)
+    with pytest.raises(ConfigError, match="unknown parameter 'colour'; known: limit, name, rate, size"):
+        from_params(Example, {"colour": "red"})
 
 
-def test_mlproject_defaults_match_the_config():
-    project = yaml.safe_load((REPO / "MLproject").read_text())
-    for variant in VARIANTS:
-        entry = project["entry_points"][variant]
-        config = make_config(variant)
-        for name, spec in entry["parameters"].items():
-            expected = make_config(variant, **{name: str(spec["default"])})
-            assert getattr(expected, name) == getattr(config, name), (variant, name)
-            assert f"{{{name}}}" in entry["command"], (variant, name)
-
-
-def test_conda_yaml_describes_the_pyproject_environment():
-    """Users with conda get the environment the tests ran in: every runtime requirement, at a version
-    pyproject allows."""
-    import tomllib
-
-    from packaging.requirements import Requirement
-    from packaging.version import Version
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    conda = yaml.safe_load((REPO / "conda.yaml").read_text())["dependencies"]
-    python = next(d for d in conda if isinstance(d, str) and d.startswith("python="))
-    assert Version(python.split("=")[1]) in Requirement(f"python{project['requires-python']}").specifier
-    pinned = {Requirement(line).name: Requirement(line) for d in conda if isinstance(d, dict)
-              for line in d["pip"] if not line.startswith("-")}
-    for line in project["dependencies"]:
-        required = Requirement(line)
-        assert required.name in pinned, f"conda.yaml lacks {required.name}"
-        pins = [s.version for s in pinned[required.name].specifier if s.operator == "=="]
-        assert all(Version(v) in required.specifier for v in pins), (required, pinned[required.name])
+def test_files_are_found_from_the_working_folder_or_the_project(tmp_path):
+    # The tests run in a temporary folder: the project's own files are found through the project root.
+    assert find_file("registry/gate.yaml", "promotion policy").is_file()
+    (tmp_path / "mine.yaml").write_text("a: 1\n")
+    assert read_yaml("mine.yaml", "example") == {"a": 1} and os.getcwd() == str(tmp_path)
+    with pytest.raises(ConfigError, match="example file nothing.yaml not found"):
+        find_file("nothing.yaml", "example")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        read_yaml("list.yaml", "example")
+    (tmp_path / "broken.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        read_yaml("broken.yaml", "example")

@@ -15,14 +15,15 @@ import pytest
 import requests
 
 from conftest import REPO, wait_for
-from histoflow.serving import encode_file
+from histoflow.serving.requests import encode_file
 
+pytestmark = pytest.mark.slow  # generates the build context and starts the image's server
 CONTAINER_PORT = 8000  # the scoring server behind the image's nginx (which listens on 8080)
 
 
 @pytest.fixture(scope="module")
-def build_dir(classifier, tiny_store, tmp_path_factory):
-    model_uri, _ = classifier
+def build_dir(registered_classifier, tiny_store, tmp_path_factory):
+    model_uri = registered_classifier
     _, uri, _ = tiny_store
     out = tmp_path_factory.mktemp("docker") / "build"
     subprocess.run(["bash", str(REPO / "docker" / "generate_dockerfile.sh"), model_uri, str(out)], check=True,
@@ -41,8 +42,8 @@ def test_generated_dockerfile_bakes_the_model_in(build_dir):
     assert entrypoint == ["python", "-c", "from mlflow.models import container as C; C._serve('local')"]
     model_dir = build_dir / "model_dir"
     assert any(p.suffix == ".keras" for p in (model_dir / "artifacts").iterdir())
-    assert (model_dir / "code" / "histoflow" / "preprocessing.py").is_file()
-    assert (model_dir / "serving_model.py").is_file()
+    assert (model_dir / "code" / "histoflow" / "data" / "images.py").is_file()  # the training preprocessing
+    assert (model_dir / "model_code.py").is_file()
     requirements = (model_dir / "requirements.txt").read_text()
     assert re.search(r"^tensorflow(-cpu)?==", requirements, re.M) and "pillow==" in requirements
 

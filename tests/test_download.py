@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import socket
 import tarfile
 import threading
@@ -13,8 +14,8 @@ import zipfile
 import pytest
 
 from conftest import BREAKHIS, IDC, idc_patient_dirs, run_cli
-from histoflow.datasets import discover
-from histoflow.download import download, ensure_dataset
+from histoflow.data.discovery import discover
+from histoflow.data.download import MARKER, download, download_state, ensure_dataset
 from histoflow.errors import DataError
 
 
@@ -89,3 +90,33 @@ def test_offline_fails_at_once_saying_where_to_put_the_data(tmp_path, monkeypatc
 def test_truncated_archive_is_rejected(server, tmp_path):
     with pytest.raises(DataError, match="corrupt or truncated"):
         download("breakhis", tmp_path / "b", url=f"{server}/truncated.tar.gz")
+
+
+def test_an_interrupted_download_is_redone_not_trained_on(server, tmp_path, monkeypatch):
+    """A killed download leaves part of the archive or of the images; the next run must not take that for
+    the dataset (nor trip over the leftover partial file), but download again."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HISTOFLOW_BREAKHIS_URL", f"{server}/BreaKHis_v1.tar.gz")
+    complete = ensure_dataset("data/breakhis")
+    expected = sorted(str(p.relative_to(complete)) for p in complete.rglob("*.png"))
+    # As a process killed half-way through extraction leaves it: half the images, the marker still
+    # saying incomplete, and a partial archive.
+    for image in sorted(complete.rglob("*.png"))[::2]:
+        image.unlink()
+    (complete / MARKER).write_text(json.dumps({"state": "incomplete", "dataset": "breakhis"}))
+    (complete / "BreaKHis_v1.tar.gz.partial").write_bytes(b"\x1f\x8b half an archive")
+    again = ensure_dataset("data/breakhis")
+    assert sorted(str(p.relative_to(again)) for p in again.rglob("*.png")) == expected
+    assert not list(again.glob("*.partial")) and download_state(again)["state"] == "complete"
+    assert download_state(again)["images"] == len(expected)
+
+
+def test_download_never_writes_into_a_folder_of_someone_elses(server, tmp_path):
+    mine = tmp_path / "slides"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own files\n")
+    with pytest.raises(DataError, match="is not empty and holds no download of histoflow's"):
+        download("breakhis", mine, url=f"{server}/BreaKHis_v1.tar.gz")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # A folder the user filled by hand (no marker) is used as it is, never downloaded over.
+    assert ensure_dataset(mine) == mine

@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import BREAKHIS, IDC, REPO, idc_patient_dirs
-from histoflow.evaluation import METRIC_NAMES
-from histoflow.pipeline import make_dataset
-from histoflow.splits import patient_overlap
+from histoflow.data.pipeline import make_dataset
+from histoflow.data.splits import patient_overlap
+from histoflow.modeling.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.slow
 COMMON = {"max_images": 100, "epochs": 1, "batch_size": 16, "gradcam_per_class": 2}
@@ -134,17 +134,22 @@ def test_compare_entry_point_tabulates_every_variant(runs, store):
     assert len(compare_run) == 1
 
 
-def test_registry_entry_points_register_promote_and_predict(runs, store):
-    def project(entry_point: str, **parameters):
-        submitted = mlflow.projects.run(str(REPO), entry_point=entry_point, parameters=parameters,
-                                        env_manager="local", experiment_name=EXPERIMENT, synchronous=True)
-        return MlflowClient().get_run(submitted.run_id)
+def _project(entry_point: str, **parameters):
+    submitted = mlflow.projects.run(str(REPO), entry_point=entry_point, parameters=parameters,
+                                    env_manager="local", experiment_name=EXPERIMENT, synchronous=True)
+    return MlflowClient().get_run(submitted.run_id)
 
+
+def test_registry_entry_points_register_promote_and_predict(runs, store):
+    project = _project
     project("register", metric="validation_accuracy", name="project-model")
     best = max(runs.values(), key=lambda r: r.data.metrics["validation_accuracy"])
     version = MlflowClient().get_model_version_by_alias("project-model", "challenger")
     assert version.tags["run_id"] == best.info.run_id
-    project("promote", name="project-model", min_balanced_accuracy=0.0, max_images=20)
+    # "0" is logged by `mlflow run` as given; promote must not try to log 0.0 over it (MLflow refuses the change).
+    promoted = project("promote", name="project-model", min_balanced_accuracy="0", max_images="20")
+    assert promoted.data.params["min_balanced_accuracy"] == "0" and promoted.data.params["min_recall"] == "0.0"
+    assert promoted.data.params["policy"].endswith("registry/gate.yaml")
     assert MlflowClient().get_model_version_by_alias("project-model", "champion").version == version.version
     folder = store / "to-score"
     folder.mkdir()

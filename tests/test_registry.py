@@ -10,12 +10,21 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import BREAKHIS, IDC
-from histoflow import registry
-from histoflow.errors import ConfigError
-from histoflow.registry import Gate, RegistryError
+from conftest import BREAKHIS, IDC, idc_patient_dirs
+from histoflow.errors import ConfigError, DataError
+from histoflow.registry.aliases import register, rollback
+from histoflow.registry.policy import Gate, load_policy
+from histoflow.registry.promotion import promote
+from histoflow.registry.selection import RegistryError, best_run
+from histoflow.serving.batch_predict import batch_predict
 
 NAME = "histoflow-test"
+POLICY = load_policy()
+ALIASES = POLICY.aliases
+
+
+def _policy(**thresholds):
+    return load_policy(**thresholds)
 
 
 def _aliases(name: str) -> dict[str, str]:
@@ -24,51 +33,96 @@ def _aliases(name: str) -> dict[str, str]:
 
 def test_selection_uses_validation_metrics_only(use_store):
     with pytest.raises(ConfigError, match="validation metric"):
-        registry.best_run("tiny", metric="test_roc_auc")
+        best_run("tiny", metric="test_roc_auc")
     with pytest.raises(RegistryError, match="no experiment"):
-        registry.best_run("no-such-experiment")
+        best_run("no-such-experiment")
     _, _, runs = use_store
-    best = registry.best_run("tiny", metric="validation_accuracy")
+    best = best_run("tiny", metric="validation_accuracy")
     scores = {v: mlflow.get_run(r).data.metrics["validation_accuracy"] for v, r in runs.items()}
     assert best.data.metrics["validation_accuracy"] == max(scores.values())
 
 
 def test_gate_thresholds():
-    gate = Gate(min_balanced_accuracy_gain=0.02, max_recall_drop=0.01)
+    gate = _policy(min_balanced_accuracy_gain=0.02, max_recall_drop="0.01").gate
     first = gate.thresholds(None)
     assert first["balanced_accuracy"].threshold == 0.5 and first["recall_score"].threshold == 0.0
     against = gate.thresholds({"balanced_accuracy": 0.8, "recall_score": 0.9})
     assert against["balanced_accuracy"].min_absolute_change == 0.02
     assert against["recall_score"].threshold == pytest.approx(0.89)
-    no_drop = Gate().thresholds({"balanced_accuracy": 0.8, "recall_score": 0.9})
+    no_drop = POLICY.gate.thresholds({"balanced_accuracy": 0.8, "recall_score": 0.9})
     assert no_drop["balanced_accuracy"].threshold == 0.8 and no_drop["recall_score"].threshold == 0.9
     with pytest.raises(ConfigError, match="max_recall_drop"):
-        Gate(max_recall_drop=2)
+        _policy(max_recall_drop=2)
+    with pytest.raises(ConfigError, match="unknown threshold 'min_auc'"):
+        _policy(min_auc=0.9)
+
+
+def test_the_policy_file_sets_the_gate_and_the_aliases(tmp_path):
+    """The project's registry/gate.yaml is what promote applies; another file changes the gate and the names."""
+    assert POLICY.source.endswith("registry/gate.yaml")
+    assert POLICY.gate == Gate(min_balanced_accuracy=0.5, min_recall=0.0, min_balanced_accuracy_gain=0.0,
+                               max_recall_drop=0.0)
+    assert (ALIASES.challenger, ALIASES.champion, ALIASES.previous) == ("challenger", "champion", "previous")
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("thresholds:\n  min_balanced_accuracy: 0.8\n  min_recall: 0.95\n"
+                      "  min_balanced_accuracy_gain: 0.01\n  max_recall_drop: 0.0\n"
+                      "aliases: {challenger: candidate, champion: production, previous: last-production}\n")
+    policy = load_policy(str(strict), min_recall="0.9")  # a parameter wins over the file
+    assert (policy.gate.min_balanced_accuracy, policy.gate.min_recall) == (0.8, 0.9)
+    assert policy.aliases.champion == "production"
+    assert policy.gate.thresholds(None)["balanced_accuracy"].threshold == 0.8
+    for bad, message in [("thresholds: {min_recall: 0.5}\naliases: {challenger: a, champion: b, previous: c}\n",
+                          "thresholds must set exactly"),
+                         ("thresholds: {min_balanced_accuracy: 2, min_recall: 0, min_balanced_accuracy_gain: 0, "
+                          "max_recall_drop: 0}\naliases: {challenger: a, champion: b, previous: c}\n",
+                          "min_balanced_accuracy must be in 0..1"),
+                         ("gate: {}\n", "unknown section 'gate'")]:
+        strict.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            load_policy(str(strict))
+
+
+def test_promotion_follows_an_edited_policy_file(use_store, tmp_path):
+    name = NAME + "-policy"
+    policy_file = tmp_path / "gate.yaml"
+    policy_file.write_text("thresholds:\n  min_balanced_accuracy: 1.0\n  min_recall: 1.0\n"
+                           "  min_balanced_accuracy_gain: 0.0\n  max_recall_drop: 0.0\n"
+                           "aliases: {challenger: candidate, champion: production, previous: before}\n")
+    policy = load_policy(str(policy_file))
+    register("tiny", "validation_roc_auc", name, policy.aliases)
+    assert _aliases(name) == {"candidate": _aliases(name)["candidate"]}
+    record = promote(name, policy)
+    if record["metrics"]["challenger"]["balanced_accuracy"] < 1.0:  # a 1-epoch model at 32 px: not perfect
+        assert record["decision"] == "rejected" and "production" not in _aliases(name)
+    policy_file.write_text(policy_file.read_text().replace("1.0", "0.0"))
+    record = promote(name, load_policy(str(policy_file)))
+    assert record["decision"] == "promoted" and record["policy"] == str(policy_file)
+    assert _aliases(name)["production"] == _aliases(name)["candidate"]
 
 
 def test_register_promote_reject_promote_rollback(use_store):
     client = MlflowClient()
     with pytest.raises(RegistryError, match="register"):
-        registry.promote(NAME)
+        promote(NAME, POLICY)
 
-    first = registry.register("tiny", metric="validation_roc_auc", name=NAME)
+    first = register("tiny", "validation_roc_auc", NAME, ALIASES)
     assert _aliases(NAME) == {"challenger": first.version}
     assert first.tags["split_mode"] == "patient" and len(first.tags["dataset.digest"]) == 16
-    assert first.tags["run_id"] == registry.best_run("tiny", "validation_roc_auc").info.run_id
+    assert first.tags["run_id"] == best_run("tiny", "validation_roc_auc").info.run_id
     assert "metric.validation_roc_auc" in first.tags and "selected by validation_roc_auc" in first.description
     served = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
     assert served.metadata.get_input_schema().input_names() == ["image"]
 
     # No champion yet: the challenger becomes champion (absolute floors only).
-    record = registry.promote(NAME, Gate(min_balanced_accuracy=0.0))
+    record = promote(NAME, _policy(min_balanced_accuracy=0.0))
     assert record["decision"] == "promoted" and record["champion_version"] is None
     assert _aliases(NAME)["champion"] == first.version
     assert set(record["metrics"]["challenger"]) >= {"balanced_accuracy", "recall_score", "accuracy_score"}
 
     # A new challenger that must improve balanced accuracy by more than is possible: rejected.
-    second = registry.register("tiny", metric="validation_roc_auc", name=NAME)
+    second = register("tiny", "validation_roc_auc", NAME, ALIASES)
     assert second.version != first.version
-    record = registry.promote(NAME, Gate(min_balanced_accuracy=0.0, min_balanced_accuracy_gain=1.0))
+    record = promote(NAME, _policy(min_balanced_accuracy=0.0, min_balanced_accuracy_gain=1.0))
     assert record["decision"] == "rejected" and "balanced_accuracy" in record["reason"]
     assert _aliases(NAME)["champion"] == first.version  # unchanged
     tags = client.get_model_version(NAME, second.version).tags
@@ -78,25 +132,37 @@ def test_register_promote_reject_promote_rollback(use_store):
     assert decision["metrics"]["champion"] and decision["decision"] == "rejected"
 
     # Same challenger, a gate it meets (recall may drop by up to 1, no floors): promoted, old one kept.
-    record = registry.promote(NAME, Gate(min_balanced_accuracy=0.0, max_recall_drop=1.0))
+    record = promote(NAME, _policy(min_balanced_accuracy=0.0, max_recall_drop=1.0))
     assert record["decision"] == "promoted"
     assert _aliases(NAME) == {"challenger": second.version, "champion": second.version,
                               "previous": first.version}
     with pytest.raises(RegistryError, match="already"):
-        registry.promote(NAME)
+        promote(NAME, POLICY)
 
-    assert registry.rollback(NAME) == first.version
+    assert rollback(NAME, ALIASES) == first.version
     assert _aliases(NAME)["champion"] == first.version and "previous" not in _aliases(NAME)
     assert client.get_model_version(NAME, second.version).tags["rolled_back"] == "true"
     with pytest.raises(RegistryError, match="no @previous"):
-        registry.rollback(NAME)
+        rollback(NAME, ALIASES)
 
 
-def test_promote_on_a_given_folder(use_store):
+def test_promote_on_a_given_folder_of_the_models_classes(use_store, tmp_path):
     name = NAME + "-folder"
-    registry.register("tiny", name=name)
-    record = registry.promote(name, Gate(min_balanced_accuracy=0.0), data_dir=str(IDC), max_images=30)
-    assert "30 images" in record["evaluation_data"] and record["positive_class"] == "IDC"
+    register("tiny", "validation_roc_auc", name, ALIASES)
+    folder = tmp_path / "breakhis"
+    _breakhis_subset(folder, per_class=2)
+    record = promote(name, _policy(min_balanced_accuracy=0.0), data_dir=str(folder), max_images=30)
+    assert "30 images" in record["evaluation_data"] and record["positive_class"] == "malignant"
+
+
+def test_promote_refuses_images_of_other_classes(use_store):
+    """BreaKHis models (benign/malignant) scored on IDC patches (non-IDC/IDC) would give meaningless metrics."""
+    name = NAME + "-classes"
+    register("tiny", "validation_roc_auc", name, ALIASES)
+    with pytest.raises(DataError, match=r"classifies \['benign', 'malignant'\], but the evaluation images .* are "
+                                        r"\['non-IDC', 'IDC'\]"):
+        promote(name, _policy(min_balanced_accuracy=0.0), data_dir=str(IDC), max_images=30)
+    assert ALIASES.champion not in _aliases(name)
 
 
 def _breakhis_subset(target, per_class: int = 1):
@@ -117,7 +183,7 @@ def test_batch_predict_writes_images_and_patients(use_store, classifier, tmp_pat
     model_uri, _ = classifier
     folder = tmp_path / "breakhis"
     patients = _breakhis_subset(folder)
-    scored = registry.batch_predict(model_uri, str(folder), str(tmp_path / "out"))
+    scored = batch_predict(model_uri, str(folder), str(tmp_path / "out"))
     written = pd.read_csv(tmp_path / "out" / "predictions.csv")
     files = [f for _, _, names in os.walk(folder, followlinks=True) for f in names if f.endswith(".png")]
     assert len(written) == len(scored) == len(files) > 0
@@ -129,7 +195,50 @@ def test_batch_predict_writes_images_and_patients(use_store, classifier, tmp_pat
     assert (summary["images"].sum()) == len(written)
     # Same answers as the model loaded in-process on the same files.
     model = mlflow.pyfunc.load_model(model_uri)
-    from histoflow.serving import encode_file
+    from histoflow.serving.requests import encode_file
 
     direct = model.predict(pd.DataFrame({"image": [encode_file(p) for p in written["path"][:5]]}))
     assert direct["label"].tolist() == written["label"][:5].tolist()
+
+
+def test_batch_predict_gives_each_patient_its_majority_label(use_store, classifier, tmp_path):
+    """IDC patients have patches of both classes: the patient's label is the majority of its patches' labels
+    (the evaluation's rule), whatever the order of the files. (The model here is a BreaKHis one: its calls
+    are benign/malignant, the folder's truth non-IDC/IDC, and no accuracy is claimed across the two.)"""
+    model_uri, _ = classifier
+    folder = tmp_path / "idc"
+    folder.mkdir()
+    chosen = {}
+    for patient in idc_patient_dirs(40):
+        counts = {c: len(list((patient / c).glob("*.png"))) for c in ("0", "1")}
+        # A patient whose first file (class folder 0 sorts first) is of the minority class.
+        if 0 < counts["0"] < counts["1"]:
+            (folder / patient.name).symlink_to(patient)
+            chosen[patient.name] = "IDC"
+        if len(chosen) == 2:
+            break
+    assert len(chosen) == 2
+    batch_predict(model_uri, str(folder), str(tmp_path / "out"))
+    patients = pd.read_csv(tmp_path / "out" / "patients.csv", dtype={"patient": str})
+    assert dict(zip(patients["patient"], patients["true_label"])) == chosen
+    scored = pd.read_csv(tmp_path / "out" / "predictions.csv", dtype={"patient": str})
+    for row in patients.itertuples():
+        mine = scored[scored["patient"] == row.patient]
+        assert row.images == len(mine)
+        assert row.mean_p_malignant == pytest.approx(mine["p_malignant"].mean())
+        assert row.label == ("malignant" if mine["p_malignant"].mean() >= 0.5 else "benign")
+    assert "patient_accuracy" not in mlflow.last_active_run().data.metrics
+
+
+def test_compare_without_training_runs_says_so(tracking_uri):
+    """An experiment holding only other runs (a data step, a study) has nothing to tabulate: a DataError
+    naming the experiment, not a KeyError from an empty table."""
+    from histoflow.registry.comparison import summary
+
+    experiment = MlflowClient().create_experiment("no-training")
+    MlflowClient().create_run(experiment, tags={"histoflow.step": "data"})
+    for dataset in ("", "breakhis"):
+        with pytest.raises(DataError, match="experiment 'no-training' has no finished training run"):
+            summary("no-training", dataset)
+    with pytest.raises(DataError, match="no experiment named 'absent'"):
+        summary("absent")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,8 +17,14 @@ import requests
 from PIL import Image
 
 from conftest import free_port, wait_for
-from histoflow.preprocessing import MAX_PIXELS
-from histoflow.serving import MAX_IMAGES_PER_REQUEST, RequestError, decode_request, encode_file
+from histoflow.data.images import MAX_PIXELS
+from histoflow.serving.requests import (
+    MAX_IMAGES_PER_REQUEST,
+    MAX_REQUEST_CHARS,
+    RequestError,
+    decode_request,
+    encode_file,
+)
 
 
 def _b64(data: bytes) -> str:
@@ -69,10 +75,23 @@ def test_decode_request_formats_and_errors(test_images):
             decode_request(bad)
 
 
+def test_the_size_limit_is_per_request_and_counts_raw_bytes(test_images):
+    """MAX_REQUEST_CHARS bounds all images of a request together, base64 strings and raw bytes alike."""
+    half = "A" * (MAX_REQUEST_CHARS // 2 + 4)  # each under the limit, together over it
+    with pytest.raises(RequestError, match=f"together \\(image 0 alone {len(half):,}\\), above the limit of "
+                                           f"{MAX_REQUEST_CHARS:,} per request"):
+        decode_request([half, half])
+    raw = b"\0" * (MAX_REQUEST_CHARS // 4 * 3 + 3)  # its base64 is just over the limit
+    with pytest.raises(RequestError, match="above the limit"):
+        decode_request([raw])
+    good = Path(test_images[0]).read_bytes()
+    assert decode_request([good, encode_file(test_images[0])])[0].shape == decode_request([good])[0].shape
+
+
 def test_pyfunc_matches_the_keras_model_with_training_preprocessing(classifier, test_images):
     import keras
 
-    from histoflow.pipeline import make_dataset
+    from histoflow.data.pipeline import make_dataset
 
     model_uri, split = classifier
     pyfunc = mlflow.pyfunc.load_model(model_uri)
@@ -172,7 +191,16 @@ def test_any_size_and_format(server):
     # Lossless formats of the same pixels give the same answer.
     lossless = [predictions[i]["probabilities"]["malignant"] for i in (0, 2, 3)]
     assert max(lossless) - min(lossless) < 1e-5
-    assert json.dumps(predictions)
+    for p in predictions:
+        assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
+        assert p["confidence"] == pytest.approx(max(p["probabilities"].values()))
+
+
+def test_in_process_requests_keep_the_size_limit_per_chunk(classifier):
+    model_uri, _ = classifier
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    with pytest.raises(RequestError, match="above the limit"):
+        pyfunc.predict(pd.DataFrame({"image": [b"\0" * (MAX_REQUEST_CHARS // 4 * 3 + 3)]}))
 
 
 def test_in_process_batches_are_chunked_not_refused(classifier, test_images):

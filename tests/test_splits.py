@@ -1,9 +1,9 @@
 import pytest
 
 from conftest import BREAKHIS, IDC
-from histoflow.datasets import discover
+from histoflow.data.discovery import discover
 from histoflow.errors import DataError
-from histoflow.splits import patient_overlap, split_dataset
+from histoflow.data.splits import patient_overlap, split_dataset
 
 
 @pytest.fixture(scope="module")

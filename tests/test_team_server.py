@@ -20,8 +20,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import BREAKHIS, IDC, free_port, postgres_database, wait_for
-from histoflow import registry, train, tuning
-from histoflow.config import make_config
+from histoflow.modeling import training_run
+from histoflow.modeling.variants import make_train_config
+from histoflow.registry.aliases import register
+from histoflow.registry.policy import load_policy
+from histoflow.registry.promotion import promote
+from histoflow.tuning import study as tuning
 
 BUCKET = "histoflow-artifacts"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "team-key", "AWS_SECRET_ACCESS_KEY": "team-secret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -71,6 +75,7 @@ def _keys(s3_url: str) -> list[str]:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
+@pytest.mark.slow
 def test_train_tune_and_promote_through_the_team_server(team_server, postgres_url, keras_home, tmp_path,
                                                          monkeypatch):
     uri, s3_url = team_server
@@ -80,15 +85,16 @@ def test_train_tune_and_promote_through_the_team_server(team_server, postgres_ur
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
 
-    trained = train.run(make_config("baseline", data_dir=str(BREAKHIS), max_images=60, epochs=1, image_size=32,
-                                    batch_size=16, gradcam_per_class=1, experiment="team"))
+    trained = training_run.run(make_train_config("baseline", data_dir=str(BREAKHIS), max_images=60, epochs=1,
+                                                 image_size=32, batch_size=16, gradcam_per_class=1, experiment="team"))
     study = tuning.run(tuning.make_tune_config(
         "transfer", data_dir=str(IDC), max_images=120, image_size=32, batch_size=16, backbone="mobilenet",
         alpha=0.75, weights="imagenet", epochs=1, gradcam_per_class=0, experiment="team", n_trials=2,
         trial_epochs=2, pruner="none", study_name="team-study", storage=postgres_database(postgres_url, "optuna"),
         cache_dir=str(tmp_path / "cache")))
-    version = registry.register("team", name=MODEL)
-    decision = registry.promote(MODEL)
+    policy = load_policy()
+    version = register("team", "validation_roc_auc", MODEL, policy.aliases)
+    decision = promote(MODEL, policy)
 
     client = MlflowClient()
     runs = [client.get_run(r) for r in (trained, study.parent_run_id, study.final_run_id)]

@@ -10,8 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BREAKHIS, postgres_database
 from histoflow import tracking
-from histoflow.config import make_config
-from histoflow.data_report import prepare_data
+from histoflow.data.settings import DataConfig
+from histoflow.data.step import SPLIT_TABLE, TABLE_COLUMNS, prepare_data
 
 WRITERS = 6
 
@@ -22,7 +22,8 @@ def test_the_same_dataset_logged_by_simultaneous_runs_is_linked_to_every_run(pos
     mlflow.set_tracking_uri(url)
     client = MlflowClient(url)
     experiment = client.create_experiment("race")
-    dataset, frame = prepare_data(make_config("baseline", data_dir=str(BREAKHIS), max_images=40))
+    prepared = prepare_data(DataConfig(data_dir=str(BREAKHIS), max_images=40))
+    dataset, table = prepared.dataset, prepared.frame[TABLE_COLUMNS]
     runs = [client.create_run(experiment).info.run_id for _ in range(WRITERS)]
     start, errors = threading.Barrier(WRITERS), []
 
@@ -30,7 +31,7 @@ def test_the_same_dataset_logged_by_simultaneous_runs_is_linked_to_every_run(pos
         try:
             with mlflow.start_run(run_id=run_id):
                 start.wait()  # every writer reaches MLflow's look-up-then-insert at the same time
-                tracking.log_dataset(dataset.name, dataset.digest, str(dataset.root), frame)
+                tracking.log_dataset(dataset.name, dataset.digest, str(dataset.root), table, SPLIT_TABLE)
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 

@@ -9,16 +9,17 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import IDC, run_cli
-from histoflow import tuning
-from histoflow.config import make_config
-from histoflow.datasets import Dataset
+from conftest import IDC, REPO, run_cli
+from histoflow.data.pipeline import make_dataset
+from histoflow.data.step import prepare_data
 from histoflow.errors import ConfigError
-from histoflow.features import HeadTrainer, extract, head_dataset, head_model
-from histoflow.models import build_fusion, compile_model
-from histoflow.pipeline import make_dataset
-from histoflow.train import prepare_data
-from histoflow.training import set_seeds
+from histoflow.modeling.architectures import build_fusion, compile_model
+from histoflow.modeling.fitting import set_seeds
+from histoflow.modeling.variants import make_train_config
+from histoflow.tuning import study as tuning
+from histoflow.tuning.feature_cache import extract
+from histoflow.tuning.head_trainer import HeadTrainer, head_dataset, head_model
+from histoflow.tuning.search_space import load_search_space
 
 STUDY = "tune-test"
 DATA = {"data_dir": str(IDC), "max_images": 120, "image_size": 32, "batch_size": 16, "backbone": "mobilenet",
@@ -31,10 +32,10 @@ FIRST = [{"learning_rate": lr, **GOOD} for lr in (1e-2, 5e-3, 3e-3, 2e-3)]
 RESUMED = [{"learning_rate": 1e-3, **GOOD}, {"learning_rate": 1e-6, **GOOD}]
 
 
-def _tune(tmp_path, n_trials: int) -> tuning.TuneResult:
-    config = tuning.make_tune_config("transfer", **DATA, n_trials=n_trials, trial_epochs=3, study_name=STUDY,
-                                     storage=f"sqlite:///{tmp_path / 'optuna.db'}",
-                                     cache_dir=str(tmp_path / "cache"))
+def _tune(tmp_path, n_trials: int, **settings) -> tuning.TuneResult:
+    config = tuning.make_tune_config("transfer", **{**DATA, "n_trials": n_trials, "trial_epochs": 3,
+                                                    "study_name": STUDY, "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+                                                    "cache_dir": str(tmp_path / "cache"), **settings})
     return tuning.run(config)
 
 
@@ -50,6 +51,7 @@ def _children(parent_id: str) -> list:
                               filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
+@pytest.mark.slow
 def test_study_runs_nested_trials_prunes_resumes_caches_and_trains_the_best(tracking_uri, keras_home, tmp_path):
     client = MlflowClient()
     _enqueue(tmp_path, FIRST)
@@ -76,7 +78,7 @@ def test_study_runs_nested_trials_prunes_resumes_caches_and_trains_the_best(trac
 
     final = client.get_run(first.final_run_id)
     assert final.data.tags["optuna.study_name"] == STUDY and final.data.tags["variant"] == "transfer"
-    assert final.data.params["freeze_backbone"] == "True"
+    assert final.data.params["unfrozen_blocks"] == "0"  # the search space file: the model the trials measured
     assert float(final.data.params["learning_rate"]) == first.best_trial.params["learning_rate"]
     assert 0.0 <= final.data.metrics["test_accuracy"] <= 1.0
     assert client.get_run(first.parent_run_id).data.tags["optuna.final_run_id"] == first.final_run_id
@@ -101,11 +103,12 @@ def test_study_runs_nested_trials_prunes_resumes_caches_and_trains_the_best(trac
 
 
 def test_head_on_cached_vectors_is_the_full_models_head(keras_home):
-    config = make_config("transfer", **{**DATA, "max_images": 40})
-    _, frame = prepare_data(config)
-    features = extract(config, frame)
+    config = make_train_config("transfer", **{**DATA, "max_images": 40})
+    prepared = prepare_data(config)
+    frame = prepared.frame
+    features = extract(config, prepared)
     assert len(features["train"]) == 3 * (frame["split"] == "train").sum()  # the seed copies of each image
-    full = build_fusion("mobilenet", 32, "imagenet", fusion_width=24, dropout=0.3, alpha=0.75, freeze_backbone=True)
+    full = build_fusion("mobilenet", 32, "imagenet", fusion_width=24, dropout=0.3, alpha=0.75, unfrozen_blocks=0)
     head = head_model([t.shape[1] for t in features["val"].taps], 24, 0.3)
     for layer in head.layers:  # the same layer names: weights move across by name
         if layer.weights:
@@ -122,22 +125,23 @@ def _fit_head(model, features, seed: int) -> dict[str, list[float]]:
     return model.fit(train, validation_data=val, epochs=4, verbose=0).history
 
 
+@pytest.mark.slow
 def test_trials_share_one_traced_head_per_width_bucket_and_train_as_their_own_head(keras_home):
-    config = make_config("transfer", **{**DATA, "max_images": 60})
-    _, frame = prepare_data(config)
-    features = extract(config, frame)
+    config = make_train_config("transfer", **{**DATA, "max_images": 60})
+    features = extract(config, prepare_data(config))
     widths = [t.shape[1] for t in features["train"].taps]
 
-    def own_head(width: int, dropout: float, lr: float) -> tuple[dict, np.ndarray]:
+    def own_head(width: int, dropout: float, lr: float, optimizer: str, batchnorm: bool) -> tuple[dict, np.ndarray]:
         set_seeds(7)
-        model = compile_model(head_model(widths, width, dropout), lr)
+        model = compile_model(head_model(widths, width, dropout, batchnorm=batchnorm), lr, optimizer)
         return _fit_head(model, features, 7), model.predict(list(features["val"].taps), verbose=0)
 
     trainer = HeadTrainer(widths, max_width=256)
     assert [trainer.bucket(w) for w in (16, 17, 24, 32, 33, 200, 256)] == [16, 32, 32, 32, 64, 256, 256]
-    for width, dropout, lr in [(24, 0.4, 3e-3), (20, 0.0, 1e-2), (24, 0.4, 3e-3)]:
-        expected_history, expected = own_head(width, dropout, lr)
-        model = trainer.start(width, dropout, lr, seed=7)
+    for width, dropout, lr, optimizer, batchnorm in [(24, 0.4, 3e-3, "adam", True), (20, 0.0, 1e-2, "adam", True),
+                                                     (24, 0.4, 3e-3, "adam", True), (28, 0.2, 3e-2, "sgd", False)]:
+        expected_history, expected = own_head(width, dropout, lr, optimizer, batchnorm)
+        model = trainer.start(width, dropout, lr, seed=7, optimizer=optimizer, batchnorm=batchnorm)
         history = _fit_head(model, features, 7)
         # The same up to float rounding: the wider matrix products sum in another order.
         for key in ("loss", "val_loss", "val_auc"):
@@ -145,31 +149,40 @@ def test_trials_share_one_traced_head_per_width_bucket_and_train_as_their_own_he
         np.testing.assert_allclose(model.predict(list(features["val"].taps), verbose=0), expected,
                                    rtol=1e-3, atol=1e-4)
         # The padded units never left zero, so they took no part.
-        dense, bn = model.get_layer("fusion1_dense"), model.get_layer("fusion1_bn")
-        assert not np.any(dense.get_weights()[0][:, width:]) and not np.any(bn.get_weights()[0][width:])
+        dense = model.get_layer("fusion1_dense")
+        assert not np.any(dense.get_weights()[0][:, width:]) and not np.any(dense.get_weights()[1][width:])
+        if batchnorm:
+            assert not np.any(model.get_layer("fusion1_bn").get_weights()[0][width:])
         assert not np.any(model.get_layer("head_dense").get_weights()[0][32 + width:64])
-    assert list(trainer.models) == [32]  # three trials, one compiled (and traced) head
+    # Three adam trials, one compiled (and traced) head; the sgd head without BatchNorm is another step.
+    assert list(trainer.models) == [(32, "adam", True), (32, "sgd", False)]
     with pytest.raises(ValueError, match="fusion_width must be in 1..256"):
         trainer.start(300, 0.1, 1e-3, seed=7)
 
 
-def test_a_study_resumes_only_on_the_same_features(tmp_path):
+def test_a_study_resumes_only_on_the_same_features_and_space(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    dataset = Dataset(root=tmp_path, layout="idc", class_names=["non-IDC", "IDC"], frame=None, digest="d1")
     config = tuning.make_tune_config("transfer", storage=storage, study_name="s")
-    tuning.open_study(config, dataset, key="k1")
-    assert tuning.open_study(config, dataset, key="k1").user_attrs["histoflow.features"] == "k1"
+    tuning.open_study(config, "d1", key="k1")
+    assert tuning.open_study(config, "d1", key="k1").user_attrs["histoflow.features"] == "k1"
     with pytest.raises(ConfigError, match="features 'k1' \\(now 'k2'\\).*use another study_name"):
-        tuning.open_study(config, dataset, key="k2")
+        tuning.open_study(config, "d1", key="k2")
     with pytest.raises(ConfigError, match="metric 'val_auc' \\(now 'val_accuracy'\\)"):
         tuning.open_study(tuning.make_tune_config("transfer", storage=storage, study_name="s",
-                                                  metric="val_accuracy"), dataset, key="k1")
+                                                  metric="val_accuracy"), "d1", key="k1")
     with pytest.raises(ConfigError, match="needs the other direction"):
         tuning.open_study(tuning.make_tune_config("transfer", storage=storage, study_name="s", metric="val_loss"),
-                          dataset, key="k1")
+                          "d1", key="k1")
     with pytest.raises(ConfigError, match="cannot open the Optuna storage sqlite:///"):
         tuning.open_study(tuning.make_tune_config("transfer", storage=f"sqlite:///{tmp_path}/no/such/dir/o.db"),
-                          dataset, key="k1")
+                          "d1", key="k1")
+    # An edited search space: not the same study. The default name is another; an explicit one is refused.
+    narrower = _space_file(tmp_path, "learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    edited = tuning.make_tune_config("transfer", storage=storage, study_name="s", search_space=narrower)
+    with pytest.raises(ConfigError, match="search_space '[0-9a-f]+' \\(now '[0-9a-f]+'\\)"):
+        tuning.open_study(edited, "d1", key="k1")
+    assert (tuning.default_study_name(edited.train, "k1", edited.space)
+            != tuning.default_study_name(config.train, "k1", config.space))
 
 
 @pytest.mark.parametrize("variant,overrides,message", [
@@ -178,7 +191,9 @@ def test_a_study_resumes_only_on_the_same_features(tmp_path):
     ("transfer", {"sampler": "grid"}, "sampler must be one of tpe, random"),
     ("transfer", {"pruner": "hyperband"}, "pruner must be one of median, none"),
     ("transfer", {"metric": "test_auc"}, "metric must be one of"),
-    ("transfer", {"learning_rate": "1e-3"}, "searched by the study"),
+    ("transfer", {"learning_rate": "1e-3"}, "learning_rate: searched by the study"),
+    ("transfer", {"fusion_width": "32", "dropout": "0.1"}, "dropout, fusion_width: searched by the study"),
+    ("transfer", {"search_space": "no/such/space.yaml"}, "search space file no/such/space.yaml not found"),
     ("densenet", {"backbone": "mobilenet"}, "densenet variant uses backbone densenet121"),
 ])
 def test_bad_parameters_fail_with_a_message(variant, overrides, message):
@@ -190,3 +205,67 @@ def test_cli_reports_a_bad_parameter(tmp_path):
     result = run_cli("tune", "--variant", "transfer", "--sampler", "grid", cwd=tmp_path)
     assert result.returncode == 2 and "histoflow: error: sampler must be one of" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _space_file(folder, text: str) -> str:
+    path = folder / f"space-{abs(hash(text))}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_the_default_search_space_is_the_projects_file():
+    space = load_search_space()
+    assert space.source == str(REPO / "tuning" / "search_space.yaml")
+    assert set(space.searched) == {"learning_rate", "dropout", "fusion_width"}
+    assert space.fixed == {"optimizer": "adam", "batch_size": 64, "head_batchnorm": True, "unfrozen_blocks": 0}
+    assert space.searched["learning_rate"].log and space.searched["fusion_width"].high == 256
+
+
+@pytest.mark.parametrize("text,message", [
+    ("colour: {choices: [red]}\n", "'colour' is not a setting tune can vary"),
+    ("unfrozen_blocks: {low: 0, high: 3}\n", "unfrozen_blocks shapes the final run only"),
+    ("dropout: {low: 0.0, high: 1.5}\n", "dropout can take 1.5: dropout must be in"),
+    ("optimizer: {choices: []}\n", "choices must be a non-empty list"),
+    ("optimizer: {choices: [adam, lbfgs]}\n", "optimizer can take 'lbfgs'"),
+    ("fusion_width: {low: 64, high: 16}\n", "fusion_width"),
+    ("head_batchnorm: {low: 0, high: 1}\n", "head_batchnorm is not a number"),
+    ("learning_rate: {low: 0.0, high: 0.1, log: true}\n", "learning_rate"),
+    ("learning_rate: [0.1\n", "is not valid YAML"),
+    ("fusion_width: {low: 16, high: 512}\n", "fusion_width can be at most 256"),
+])
+def test_a_bad_search_space_file_is_refused_naming_the_file(tmp_path, text, message):
+    path = _space_file(tmp_path, text)
+    with pytest.raises(ConfigError, match=message):
+        tuning.make_tune_config("transfer", search_space=path)
+
+
+@pytest.mark.slow
+def test_the_search_space_file_decides_what_the_trials_vary(tracking_uri, keras_home, tmp_path):
+    """Edit the file, and the study searches what it says: fixed settings reach every trial and the final
+    run, choices are the only values trials take."""
+    path = _space_file(tmp_path, "learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\n"
+                                 "dropout: 0.3\n"
+                                 "fusion_width: {choices: [16, 48]}\n"
+                                 "optimizer: {choices: [adam, sgd]}\n"
+                                 "batch_size: {choices: [16, 32]}\n"
+                                 "head_batchnorm: false\n"
+                                 "unfrozen_blocks: 1\n")
+    result = _tune(tmp_path, n_trials=3, search_space=path, sampler="random", pruner="none", study_name="edited",
+                   batch_size=None)  # searched here
+    client = MlflowClient()
+    trials = _children(result.parent_run_id)
+    assert len(trials) == 3
+    for run in trials:
+        params = run.data.params
+        assert set(params) == {"learning_rate", "fusion_width", "optimizer", "batch_size", "trial_epochs"}
+        assert params["fusion_width"] in ("16", "48") and params["optimizer"] in ("adam", "sgd")
+        assert params["batch_size"] in ("16", "32") and 1e-3 <= float(params["learning_rate"]) <= 1e-2
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.params["dropout"] == "0.3" and parent.data.params["head_batchnorm"] == "False"
+    assert parent.data.tags["optuna.searched"] == "batch_size,fusion_width,learning_rate,optimizer"
+    assert mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/optuna/search_space.yaml") == open(path).read()
+    final = client.get_run(result.final_run_id).data.params
+    assert (final["dropout"], final["head_batchnorm"], final["unfrozen_blocks"]) == ("0.3", "False", "1")
+    assert final["optimizer"] == result.best_trial.params["optimizer"]
+    assert int(final["batch_size"]) == result.best_trial.params["batch_size"]
+

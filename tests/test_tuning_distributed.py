@@ -19,10 +19,10 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from conftest import IDC, postgres_database
-from histoflow import tuning
+from histoflow.data.step import prepare_data
 from histoflow.errors import ConfigError
-from histoflow.features import load_or_extract
-from histoflow.train import prepare_data
+from histoflow.tuning import study as tuning
+from histoflow.tuning.feature_cache import load_or_extract
 
 STUDY = "distributed"
 N_TRIALS = 4
@@ -74,13 +74,13 @@ def _finish(worker: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     assert worker.wait(timeout) == 0, log.read_text()[-3000:]
 
 
+@pytest.mark.slow
 def test_workers_share_a_study_and_a_killed_workers_trial_is_failed_and_retried(postgres_url, keras_home,
                                                                                    tmp_path, monkeypatch):
     mlflow_url = _mlflow_database(postgres_url)
     settings = {**DATA, **TUNE, "storage": postgres_url, "cache_dir": str(tmp_path / "cache")}
     config = tuning.make_tune_config("transfer", **settings)
-    dataset, frame = prepare_data(config.train)
-    load_or_extract(config.train, dataset.digest, frame, config.cache_dir)  # once, not in every worker
+    load_or_extract(config.train, prepare_data(config.train), config.cache_dir)  # once, not in every worker
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url}
 
     doomed = _worker(settings, env, tmp_path, "doomed")

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BREAKHIS, REPO
 from histoflow.errors import ConfigError
-from histoflow.workflow import make_workflow_config
+from histoflow.workflow import make_workflow_config, step_data_digest
 
 STEPS = ["data", "baseline", "transfer", "tune", "register", "promote"]
 
@@ -20,8 +20,8 @@ STEPS = ["data", "baseline", "transfer", "tune", "register", "promote"]
 def _main(tmp_path) -> tuple[str, list[dict]]:
     parameters = {"data_dir": str(BREAKHIS), "max_images": 60, "image_size": 32, "batch_size": 16, "epochs": 1,
                   "variants": "baseline,transfer", "tune_variant": "transfer", "n_trials": 2, "trial_epochs": 2,
-                  "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "model_name": "wf",
-                  "output_dir": str(tmp_path / "comparison")}
+                  "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "cache_dir": str(tmp_path / "cache"),
+                  "model_name": "wf", "output_dir": str(tmp_path / "comparison")}
     submitted = mlflow.projects.run(str(REPO), entry_point="main", parameters=parameters, env_manager="local",
                                     experiment_name="workflow", synchronous=True)
     path = mlflow.artifacts.download_artifacts(run_id=submitted.run_id, artifact_path="workflow/steps.json")
@@ -42,6 +42,19 @@ def test_main_runs_every_step_once_then_reuses_them(tracking_uri, keras_home, tm
     data = client.get_run(steps[0]["run_id"])
     assert data.data.tags["dataset.name"] == "breakhis" and data.data.metrics["images"] == 60
     assert "data/data_report.json" in [a.path for a in client.list_artifacts(data.info.run_id, "data")]
+    # Each later step read the data step's split table instead of discovering and splitting again.
+    table = f"runs:/{data.info.run_id}/data/split.csv"
+    for step in steps[1:4]:  # baseline, transfer, tune
+        run = client.get_run(step["run_id"])
+        assert run.data.params["split_table"] == table, step["name"]
+        assert run.data.tags["dataset.digest"] == data.data.tags["dataset.digest"]
+        assert run.data.tags["histoflow.workflow.data_digest"] == run.data.tags["dataset.digest"]
+    # What tune derives is logged as used (the search space's fixed values, the variant's augmentation, the
+    # study's name), never as MLflow Projects' placeholder for "not given".
+    tune = client.get_run(steps[3]["run_id"]).data.params
+    assert (tune["augment"], tune["optimizer"], tune["unfrozen_blocks"], tune["batch_size"]) == ("random", "adam", "0",
+                                                                                                 "16")
+    assert tune["study_name"].startswith("transfer-mobilenet-") and "''" not in tune.values()
     champion = client.get_model_version_by_alias("wf", "champion")
     assert client.get_model_version_by_alias("wf", "challenger").version == champion.version
     table = (tmp_path / "comparison" / "comparison.md").read_text()
@@ -64,6 +77,7 @@ def test_main_runs_every_step_once_then_reuses_them(tracking_uri, keras_home, tm
     ({"epochs": "many"}, "epochs must be an integer"),
     ({"image_size": "8"}, "image_size must be in"),
     ({"colour": "red"}, "unknown parameter"),
+    ({"search_space": "missing.yaml"}, "search space file missing.yaml not found"),
 ])
 def test_bad_workflow_parameters_fail_before_any_step(params, message):
     if message is None:
@@ -73,21 +87,25 @@ def test_bad_workflow_parameters_fail_before_any_step(params, message):
         make_workflow_config(**params)
 
 
-def test_mlproject_main_and_data_defaults_match_the_code():
-    import yaml
+def test_each_step_is_tagged_with_the_data_it_used(tracking_uri):
+    """A step that computed a dataset digest is tagged with its own; one that used no data (register,
+    promote) with the data step's."""
+    client = MlflowClient()
+    experiment = client.create_experiment("digests")
+    trained = client.create_run(experiment, tags={"dataset.digest": "aaaa"}).info.run_id
+    registered = client.create_run(experiment).info.run_id
+    assert step_data_digest(client, trained, "bbbb") == "aaaa"
+    assert step_data_digest(client, registered, "bbbb") == "bbbb"
 
-    from histoflow.config import make_config
-    from histoflow.data_report import DATA_PARAMS
-    from histoflow.workflow import WorkflowConfig
 
-    project = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-    main = project["main"]
-    assert set(main["parameters"]) == {f for f in WorkflowConfig.__dataclass_fields__}
-    for name, spec in main["parameters"].items():
-        assert make_workflow_config(**{name: str(spec["default"])}) == WorkflowConfig(), name
-        assert f"{{{name}}}" in main["command"], name
-    data = project["data"]
-    assert set(data["parameters"]) == set(DATA_PARAMS)
-    for name, spec in data["parameters"].items():
-        assert make_config("baseline", **{name: str(spec["default"])}) == make_config("baseline"), name
-        assert f"{{{name}}}" in data["command"], name
+def test_the_code_digest_covers_the_files_users_edit(tmp_path):
+    import histoflow.workflow as workflow
+
+    root = tmp_path / "project"
+    for name in ("MLproject", "tuning/search_space.yaml", "registry/gate.yaml"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text((REPO / name).read_text())
+    before = workflow.code_digest(root)
+    assert workflow.code_digest(root) == before
+    (root / "tuning/search_space.yaml").write_text("dropout: 0.2\n")
+    assert workflow.code_digest(root) != before

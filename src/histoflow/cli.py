@@ -1,151 +1,101 @@
-"""Command line: `histoflow train|tune|data|main|download|compare|register|promote|rollback|predict` (MLproject entry points)."""
+"""Command line: `histoflow <command>`, one per MLproject entry point (train serves the four variants).
+
+Options are the commands' settings (histoflow.entrypoints), all taken as strings and converted and
+checked by the settings classes, so `histoflow train ...` and `mlflow run . -e <variant> ...` accept the
+same values. A problem the user can fix ends the command with one line on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
-from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
-from histoflow.errors import ConfigError, HistoflowError
+from histoflow.errors import HistoflowError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+HELP = {
+    "train": "train and evaluate one model variant as an MLflow run",
+    "tune": "Optuna study of the fusion head on cached backbone features, then the best parameters as a full run",
+    "data": "discover and split a dataset and log its report and split table as a run (no training)",
+    "main": "the whole study: data, variants, tune, register, promote, comparison",
+    "download": "download, verify and extract a public dataset",
+    "compare": "summary table of an experiment's training runs",
+    "register": "register the best run's serving model as @challenger",
+    "promote": "move @champion to @challenger if it passes the gate of the promotion policy",
+    "rollback": "move @champion back to @previous",
+    "predict": "score a folder of images with a registered model",
+    "mlproject": "write the MLproject file from the settings classes (or --check that it is current)",
+}
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from histoflow.config import TrainConfig, VARIANTS
 
-    parser = sub.add_parser("train", help="train and evaluate one model variant as an MLflow run")
-    parser.add_argument("--variant", choices=VARIANTS, required=True)
-    for f in fields(TrainConfig):
-        if f.name != "variant":
-            # Strings everywhere: make_config coerces and validates, with the variant's defaults.
-            parser.add_argument(f"--{f.name}", default=None, help=f"default: the variant's ({f.default!r})")
+def _run(command: str, variant: str, params: dict[str, Any]) -> Any:
+    from histoflow import entrypoints
+    from histoflow.config import from_params
 
-
-def _add_tune(sub: argparse._SubParsersAction) -> None:
-    from histoflow.config import TrainConfig
-    from histoflow.tuning import SEARCHED, TuneConfig
-
-    parser = sub.add_parser("tune", help="Optuna study of the fusion head on cached backbone features, "
-                                         "then the best parameters as a full run")
-    # Not argparse choices: make_tune_config explains why only densenet and transfer can be tuned.
-    parser.add_argument("--variant", default="transfer", help="densenet or transfer (default: transfer)")
-    for f in fields(TrainConfig):
-        if f.name not in ("variant", "freeze_backbone", *SEARCHED):  # searched, or set by --fine_tune
-            parser.add_argument(f"--{f.name}", default=None, help=f"default: the variant's ({f.default!r})")
-    for f in fields(TuneConfig):
-        if f.name != "train":
-            parser.add_argument(f"--{f.name}", default=None, help=f"default: {f.default!r}")
+    if command == "train":
+        from histoflow.modeling import training_run
+        from histoflow.modeling.variants import make_train_config
+        return training_run.run(make_train_config(variant, **params))
+    if command == "tune":
+        from histoflow.tuning import study
+        return study.run(study.make_tune_config(variant, **params))
+    cls, run = entrypoints.COMMANDS[command]
+    return run(from_params(cls, params))
 
 
 def _parser() -> argparse.ArgumentParser:
+    from histoflow.entrypoints import cli_parameters
+    from histoflow.modeling.variants import BACKBONE_VARIANTS, VARIANTS
+
     parser = argparse.ArgumentParser(prog="histoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_tune(sub)
-    data = sub.add_parser("data", help="discover and split a dataset and log its report as a run (no training)")
-    from histoflow.data_report import DATA_PARAMS
-    from histoflow.workflow import WorkflowConfig
-
-    for name in (*DATA_PARAMS, "experiment"):
-        data.add_argument(f"--{name}", default=None)
-    main = sub.add_parser("main", help="the whole study: data, variants, tune, register, promote, comparison")
-    for f in fields(WorkflowConfig):
-        main.add_argument(f"--{f.name}", default=None, help=f"default: {f.default!r}")
-    dl = sub.add_parser("download", help="download, verify and extract a public dataset")
-    dl.add_argument("--dataset", required=True, choices=["breakhis", "idc"])
-    dl.add_argument("--dest", default="", help="target folder (default data/<dataset>)")
-    dl.add_argument("--url", default="", help="archive URL (default: the dataset's public archive)")
-    dl.add_argument("--sha256", default="", help="expected SHA-256 of the archive")
-    cmp = sub.add_parser("compare", help="summary table of an experiment's training runs")
-    cmp.add_argument("--experiment", default="", help="default: the current experiment")
-    cmp.add_argument("--dataset", default="", help="only runs on this dataset name")
-    cmp.add_argument("--output_dir", default="outputs")
-    reg = sub.add_parser("register", help="register the best run's serving model as @challenger")
-    reg.add_argument("--experiment", default="", help="default: the current experiment")
-    reg.add_argument("--metric", default="validation_roc_auc", help="validation metric to select by")
-    reg.add_argument("--name", default="histoflow", help="registered model name")
-    reg.add_argument("--include_leaky", default="false", help="also consider image-level (leaky) splits")
-    pro = sub.add_parser("promote", help="move @champion to @challenger if it passes the metric gate")
-    pro.add_argument("--name", default="histoflow")
-    pro.add_argument("--data_dir", default="", help="evaluation images (default: the challenger's test split)")
-    pro.add_argument("--layout", default="auto")
-    pro.add_argument("--max_images", default="0")
-    from histoflow.registry import Gate
-
-    for f in fields(Gate):
-        pro.add_argument(f"--{f.name}", default=str(f.default))
-    rb = sub.add_parser("rollback", help="move @champion back to @previous")
-    rb.add_argument("--name", default="histoflow")
-    pr = sub.add_parser("predict", help="score a folder of images with a registered model")
-    pr.add_argument("--model_uri", default="models:/histoflow@champion")
-    pr.add_argument("--data_dir", required=True)
-    pr.add_argument("--output_dir", default="outputs/predictions")
+    for command, text in HELP.items():
+        p = sub.add_parser(command, help=text, description=text)
+        if command == "mlproject":
+            p.add_argument("--output", default="MLproject", help="where to write it (default: ./MLproject)")
+            p.add_argument("--check", action="store_true", help="exit 1 when the file differs, write nothing")
+            continue
+        if command == "train":
+            p.add_argument("--variant", choices=VARIANTS, required=True)
+        elif command == "tune":
+            # Not argparse choices: make_tune_config explains why only these can be tuned.
+            p.add_argument("--variant", default="transfer",
+                           help=f"{' or '.join(BACKBONE_VARIANTS)} (default: transfer)")
+        for param in cli_parameters(command):
+            default = "required" if param.default is dataclasses.MISSING else f"{param.default!r}"
+            p.add_argument(f"--{param.name}", default=None,
+                           help=f"default: {default}" + (" or the variant's" if command in ("train", "tune") else ""))
     return parser
 
 
-def _number(name: str, value: str, kind=float):
-    try:
-        return kind(float(value)) if kind is int else kind(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number; got {value!r}") from None
+def _mlproject(output: str, check: bool) -> int:
+    from histoflow.entrypoints import render_mlproject
 
-
-def _registry_command(args: argparse.Namespace) -> None:
-    from histoflow import registry, tracking
-
-    tracking.configure()
-    if args.command == "register":
-        leaky = args.include_leaky.strip().lower() in ("1", "true", "yes")
-        registry.register(args.experiment or tracking.current_experiment_name(), args.metric, args.name, leaky)
-    elif args.command == "promote":
-        gate = registry.Gate(**{f.name: _number(f.name, getattr(args, f.name)) for f in fields(registry.Gate)})
-        registry.promote(args.name, gate, args.data_dir, args.layout, _number("max_images", args.max_images, int))
-    elif args.command == "rollback":
-        registry.rollback(args.name)
-    elif args.command == "predict":
-        registry.batch_predict(args.model_uri, args.data_dir, args.output_dir)
+    text, path = render_mlproject(), Path(output)
+    if check:
+        current = path.read_text() if path.is_file() else ""
+        print(f"{path} is {'up to date' if current == text else 'out of date: run histoflow mlproject'}")
+        return 0 if current == text else 1
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    args = vars(_parser().parse_args(argv))
+    command = args.pop("command")
     try:
-        if args.command == "train":
-            from histoflow import train
-            from histoflow.config import make_config
-
-            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "variant")}
-            train.run(make_config(args.variant, **overrides))
-        elif args.command == "tune":
-            from histoflow import tuning
-
-            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "variant")}
-            tuning.run(tuning.make_tune_config(args.variant, **overrides))
-        elif args.command == "data":
-            from histoflow import data_report
-            from histoflow.config import make_config
-
-            overrides = {k: v for k, v in vars(args).items() if k != "command"}
-            data_report.run(make_config("baseline", **overrides))
-        elif args.command == "main":
-            from histoflow import workflow
-
-            overrides = {k: v for k, v in vars(args).items() if k != "command"}
-            workflow.run(workflow.make_workflow_config(**overrides))
-        elif args.command == "download":
-            from histoflow.download import download
-
-            download(args.dataset, args.dest or None, args.url, args.sha256)
-        elif args.command == "compare":
-            from histoflow import compare, tracking
-
-            tracking.configure()
-            compare.run(args.experiment or tracking.current_experiment_name(), args.dataset, args.output_dir)
-        else:
-            _registry_command(args)
+        if command == "mlproject":
+            return _mlproject(args["output"], args["check"])
+        variant = args.pop("variant", "")
+        _run(command, variant, {k: v for k, v in args.items() if v is not None})
     except HistoflowError as exc:
         print(f"histoflow: error: {exc}", file=sys.stderr)
         return 2

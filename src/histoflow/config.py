@@ -1,148 +1,129 @@
-"""Experiment configuration: one dataclass for every variant, with the reports' defaults per variant."""
+"""Typed settings from strings and files: what MLflow Projects and the command line pass, and YAML.
+
+Every entry point's settings are a frozen dataclass owned by the step it configures (the data step's
+``DataConfig``, the training run's ``TrainConfig``, ...). This module holds only the machinery they
+share: turning string parameters into typed fields (one boolean parser for every command), and
+reading the YAML files a user edits (the search space in ``tuning/``, the promotion policy in
+``registry/``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, TypeVar
 
-from histoflow.datasets import LAYOUTS, MAGNIFICATIONS
 from histoflow.errors import ConfigError
-from histoflow.models import BACKBONES
-from histoflow.pipeline import AUGMENTATIONS
-from histoflow.splits import SPLIT_MODES
 
-VARIANTS = ("baseline", "augmented", "densenet", "transfer")
-DEFAULT_DATA_DIR = "data/breakhis"
+T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    variant: str = "densenet"
-    data_dir: str = DEFAULT_DATA_DIR
-    layout: str = "auto"
-    magnification: str = "all"
-    max_images: int = 0
-    split: str = "patient"
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    image_size: int = 128
-    augment: str = "none"
-    backbone: str = "densenet121"
-    weights: str = "imagenet"
-    alpha: float = 1.0
-    freeze_backbone: bool = False
-    fusion_width: int = 64
-    dropout: float = 0.45
-    learning_rate: float = 1e-5
-    batch_size: int = 64
-    epochs: int = 50
-    patience: int = 10
-    lr_patience: int = 5
-    class_weight: str = "none"
-    seed: int = 42
-    mixed_precision: bool = False  # float16 compute, float32 weights and softmax: for GPUs
-    experiment: str = ""  # "" = MLflow's choice: the `mlflow run` run's, MLFLOW_EXPERIMENT_NAME, or Default
-    run_name: str = ""
-    gradcam_per_class: int = 3
-
-    @property
-    def uses_backbone(self) -> bool:
-        return self.variant in ("densenet", "transfer")
-
-    @property
-    def model_name(self) -> str:
-        return f"{self.backbone}_fusion" if self.uses_backbone else "baseline_cnn"
-
-    def to_params(self) -> dict[str, Any]:
-        """Parameters as logged to MLflow (backbone fields only where they apply)."""
-        params = asdict(self)
-        for key in ("experiment", "run_name"):  # where the run goes, not how the model was made
-            params.pop(key)
-        if not self.uses_backbone:
-            for key in ("backbone", "weights", "alpha", "freeze_backbone", "fusion_width"):
-                params.pop(key)
-        params["model"] = self.model_name
-        return params
+TRUE = frozenset({"true", "1", "yes", "on"})
+FALSE = frozenset({"false", "0", "no", "off"})
+# Dataclass field annotations, as strings (`from __future__ import annotations`), and the types they name.
+KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The reports' CNN: Adam 1e-3, Dropout 0.5, no augmentation.
-    "baseline": {"augment": "none", "learning_rate": 1e-3, "dropout": 0.5},
-    "augmented": {"augment": "seed", "learning_rate": 1e-3, "dropout": 0.5},
-    # DenseNet121 fine-tuned with Adam 1e-5 and the 0.45 dropout of the fusion report.
-    "densenet": {"backbone": "densenet121", "augment": "random", "learning_rate": 1e-5, "dropout": 0.45},
-    "transfer": {"backbone": "mobilenet", "alpha": 0.75, "augment": "random", "learning_rate": 1e-4,
-                 "dropout": 0.45},
-}
-
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-_KINDS = {"int": int, "float": float, "bool": bool, "str": str}
-_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+def parse_bool(name: str, value: Any) -> bool:
+    """true/false, 1/0, yes/no, on/off (any case); ConfigError otherwise."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE | FALSE:
+        return text in TRUE
+    raise ConfigError(f"parameter {name} must be true or false; got {value!r}")
 
 
 def coerce(name: str, value: Any, kind: type) -> Any:
+    """value as `kind`; strings such as MLflow Projects passes them ("3.0" for an integer) are converted."""
     if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
+    if kind is bool:
+        return parse_bool(name, value)
     text = str(value).strip()
     try:
-        if kind is bool:
-            if text.lower() in _TRUE | _FALSE:
-                return text.lower() in _TRUE
-            raise ValueError
         if kind is int:
-            return int(float(text)) if float(text).is_integer() else int(text)
+            number = float(text)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
         return kind(text)
-    except ValueError:
-        raise ConfigError(f"parameter {name} must be {_KIND_NAMES[kind]}; got {value!r}") from None
+    except (ValueError, OverflowError):
+        raise ConfigError(f"parameter {name} must be {KIND_NAMES[kind]}; got {value!r}") from None
 
 
-def coerce_fields(cls: type, params: dict[str, Any], exclude: tuple[str, ...] = (), strict: bool = True
-                  ) -> dict[str, Any]:
-    """A dataclass's fields from (possibly string) parameters, e.g. MLproject's; None or "" = its default.
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first check that fails (a settings class's validate())."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
-    strict: an unknown parameter is an error; otherwise it is left for another config to take.
+
+def field_kinds(cls: type) -> dict[str, type]:
+    """Field name -> type of a settings dataclass (`float | None`: float; nested settings left out)."""
+    kinds = {f.name: (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)))
+             .removesuffix(" | None") for f in dataclasses.fields(cls)}
+    return {name: KINDS[kind] for name, kind in kinds.items() if kind in KINDS}
+
+
+def typed_params(cls: type, params: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    """The given parameters of `cls` as typed values; None or "" means "not given" and is left out.
+
+    strict: a parameter `cls` does not have is an error naming the known ones; otherwise it is
+    ignored (left for another settings class to take).
     """
-    kinds = {f.name: _KINDS[f.type] for f in fields(cls) if f.name not in exclude}
+    kinds = field_kinds(cls)
     unknown = sorted(set(params) - set(kinds))
     if strict and unknown:
         raise ConfigError(f"unknown parameter {unknown[0]!r}; known: {', '.join(sorted(kinds))}")
     return {k: coerce(k, v, kinds[k]) for k, v in params.items() if k in kinds and v is not None and v != ""}
 
 
-def make_config(variant: str, **overrides: Any) -> TrainConfig:
-    """The variant's defaults, overridden by the given (possibly string) parameters, validated."""
-    if variant not in VARIANTS:
-        raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-    values = {**VARIANT_DEFAULTS[variant], **coerce_fields(TrainConfig, overrides, exclude=("variant",))}
-    config = replace(TrainConfig(), variant=variant, **values)
-    validate(config)
-    return config
+def from_params(cls: type[T], params: dict[str, Any], base: T | None = None, strict: bool = True) -> T:
+    """`base` (default: the class's defaults) with the given string or typed parameters applied."""
+    return dataclasses.replace(base if base is not None else cls(), **typed_params(cls, params, strict))
 
 
-def validate(c: TrainConfig) -> None:
-    checks = [
-        (c.layout in LAYOUTS, f"layout must be one of {LAYOUTS}"),
-        (str(c.magnification).lower().rstrip("x") in MAGNIFICATIONS, f"magnification must be one of {MAGNIFICATIONS}"),
-        (c.split in SPLIT_MODES, f"split must be one of {SPLIT_MODES}"),
-        (c.augment in AUGMENTATIONS, f"augment must be one of {AUGMENTATIONS}"),
-        (c.backbone in BACKBONES, f"backbone must be one of {tuple(BACKBONES)}"),
-        (c.class_weight in ("none", "balanced"), "class_weight must be none or balanced"),
-        (16 <= c.image_size <= 1024, "image_size must be in 16..1024"),
-        (0.0 <= c.dropout < 1.0, "dropout must be in [0, 1)"),
-        (0.0 < c.learning_rate < 1.0, "learning_rate must be in (0, 1)"),
-        (1 <= c.fusion_width <= 4096, "fusion_width must be in 1..4096"),
-        (1 <= c.batch_size <= 4096, "batch_size must be in 1..4096"),
-        (c.epochs >= 1, "epochs must be >= 1"),
-        (c.max_images >= 0, "max_images must be >= 0 (0 = all)"),
-        (c.patience >= 1 and c.lr_patience >= 1, "patience and lr_patience must be >= 1"),
-        (0.0 < c.val_fraction < 0.5 and 0.0 < c.test_fraction < 0.5, "val_fraction and test_fraction must be in (0, 0.5)"),
-        (c.gradcam_per_class >= 0, "gradcam_per_class must be >= 0"),
-    ]
-    if c.variant == "densenet" and c.backbone != "densenet121":
-        checks.append((False, "the densenet variant uses backbone densenet121; use -e transfer for others"))
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+def to_params(settings: Any) -> dict[str, Any]:
+    """A settings dataclass as a flat parameter dict (what MLflow logs and MLflow Projects passes)."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+
+
+def project_root() -> Path | None:
+    """The repository this package is installed from (editable installs), or None."""
+    import histoflow
+
+    root = Path(histoflow.__file__).resolve().parents[2]
+    return root if (root / "MLproject").is_file() else None
+
+
+def find_file(path: str | os.PathLike, what: str) -> Path:
+    """A user-edited file: as given (absolute, or relative to the working folder), else relative to the project.
+
+    `mlflow run .` runs in the project folder; `histoflow` run elsewhere still finds the project's
+    own `tuning/` and `registry/` files.
+    """
+    given = Path(path).expanduser()
+    candidates = [given]
+    root = project_root()
+    if not given.is_absolute() and root is not None:
+        candidates.append(root / given)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{what} file {path} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A YAML mapping from a user-edited file, with errors that name the file."""
+    import yaml
+
+    found = find_file(path, what)
+    try:
+        content = yaml.safe_load(found.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} file {found} is not valid YAML: {exc}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{what} file {found} must hold a mapping of names to values; got {type(content).__name__}")
+    return content

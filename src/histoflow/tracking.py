@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import warnings
 from importlib import metadata
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,17 @@ import pandas as pd
 from histoflow.errors import TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """Where an entry point's run goes; not a parameter of the run (MLflow Projects sets both itself)."""
+
+    experiment: str = ""  # "" = MLflow's choice: the `mlflow run` run's, MLFLOW_EXPERIMENT_NAME, or Default
+    run_name: str = ""  # "" = a name made of what the run does
+
+
+RUN_TARGET_FIELDS = frozenset(f.name for f in fields(RunTarget))
 TRACKED_PACKAGES = ("histoflow", "tensorflow", "tensorflow-cpu", "keras", "mlflow", "optuna", "scikit-learn",
                     "numpy", "pandas", "pillow", "boto3")
 
@@ -125,12 +137,23 @@ def _log_input(dataset, context: str, attempts: int = 3) -> None:
             time.sleep(0.1 * attempt)
 
 
-def log_dataset(name: str, digest: str, source: str, split_frame: pd.DataFrame) -> None:
-    """Log the dataset (mlflow.data, with our content digest) and the split table as an artifact."""
-    table = split_frame[["relpath", "label", "class_name", "patient", "group", "subtype", "magnification",
-                         "split"]]
-    for context in ("train", "val", "test"):
-        part = table[table["split"] == context].reset_index(drop=True)
+def log_new_params(params: dict[str, Any]) -> None:
+    """Log the parameters the active run does not have yet.
+
+    `mlflow run` logs an entry point's parameters as they were given ("1" for 1.0) before the command
+    starts, and MLflow refuses to change a logged value: those stay, and only the rest (defaults the
+    command resolved, derived settings) are added. Empty values ("not given") are not logged.
+    """
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    new = {k: v for k, v in params.items() if k not in logged and v not in ("", None)}
+    if new:
+        mlflow.log_params(new)
+
+
+def log_dataset(name: str, digest: str, source: str, table: pd.DataFrame, artifact_file: str) -> None:
+    """Log the dataset (mlflow.data, with our content digest per split) and its split table as an artifact."""
+    for context, part in table.groupby("split", sort=False):
+        part = part.reset_index(drop=True)
         with warnings.catch_warnings():
             # A local folder matches MLflow's local-artifact source twice (both resolve the same),
             # and the integer label column triggers a schema hint meant for model inputs.
@@ -139,13 +162,17 @@ def log_dataset(name: str, digest: str, source: str, split_frame: pd.DataFrame) 
                                               digest=f"{digest}-{context}"[:36])
             _log_input(dataset, context)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "split.csv"
+        path = Path(tmp) / Path(artifact_file).name
         table.to_csv(path, index=False)
-        mlflow.log_artifact(str(path), "data")
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent))
 
 
 def log_json(obj: Any, artifact_file: str) -> None:
     mlflow.log_text(json.dumps(obj, indent=2, default=str), artifact_file)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
 
 
 def current_experiment_name() -> str:

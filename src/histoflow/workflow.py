@@ -2,17 +2,20 @@
 
     data -> training variants -> tune -> register -> promote -> compare
 
-Like MLflow's multistep workflow example, a step whose finished run already exists, with the same
-parameters, the same code and the same data, is reused instead of being run again; so a `main` run
-that failed at `promote` resumes there, and adding a variant trains only that variant. Register and
-promote depend on everything before them: they are reused only when nothing before them ran anew.
-The comparison table ends every `main` run.
+As in MLflow's multistep workflow example, each step hands its output to the next: the data step's
+split table (`runs:/<data run>/data/split.csv`) is the `split_table` of every training step and of the
+study, which read it instead of discovering, hashing and splitting the data again. A step whose
+finished run already exists, with the same parameters, the same code and the same data, is reused
+instead of being run again; so a `main` run that failed at `promote` resumes there, and adding a
+variant trains only that variant. Register and promote depend on everything before them: they are
+reused only when nothing before them ran anew. The comparison table ends every `main` run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +24,44 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from histoflow import tracking
-from histoflow.config import VARIANTS, coerce_fields, make_config
+from histoflow.config import from_params, project_root
+from histoflow.data.settings import DataConfig
+from histoflow.data.step import SPLIT_TABLE
 from histoflow.errors import ConfigError, HistoflowError
+from histoflow.modeling.variants import BACKBONE_VARIANTS, VARIANT_DEFAULTS, VARIANTS, TrainConfig, make_train_config
+from histoflow.registry import comparison
+from histoflow.registry.aliases import alias_version
+from histoflow.registry.policy import DEFAULT_POLICY, load_policy
+from histoflow.registry.selection import DEFAULT_METRIC, DEFAULT_NAME, check_selection_metric
+from histoflow.tuning.search_space import load_search_space
+from histoflow.tuning.study import TuneConfig, make_tune_config
 
 STEP_TAG = "histoflow.workflow.step"
 CODE_TAG = "histoflow.code_digest"
 DATA_TAG = "histoflow.workflow.data_digest"
 PARENT_TAG = "mlflow.parentRunId"
-TUNABLE = ("densenet", "transfer")
+# What the code digest covers besides the package: the entry points and the files users edit.
+PROJECT_FILES = ("MLproject", "tuning/*.yaml", "registry/*.yaml")
 
 
 @dataclass(frozen=True)
-class WorkflowConfig:
-    data_dir: str = "data/breakhis"
-    layout: str = "auto"
-    magnification: str = "all"
-    max_images: int = 0
-    split: str = "patient"
-    image_size: int = 128
-    batch_size: int = 64
-    epochs: int = 50
-    seed: int = 42
+class WorkflowConfig(DataConfig):
+    # For every training step and the study's full run (defaults: the training run's).
+    image_size: int = TrainConfig.image_size
+    batch_size: int = TrainConfig.batch_size
+    epochs: int = TrainConfig.epochs
     variants: str = "baseline,augmented,densenet"  # training steps, in order
-    backbone: str = "mobilenet"  # for transfer (and tuning it)
-    alpha: float = 0.75
-    weights: str = "imagenet"
+    backbone: str = VARIANT_DEFAULTS["transfer"]["backbone"]  # for transfer (and tuning it)
+    alpha: float = VARIANT_DEFAULTS["transfer"]["alpha"]
+    weights: str = TrainConfig.weights
     tune_variant: str = "densenet"  # "none" skips tuning
-    n_trials: int = 20
-    trial_epochs: int = 20
-    storage: str = "sqlite:///optuna.db"
-    model_name: str = "histoflow"
-    metric: str = "validation_roc_auc"
+    n_trials: int = TuneConfig.n_trials
+    trial_epochs: int = TuneConfig.trial_epochs
+    storage: str = TuneConfig.storage
+    search_space: str = TuneConfig.search_space
+    cache_dir: str = TuneConfig.cache_dir
+    model_name: str = DEFAULT_NAME
+    metric: str = DEFAULT_METRIC
     output_dir: str = "outputs/comparison"
     reuse: bool = True
 
@@ -59,20 +69,27 @@ class WorkflowConfig:
     def variant_list(self) -> list[str]:
         return [v.strip() for v in self.variants.split(",") if v.strip()]
 
+    def validate(self) -> None:
+        """Every step's settings are checked here, before any step runs."""
+        super().validate()
+        unknown = [v for v in self.variant_list if v not in VARIANTS]
+        if not self.variant_list or unknown:
+            raise ConfigError(f"variants must be a comma-separated list of {', '.join(VARIANTS)}; "
+                              f"got {self.variants!r}")
+        if self.tune_variant not in (*BACKBONE_VARIANTS, "none"):
+            raise ConfigError(f"tune_variant must be one of {', '.join(BACKBONE_VARIANTS)} or none; "
+                              f"got {self.tune_variant!r}")
+        check_selection_metric(self.metric)
+        for variant in self.variant_list:
+            make_train_config(variant, **_variant_params(self, variant))  # bad data or model settings fail here
+        if self.tune_variant != "none":
+            make_tune_config(self.tune_variant, **_tune_params(self))
+
 
 def make_workflow_config(**params: Any) -> WorkflowConfig:
-    """Validated settings from (possibly string) parameters; data settings are checked by make_config."""
-    values = coerce_fields(WorkflowConfig, params)
-    config = replace(WorkflowConfig(), **values)
-    unknown = [v for v in config.variant_list if v not in VARIANTS]
-    if not config.variant_list or unknown:
-        raise ConfigError(f"variants must be a comma-separated list of {', '.join(VARIANTS)}; got {config.variants!r}")
-    if config.tune_variant not in (*TUNABLE, "none"):
-        raise ConfigError(f"tune_variant must be one of {', '.join(TUNABLE)} or none; got {config.tune_variant!r}")
-    if not config.metric.startswith("validation_"):
-        raise ConfigError(f"metric must be a validation metric (validation_*); got {config.metric!r}")
-    for variant in {*config.variant_list, *([config.tune_variant] if config.tune_variant != "none" else [])}:
-        make_config(variant, **_variant_params(config, variant))  # bad data or model settings fail here
+    """Validated settings from (possibly string) parameters."""
+    config = from_params(WorkflowConfig, params)
+    config.validate()
     return config
 
 
@@ -85,56 +102,56 @@ class Step:
     run_id: str = ""
     reused: bool = False
     seconds: float = 0.0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
-def _data_params(config: WorkflowConfig) -> dict[str, Any]:
-    return {"data_dir": config.data_dir, "layout": config.layout, "magnification": config.magnification,
-            "max_images": config.max_images, "split": config.split, "seed": config.seed}
-
-
-def _variant_params(config: WorkflowConfig, variant: str) -> dict[str, Any]:
-    params = {**_data_params(config), "image_size": config.image_size, "batch_size": config.batch_size,
-              "epochs": config.epochs}
+def _variant_params(config: WorkflowConfig, variant: str, split_table: str = "") -> dict[str, Any]:
+    params = {**asdict(config.data_config()), "image_size": config.image_size, "batch_size": config.batch_size,
+              "epochs": config.epochs, "split_table": split_table}
     if variant == "transfer":
-        params.update(backbone=config.backbone, alpha=config.alpha, weights=config.weights)
-    elif variant == "densenet":
+        params.update(backbone=config.backbone, alpha=config.alpha)
+    if variant in BACKBONE_VARIANTS:
         params.update(weights=config.weights)
     return params
 
 
-def plan(config: WorkflowConfig, experiment: str) -> list[Step]:
-    def strings(params: dict[str, Any]) -> dict[str, str]:
-        return {k: str(v) for k, v in params.items()}
+def _tune_params(config: WorkflowConfig, split_table: str = "") -> dict[str, Any]:
+    params = {**_variant_params(config, config.tune_variant, split_table), "n_trials": config.n_trials,
+              "trial_epochs": config.trial_epochs, "storage": config.storage, "search_space": config.search_space,
+              "cache_dir": config.cache_dir}
+    for searched in load_search_space(config.search_space).searched:  # the study's to choose
+        params.pop(searched, None)
+    return params
 
-    steps = [Step("data", "data", strings(_data_params(config)))]
-    steps += [Step(v, v, strings(_variant_params(config, v))) for v in config.variant_list]
+
+def _strings(params: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in params.items() if v != ""}
+
+
+def plan(config: WorkflowConfig, experiment: str, split_table: str) -> list[Step]:
+    """The steps after the data step, given its split table."""
+    steps = [Step(v, v, _strings(_variant_params(config, v, split_table))) for v in config.variant_list]
     if config.tune_variant != "none":
-        tune = {**_variant_params(config, config.tune_variant), "variant": config.tune_variant,
-                "n_trials": config.n_trials, "trial_epochs": config.trial_epochs, "storage": config.storage}
-        if config.tune_variant == "densenet":
-            tune.pop("backbone", None)
-        steps.append(Step("tune", "tune", strings(tune)))
-    steps.append(Step("register", "register", strings({"experiment": experiment, "metric": config.metric,
+        steps.append(Step("tune", "tune", _strings({**_tune_params(config, split_table),
+                                                     "variant": config.tune_variant})))
+    steps.append(Step("register", "register", _strings({"experiment": experiment, "metric": config.metric,
                                                          "name": config.model_name}), depends_on_all=True))
-    steps.append(Step("promote", "promote", strings({"name": config.model_name}), depends_on_all=True))
+    steps.append(Step("promote", "promote", _strings({"name": config.model_name}), depends_on_all=True))
     return steps
 
 
-def code_digest() -> str:
-    """Of the package's source and the MLproject: a step run with other code is not reused."""
-    import hashlib
-
+def code_digest(root: Path | None = None) -> str:
+    """Of the package's source, the MLproject and the files users edit (in `root`, default: this project):
+    a step run with other code is not reused."""
     import histoflow
 
     package = Path(histoflow.__file__).parent
-    files = sorted(package.rglob("*.py"))
-    project = package.parents[1] / "MLproject"
-    if project.is_file():
-        files.append(project)
+    files = [(str(p.relative_to(package)), p) for p in sorted(package.rglob("*.py"))]
+    root = root or project_root()
+    if root is not None:
+        files += [(str(p.relative_to(root)), p) for pattern in PROJECT_FILES for p in sorted(root.glob(pattern))]
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(package.parents[1] if path == project else package)).encode())
+    for name, path in files:
+        digest.update(name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -153,7 +170,11 @@ def find_finished(experiment_id: str, step: Step, code: str, data: str) -> str |
 
 
 def _execute(step: Step, experiment_id: str) -> str:
-    submitted = mlflow.projects.run(str(project_root()), entry_point=step.entry_point, parameters=step.parameters,
+    root = project_root()
+    if root is None:
+        raise ConfigError("the workflow runs the MLproject's entry points; install histoflow from its repository "
+                          "with `pip install -e .`")
+    submitted = mlflow.projects.run(str(root), entry_point=step.entry_point, parameters=step.parameters,
                                     experiment_id=experiment_id, env_manager="local", synchronous=False)
     if not submitted.wait():
         raise HistoflowError(f"workflow step {step.name!r} ({step.entry_point}) failed: see run "
@@ -161,53 +182,54 @@ def _execute(step: Step, experiment_id: str) -> str:
     return submitted.run_id
 
 
-def project_root() -> Path:
-    import histoflow
+def step_data_digest(client: MlflowClient, run_id: str, data: str) -> str:
+    """The data a step's run used: the digest it computed (training and tuning runs log one), else the data step's."""
+    return client.get_run(run_id).data.tags.get("dataset.digest") or data
 
-    root = Path(histoflow.__file__).resolve().parents[2]
-    if not (root / "MLproject").is_file():
-        raise ConfigError(f"the workflow runs the MLproject's entry points; none found at {root} (install histoflow "
-                          "from its repository with `pip install -e .`)")
-    return root
+
+def _run_step(step: Step, config: WorkflowConfig, client: MlflowClient, experiment_id: str, parent_id: str,
+              code: str, data: str, anything_new: bool) -> None:
+    start = time.monotonic()
+    reusable = config.reuse and not (step.depends_on_all and anything_new)
+    step.run_id = (find_finished(experiment_id, step, code, data) if reusable else None) or ""
+    step.reused = bool(step.run_id)
+    if step.reused:
+        print(f"workflow: reusing {step.name}: run {step.run_id} (same parameters, code and data)")
+    else:
+        print(f"workflow: running {step.name} ({step.entry_point})")
+        step.run_id = _execute(step, experiment_id)
+        client.set_tag(step.run_id, PARENT_TAG, parent_id)  # nested under main in the UI
+        client.set_tag(step.run_id, STEP_TAG, step.name)
+        client.set_tag(step.run_id, CODE_TAG, code)
+        client.set_tag(step.run_id, DATA_TAG, step_data_digest(client, step.run_id, data))
+    step.seconds = time.monotonic() - start
+    mlflow.set_tag(f"step.{step.name}", step.run_id)
 
 
 def run(config: WorkflowConfig) -> dict:
     """Run (or resume) the workflow as a parent run; returns the step table and the comparison."""
+    config.validate()
     tracking.configure()
     client = MlflowClient()
     code = code_digest()
     with mlflow.start_run(run_name="main") as parent:
         experiment_id = parent.info.experiment_id
         experiment = mlflow.get_experiment(experiment_id).name
-        logged = mlflow.get_run(parent.info.run_id).data.params
-        mlflow.log_params({k: v for k, v in asdict(config).items() if k not in logged})
+        tracking.log_new_params(asdict(config))
         mlflow.set_tags({"histoflow.step": "workflow", CODE_TAG: code})
         tracking.log_environment()
-        steps, data, anything_new = plan(config, experiment), "", False
-        for step in steps:
-            start = time.monotonic()
-            reusable = config.reuse and not (step.depends_on_all and anything_new)
-            step.run_id = (find_finished(experiment_id, step, code, data) if reusable else None) or ""
-            step.reused = bool(step.run_id)
-            if not step.reused:
-                print(f"workflow: running {step.name} ({step.entry_point})")
-                step.run_id = _execute(step, experiment_id)
-                client.set_tag(step.run_id, PARENT_TAG, parent.info.run_id)  # nested under main in the UI
-                client.set_tag(step.run_id, STEP_TAG, step.name)
-                client.set_tag(step.run_id, CODE_TAG, code)
-                anything_new = True
-            else:
-                print(f"workflow: reusing {step.name}: run {step.run_id} (same parameters, code and data)")
-            if step.name == "data":
-                data = client.get_run(step.run_id).data.tags["dataset.digest"]
-            if not step.reused:
-                client.set_tag(step.run_id, DATA_TAG, data)
-            step.seconds = time.monotonic() - start
-            mlflow.set_tag(f"step.{step.name}", step.run_id)
+        data_step = Step("data", "data", _strings(asdict(config.data_config())))
+        _run_step(data_step, config, client, experiment_id, parent.info.run_id, code, "", False)
+        data = client.get_run(data_step.run_id).data.tags["dataset.digest"]
+        steps, anything_new = [data_step], not data_step.reused
+        for step in plan(config, experiment, f"runs:/{data_step.run_id}/{SPLIT_TABLE}"):
+            _run_step(step, config, client, experiment_id, parent.info.run_id, code, data, anything_new)
+            steps.append(step)
+            anything_new |= not step.reused
         table = _compare(experiment, config.output_dir)
         result = {"steps": [{"name": s.name, "entry_point": s.entry_point, "run_id": s.run_id, "reused": s.reused,
                              "seconds": round(s.seconds, 1), "parameters": s.parameters} for s in steps],
-                  "champion": _champion(config.model_name, client)}
+                  "champion": _champion(config.model_name)}
         tracking.log_json(result, "workflow/steps.json")
         print(pd.DataFrame(result["steps"])[["name", "run_id", "reused", "seconds"]].to_markdown(index=False))
         print(f"\n{table}\nchampion: {result['champion']}")
@@ -218,17 +240,12 @@ def run(config: WorkflowConfig) -> dict:
 
 def _compare(experiment: str, output_dir: str) -> str:
     """The comparison table of the experiment's training runs, saved and logged into the main run."""
-    from histoflow import compare
-
-    markdown, files = compare.write(compare.summary(experiment), output_dir)
+    markdown, files = comparison.write(comparison.summary(experiment), output_dir)
     for path in files:
         mlflow.log_artifact(str(path), "workflow")
     return markdown
 
 
-def _champion(name: str, client: MlflowClient) -> dict | None:
-    try:
-        version = client.get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        return None
-    return {"name": name, "version": version.version, "run_id": version.run_id}
+def _champion(name: str) -> dict | None:
+    version = alias_version(name, load_policy(DEFAULT_POLICY).aliases.champion)
+    return None if version is None else {"name": name, "version": version.version, "run_id": version.run_id}

@@ -1,4 +1,4 @@
-"""One tracked training run: data -> split -> pipeline -> model -> fit -> evaluate -> log to MLflow."""
+"""The training run (the variants' entry points): data -> split -> pipeline -> model -> fit -> evaluate -> MLflow."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import numpy as np
 import pandas as pd
 from mlflow.models import Model, infer_signature
 
-from histoflow import evaluation, explain, plots, tracking
-from histoflow.config import TrainConfig
-from histoflow.data_report import log_data, prepare_data
-from histoflow.models import build_baseline, build_fusion, compile_model, gradcam_layer
-from histoflow.pipeline import augmented_size, make_dataset
-from histoflow.training import EpochMetrics, class_weights, fit, precision_policy, set_seeds, strategy
+from histoflow import tracking
+from histoflow.data.pipeline import augmented_size, make_dataset
+from histoflow.data.step import PreparedData, log_data, prepare_data
+from histoflow.modeling import explain, figures, metrics
+from histoflow.modeling.architectures import build_baseline, build_fusion, compile_model, gradcam_layer
+from histoflow.modeling.fitting import EpochMetrics, class_weights, fit, precision_policy, set_seeds, strategy
+from histoflow.modeling.variants import TrainConfig
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
@@ -30,15 +31,16 @@ def build(config: TrainConfig) -> keras.Model:
     with strategy().scope(), precision_policy(config.mixed_precision):
         if config.uses_backbone:
             model = build_fusion(config.backbone, config.image_size, config.weights, config.fusion_width,
-                                 config.dropout, config.alpha, config.freeze_backbone)
+                                 config.dropout, config.alpha, config.unfrozen_blocks, config.head_batchnorm)
         else:
             model = build_baseline(config.image_size, config.dropout)
-        return compile_model(model, config.learning_rate)
+        return compile_model(model, config.learning_rate, config.optimizer)
 
 
-def _datasets(config: TrainConfig, frame: pd.DataFrame):
+def datasets(config: TrainConfig, prepared: PreparedData):
+    """The train, validation and test pipelines (augmentation on the training split only)."""
     def part(name: str, training: bool):
-        rows = frame[frame["split"] == name]
+        rows = prepared.rows(name)
         return make_dataset(rows["path"], rows["label"], config.image_size, config.batch_size,
                             training=training, augment=config.augment if training else "none",
                             seed=config.seed)
@@ -52,36 +54,39 @@ def _log_figure(fig: plt.Figure, path: str) -> None:
 
 def _log_evaluation(split: str, rows: pd.DataFrame, probabilities: np.ndarray, class_names: list[str]) -> dict:
     """Metrics with a split prefix (validation_*, test_*), confusion matrix (PNG+JSON), ROC, report."""
-    metrics = evaluation.evaluate(rows, probabilities)
-    mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics.items() if np.isfinite(v)})
+    scores = metrics.evaluate(rows, probabilities)
+    mlflow.log_metrics({f"{split}_{k}": v for k, v in scores.items() if np.isfinite(v)})
     y = rows["label"].to_numpy()
-    matrix = evaluation.confusion(y, probabilities)
+    matrix = metrics.confusion(y, probabilities)
     tracking.log_json({"labels": class_names, "matrix": matrix.tolist(), "rows": "true", "columns": "predicted"},
                       f"evaluation/{split}_confusion_matrix.json")
-    _log_figure(plots.confusion_figure(matrix, class_names, f"{split} confusion matrix"),
+    _log_figure(figures.confusion_figure(matrix, class_names, f"{split} confusion matrix"),
                 f"evaluation/{split}_confusion_matrix.png")
-    _log_figure(plots.roc_figure(y, probabilities[:, 1], f"{split} ROC"), f"evaluation/{split}_roc_curve.png")
-    mlflow.log_text(evaluation.report_text(y, probabilities, class_names),
+    _log_figure(figures.roc_figure(y, probabilities[:, 1], f"{split} ROC"), f"evaluation/{split}_roc_curve.png")
+    mlflow.log_text(metrics.report_text(y, probabilities, class_names),
                     f"evaluation/{split}_classification_report.txt")
     predictions = rows[["relpath", "patient", "label"]].assign(probability_malignant=probabilities[:, 1])
     mlflow.log_table(predictions, f"evaluation/{split}_predictions.json")
-    return metrics
+    return scores
 
 
-def _log_gradcam(model: keras.Model, config: TrainConfig, test_ds, rows: pd.DataFrame,
-                 probabilities: np.ndarray, class_names: list[str]) -> None:
+def _log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, probabilities: np.ndarray,
+                 class_names: list[str]) -> None:
     if config.gradcam_per_class == 0:
         return
     labels = rows["label"].to_numpy()
     chosen = explain.pick_examples(labels, config.gradcam_per_class, config.seed)
-    images = np.concatenate([x.numpy() for x, _ in test_ds])[chosen]
+    # Only the chosen images are read again, not the whole test split.
+    picked = rows.iloc[chosen]
+    images = np.concatenate([x for x, _ in make_dataset(picked["path"], picked["label"], config.image_size,
+                                                         len(picked)).as_numpy_iterator()])
     predicted = probabilities[chosen].argmax(axis=1)
-    layer = gradcam_layer(model, config.backbone if config.uses_backbone else None)
+    layer = gradcam_layer(config.backbone if config.uses_backbone else None)
     heatmaps = np.stack([explain.gradcam(model, images[i:i + 1], layer, int(predicted[i]))[0]
                          for i in range(len(chosen))])
     captions = [f"true {class_names[labels[c]]}\npred {class_names[p]} {probabilities[c, p]:.2f}"
                 for c, p in zip(chosen, predicted)]
-    _log_figure(plots.gradcam_figure(images, heatmaps, captions), "evaluation/gradcam.png")
+    _log_figure(figures.gradcam_figure(images, heatmaps, captions), "evaluation/gradcam.png")
 
 
 class _KerasFlavor:
@@ -109,40 +114,40 @@ def _log_model(model: keras.Model, config: TrainConfig, example: np.ndarray, cla
         signature=signature, input_example=example,
         metadata={"class_names": class_names, "image_size": config.image_size, "variant": config.variant,
                   "model": config.model_name, "input": "float32 RGB in [0, 1], resized with "
-                  "histoflow.preprocessing.resize_and_scale"},
+                  "histoflow.data.images.resize_and_scale"},
     )
     return size_mb
 
 
 def run(config: TrainConfig) -> str:
     """Train and evaluate one variant as one MLflow run; returns the run id."""
+    config.validate()
     tracking.configure(config.experiment)  # first: a tracking server that is down fails before any work
-    dataset, frame = prepare_data(config)
+    prepared = prepare_data(config, config.split_table)
+    dataset = prepared.dataset
     set_seeds(config.seed)
     run_name = config.run_name or f"{config.variant}-{config.model_name}-{dataset.name}"
     with mlflow.start_run(run_name=run_name) as active:
-        # `mlflow run` has already logged the entry point's parameters (as given); add the rest.
-        logged = mlflow.get_run(active.info.run_id).data.params
-        mlflow.log_params({k: v for k, v in config.to_params().items() if k not in logged})
+        tracking.log_new_params(config.to_params())
         mlflow.set_tags({"variant": config.variant, "model": config.model_name})
-        log_data(config, dataset, frame)
-        train_ds, val_ds, test_ds = _datasets(config, frame)
+        log_data(prepared)
+        train_ds, val_ds, test_ds = datasets(config, prepared)
         model = build(config)
         mlflow.log_metric("n_params", model.count_params())
-        weights = class_weights(frame.loc[frame["split"] == "train", "label"].to_numpy(), config.class_weight)
+        weights = class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight)
         result = fit(model, train_ds, val_ds, config.epochs, [EpochMetrics()], weights,
                      config.patience, config.lr_patience)
-        n_train = augmented_size(int((frame["split"] == "train").sum()), config.augment)
+        n_train = augmented_size(len(prepared.rows("train")), config.augment)
         mlflow.log_metrics({"train_time_s": result.seconds, "best_epoch": result.best_epoch,
                             "epochs_run": result.epochs_run,
                             "train_images_per_s": n_train * result.epochs_run / result.seconds})
-        _log_figure(plots.history_figure(result.history, run_name), "evaluation/training_curves.png")
+        _log_figure(figures.history_figure(result.history, run_name), "evaluation/training_curves.png")
         # Selection happened on validation (early stopping); test is evaluated once, here.
-        val_rows, test_rows = frame[frame["split"] == "val"], frame[frame["split"] == "test"]
+        val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
         _log_evaluation("validation", val_rows, model.predict(val_ds, verbose=0), dataset.class_names)
         test_probabilities = model.predict(test_ds, verbose=0)
         test = _log_evaluation("test", test_rows, test_probabilities, dataset.class_names)
-        _log_gradcam(model, config, test_ds, test_rows, test_probabilities, dataset.class_names)
+        _log_gradcam(model, config, test_rows, test_probabilities, dataset.class_names)
         example = next(iter(test_ds))[0].numpy()[:1]
         mlflow.log_metric("model_size_mb", _log_model(model, config, example, dataset.class_names))
         print(f"{run_name}: test accuracy {test['accuracy']:.4f}, balanced accuracy "

@@ -1,6 +1,6 @@
 """Model variants: the reports' baseline CNN and the multi-scale fusion head on keras.applications backbones.
 
-Models take float32 images in [0, 1] (the output of ``preprocessing.resize_and_scale``); each backbone's
+Models take float32 images in [0, 1] (the output of ``histoflow.data.images.resize_and_scale``); each backbone's
 own ImageNet normalisation is a built-in layer inside the model, so the saved ``.keras`` file and the
 served model need no custom code.
 """
@@ -69,6 +69,7 @@ BACKBONES: dict[str, Backbone] = {
         ("block4_sepconv2_bn", "block13_sepconv2_bn", "block14_sepconv2_act"),
         "tf", 71, "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
 }
+BACKBONE_BLOCKS = 3  # stages that unfrozen_blocks counts, from the top: the layers after each tap but the last
 ALPHA_BACKBONES = {"mobilenet": (0.25, 0.5, 0.75, 1.0), "mobilenet_v2": (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)}
 GRADCAM_LAYER_BASELINE = "conv3"
 
@@ -148,10 +149,16 @@ def build_fusion(
     fusion_width: int = 64,
     dropout: float = 0.45,
     alpha: float = 1.0,
-    freeze_backbone: bool = False,
+    unfrozen_blocks: int = BACKBONE_BLOCKS,
+    head_batchnorm: bool = True,
     num_classes: int = 2,
 ) -> keras.Model:
-    """Backbone taps -> (GAP -> Dense(fusion_width) -> BN) each, concat -> Dense 16 -> BN -> Dropout -> softmax."""
+    """Backbone taps -> (GAP -> Dense(fusion_width) -> BN) each, concat -> Dense 16 -> BN -> Dropout -> softmax.
+
+    unfrozen_blocks: how many of the backbone's stages are trained, counted from the top; the stages
+    end at the taps (strides 8, 16, 32): 0 freezes the backbone, 1 trains what follows the second tap,
+    2 what follows the first, 3 (BACKBONE_BLOCKS) the whole backbone.
+    """
     if backbone not in BACKBONES:
         raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}; got {backbone!r}")
     spec = BACKBONES[backbone]
@@ -181,41 +188,75 @@ def build_fusion(
             f"{keras_cache_dir()} and could not download it ({type(exc).__name__}: {exc}). Copy the "
             "file there, pass weights=/path/to/weights.h5, or use weights=none"
         ) from None
-    base.trainable = not freeze_backbone
+    _unfreeze(base, spec.taps, unfrozen_blocks)
     pooled = [keras.layers.GlobalAveragePooling2D(name=f"fusion{i}_gap")(base.get_layer(tap).output)
               for i, tap in enumerate(spec.taps, start=1)]
-    return keras.Model(inputs, fusion_head(pooled, fusion_width, dropout, num_classes), name=f"{backbone}_fusion")
+    return keras.Model(inputs, fusion_head(pooled, fusion_width, dropout, num_classes, batchnorm=head_batchnorm),
+                       name=f"{backbone}_fusion")
+
+
+def _upstream(model: keras.Model, name: str) -> set[str]:
+    """The layer `name` and every layer whose output reaches it."""
+    seen: set[str] = set()
+    stack = [model.get_layer(name)]
+    while stack:
+        layer = stack.pop()
+        if layer.name not in seen:
+            seen.add(layer.name)
+            stack += [parent.operation for node in layer._inbound_nodes for parent in node.parent_nodes]
+    return seen
+
+
+def _unfreeze(base: keras.Model, taps: Sequence[str], unfrozen_blocks: int) -> None:
+    if not 0 <= unfrozen_blocks <= BACKBONE_BLOCKS:
+        raise ConfigError(f"unfrozen_blocks must be in 0..{BACKBONE_BLOCKS}; got {unfrozen_blocks}")
+    base.trainable = unfrozen_blocks > 0
+    if 0 < unfrozen_blocks < BACKBONE_BLOCKS:
+        frozen = _upstream(base, taps[BACKBONE_BLOCKS - 1 - unfrozen_blocks])
+        for layer in base.layers:
+            layer.trainable = layer.name not in frozen
 
 
 def fusion_head(pooled: Sequence[keras.KerasTensor], fusion_width: int, dropout: float,
                 num_classes: int = 2, dropout_layer: Callable[..., keras.layers.Layer] = keras.layers.Dropout,
-                ) -> keras.KerasTensor:
-    """(Dense(fusion_width) -> BN) per pooled tap, concat -> Dense 16 -> BN -> Dropout -> softmax.
+                batchnorm: bool = True) -> keras.KerasTensor:
+    """(Dense(fusion_width) [-> BN]) per pooled tap, concat -> Dense 16 [-> BN] -> Dropout -> softmax.
 
     The one definition of the head: build_fusion puts it on the backbone's pooled taps, tuning on
-    cached pooled vectors (histoflow.features), so a tuned head is the head the full model trains.
-    Tuning swaps in a dropout whose rate is a variable (``dropout_layer``), the same operation.
+    cached pooled vectors (histoflow.tuning.head_trainer), so a tuned head is the head the full model
+    trains. Tuning swaps in a dropout whose rate is a variable (``dropout_layer``), the same operation.
     """
-    branches = []
-    for i, x in enumerate(pooled, start=1):
-        x = keras.layers.Dense(fusion_width, activation="relu", name=f"fusion{i}_dense")(x)
-        branches.append(keras.layers.BatchNormalization(name=f"fusion{i}_bn")(x))
+    def normalised(x: keras.KerasTensor, name: str) -> keras.KerasTensor:
+        return keras.layers.BatchNormalization(name=name)(x) if batchnorm else x
+
+    branches = [normalised(keras.layers.Dense(fusion_width, activation="relu", name=f"fusion{i}_dense")(x),
+                           f"fusion{i}_bn") for i, x in enumerate(pooled, start=1)]
     x = keras.layers.Concatenate(name="fusion_concat")(branches)
-    x = keras.layers.Dense(16, activation="relu", name="head_dense")(x)
-    x = keras.layers.BatchNormalization(name="head_bn")(x)
+    x = normalised(keras.layers.Dense(16, activation="relu", name="head_dense")(x), "head_bn")
     x = dropout_layer(dropout, name="head_dropout")(x)
     # float32 softmax even under mixed precision: float16 probabilities round to 0/1 and break the loss.
     return keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
 
 
-def gradcam_layer(model: keras.Model, backbone: str | None) -> str:
+def gradcam_layer(backbone: str | None) -> str:
     """The convolutional layer Grad-CAM explains: the last conv of the CNN, the deepest tap otherwise."""
     return BACKBONES[backbone].taps[-1] if backbone else GRADCAM_LAYER_BASELINE
 
 
-def compile_model(model: keras.Model, learning_rate: float, steps_per_execution: int = 1) -> keras.Model:
+OPTIMIZERS: dict[str, Callable[[float], keras.optimizers.Optimizer]] = {
+    "adam": lambda lr: keras.optimizers.Adam(learning_rate=lr),
+    "adamw": lambda lr: keras.optimizers.AdamW(learning_rate=lr),
+    "sgd": lambda lr: keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True),
+    "rmsprop": lambda lr: keras.optimizers.RMSprop(learning_rate=lr),
+}
+
+
+def compile_model(model: keras.Model, learning_rate: float, optimizer: str = "adam",
+                  steps_per_execution: int = 1) -> keras.Model:
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=OPTIMIZERS[optimizer](learning_rate),
         loss="categorical_crossentropy",
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
         steps_per_execution=steps_per_execution,
@@ -223,5 +264,3 @@ def compile_model(model: keras.Model, learning_rate: float, steps_per_execution:
     return model
 
 
-def count_params(model: keras.Model) -> int:
-    return int(model.count_params())

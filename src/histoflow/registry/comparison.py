@@ -1,14 +1,23 @@
-"""The reports' summary table for the runs of an experiment (Markdown + CSV, logged as a run)."""
+"""The `compare` entry point: the reports' summary table of an experiment's training runs (Markdown + CSV)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
+from histoflow import tracking
 from histoflow.errors import DataError
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    experiment: str = ""  # "" = the current experiment (the `mlflow run` run's)
+    dataset: str = ""  # "" = runs on every dataset
+    output_dir: str = "outputs"
 
 COLUMNS = {
     "tags.mlflow.runName": "Run",
@@ -32,11 +41,11 @@ def summary(experiment: str, dataset: str = "") -> pd.DataFrame:
     """One row per finished training run of the experiment (newest first)."""
     if mlflow.get_experiment_by_name(experiment) is None:
         raise DataError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
-    runs = mlflow.search_runs(experiment_names=[experiment],
-                              filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
-                              order_by=["attributes.start_time DESC"])
+    query = "attributes.status = 'FINISHED' and metrics.test_accuracy >= 0"
     if dataset:
-        runs = runs[runs.get("tags.dataset.name") == dataset]
+        query += f" and tags.`dataset.name` = '{dataset}'"
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=query,
+                              order_by=["attributes.start_time DESC"])
     if runs.empty:
         raise DataError(f"experiment {experiment!r} has no finished training run"
                         + (f" on dataset {dataset!r}" if dataset else ""))
@@ -63,9 +72,11 @@ def write(table: pd.DataFrame, output_dir: str) -> tuple[str, list[Path]]:
     return markdown, [out / "comparison.csv", out / "comparison.md"]
 
 
-def run(experiment: str, dataset: str = "", output_dir: str = "outputs") -> pd.DataFrame:
+def run(config: CompareConfig) -> pd.DataFrame:
     """Print the table, save CSV and Markdown under output_dir, and log both to a `compare` run."""
-    table = summary(experiment, dataset)
+    tracking.configure()
+    experiment, output_dir = config.experiment or tracking.current_experiment_name(), config.output_dir
+    table = summary(experiment, config.dataset)
     markdown, files = write(table, output_dir)
     print(markdown)
     experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
@@ -73,7 +84,8 @@ def run(experiment: str, dataset: str = "", output_dir: str = "outputs") -> pd.D
     in_project = bool(os.environ.get("MLFLOW_RUN_ID"))
     with mlflow.start_run(experiment_id=None if in_project else experiment_id, run_name="compare"):
         mlflow.set_tag("histoflow.step", "compare")
-        mlflow.log_param("compared_runs", len(table))
+        tracking.log_new_params({"experiment": experiment, "dataset": config.dataset, "output_dir": output_dir,
+                                 "compared_runs": len(table)})
         for path in files:
             mlflow.log_artifact(str(path))
     return table

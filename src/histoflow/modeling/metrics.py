@@ -1,4 +1,4 @@
-"""Test-set evaluation with scikit-learn: image-level and patient-level metrics."""
+"""Evaluation with scikit-learn: image-level and patient-level metrics of a split's predictions."""
 
 from __future__ import annotations
 
@@ -40,6 +40,24 @@ def binary_metrics(y_true: np.ndarray, probabilities: np.ndarray, threshold: flo
     }
 
 
+def patient_table(patients: pd.Series | np.ndarray, positive_probability: np.ndarray,
+                  y_true: np.ndarray | None = None, threshold: float = 0.5) -> pd.DataFrame:
+    """One row per patient: images, mean positive probability and the call made from it; with labels,
+    the patient's label (the majority of its images' labels: IDC patients have both) and the share of
+    its images classified correctly. The one patient-level rule of evaluation and batch prediction."""
+    table = pd.DataFrame({"patient": np.asarray(patients), "p": np.asarray(positive_probability, dtype=float)})
+    aggregations = {"images": ("p", "size"), "mean_p": ("p", "mean")}
+    if y_true is not None:
+        table["y"] = np.asarray(y_true, dtype=int)
+        table["correct"] = (table["p"] >= threshold).astype(int) == table["y"]
+        aggregations.update(y=("y", "mean"), score=("correct", "mean"))
+    per_patient = table.groupby("patient", sort=True).agg(**aggregations)
+    per_patient["predicted"] = (per_patient["mean_p"] >= threshold).astype(int)
+    if y_true is not None:
+        per_patient["label"] = (per_patient.pop("y") >= 0.5).astype(int)
+    return per_patient.reset_index()
+
+
 def patient_metrics(patients: pd.Series, y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """Patient-level results.
 
@@ -47,14 +65,9 @@ def patient_metrics(patients: pd.Series, y_true: np.ndarray, probabilities: np.n
     patient_score: BreaKHis' patient-level recognition rate (Spanhol et al. 2016), the mean over
     patients of the fraction of that patient's images classified correctly.
     """
-    table = pd.DataFrame({"patient": np.asarray(patients), "y": np.asarray(y_true, dtype=int),
-                          "p": probabilities[:, 1]})
-    table["correct"] = (table["p"] >= 0.5).astype(int) == table["y"]
-    per_patient = table.groupby("patient").agg(y=("y", "mean"), p=("p", "mean"), score=("correct", "mean"))
-    patient_label = (per_patient["y"] >= 0.5).astype(int)
-    patient_pred = (per_patient["p"] >= 0.5).astype(int)
+    per_patient = patient_table(patients, probabilities[:, 1], y_true)
     return {
-        "patient_accuracy": float((patient_label == patient_pred).mean()),
+        "patient_accuracy": float((per_patient["label"] == per_patient["predicted"]).mean()),
         "patient_score": float(per_patient["score"].mean()),
         "patients": float(len(per_patient)),
     }

@@ -21,10 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from histoflow.errors import DataError, ImageDecodeError
-from histoflow.preprocessing import IMAGE_EXTENSIONS, decode_image
+from histoflow.data.images import IMAGE_EXTENSIONS, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,11 @@ class Dataset:
             "skipped": self.skipped.to_dict(orient="records"),
             "ignored_non_image_files": self.ignored_files,
         }
+
+
+def normalise_magnification(value: str | int) -> str:
+    """'200X', '200x', 200 -> '200'; 'ALL' -> 'all'."""
+    return str(value).strip().upper().rstrip("X").lower()
 
 
 def _walk_images(root: Path) -> tuple[list[Path], int]:
@@ -253,15 +259,39 @@ def _digest(frame: pd.DataFrame, hashes: list[str]) -> str:
     return sha.hexdigest()[:16]
 
 
-def _subsample(frame: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:
-    """A label-stratified random subset (many patients, few images each, so splits stay possible)."""
-    if max_images <= 0 or len(frame) <= max_images:
-        return frame
-    parts = []
+def _quotas(counts: dict[int, int], total: int) -> dict[int, int]:
+    """Images per label: `total` shared in proportion to the labels' counts (largest remainders), each >= 1."""
+    n = sum(counts.values())
+    exact = {label: total * count / n for label, count in counts.items()}
+    quotas = {label: max(1, int(share)) for label, share in exact.items()}
+    by_remainder = sorted(counts, key=lambda label: exact[label] - int(exact[label]), reverse=True)
+    for label in by_remainder[:max(0, total - sum(quotas.values()))]:
+        quotas[label] += 1
+    return {label: min(quotas[label], counts[label]) for label in counts}
+
+
+def _readable_subset(frame: pd.DataFrame, max_images: int, seed: int
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """A label-stratified random subset of `max_images` readable images (many patients, few images each,
+    so splits stay possible): candidates are checked in a seeded random order until each label's quota
+    is met, so unreadable files are replaced, not subtracted."""
+    kept, skipped, hashes = [], [], []
+    quotas = _quotas(frame["label"].value_counts().to_dict(), max_images)
     for label, part in frame.groupby("label"):
-        share = max(1, round(max_images * len(part) / len(frame)))
-        parts.append(part.sample(n=min(share, len(part)), random_state=seed))
-    return pd.concat(parts).sort_values("relpath").reset_index(drop=True)
+        order = part.sample(frac=1.0, random_state=seed)  # its first n rows are part.sample(n, random_state=seed)
+        start, found = 0, 0
+        while found < quotas[label] and start < len(order):
+            chunk = order.iloc[start:start + quotas[label] - found]
+            start += len(chunk)
+            good, bad, good_hashes = _validate(chunk)
+            kept.append(good)
+            skipped.append(bad)
+            hashes += good_hashes
+            found += len(good)
+    frame = pd.concat(kept)
+    order = np.argsort(frame["relpath"].to_numpy(), kind="stable")
+    return (frame.iloc[order].reset_index(drop=True), pd.concat(skipped, ignore_index=True),
+            [hashes[i] for i in order])
 
 
 def discover(
@@ -275,7 +305,7 @@ def discover(
     root = Path(data_dir).expanduser().resolve()
     if layout not in LAYOUTS:
         raise DataError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
-    magnification = str(magnification).upper().rstrip("X").lower()
+    magnification = normalise_magnification(magnification)
     if magnification not in MAGNIFICATIONS:
         raise DataError(f"magnification must be one of {', '.join(MAGNIFICATIONS)}; got {magnification!r}")
     if not root.is_dir():
@@ -296,8 +326,10 @@ def discover(
         frame = frame[frame["magnification"] == magnification].reset_index(drop=True)
         if frame.empty:
             raise DataError(f"no BreaKHis image at {magnification}X under {root}")
-    frame = _subsample(frame, int(max_images), seed)
-    frame, skipped, hashes = _validate(frame)
+    if 0 < max_images < len(frame):
+        frame, skipped, hashes = _readable_subset(frame, int(max_images), seed)
+    else:
+        frame, skipped, hashes = _validate(frame)
     if frame.empty:
         raise DataError(
             f"no readable image under {root}: all {len(skipped)} image files were skipped "

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from histoflow.errors import ConfigError, WeightsError
-from histoflow.models import BACKBONES, build_baseline, build_fusion, imagenet_weights_file
+from histoflow.modeling.architectures import (
+    BACKBONES,
+    build_baseline,
+    build_fusion,
+    compile_model,
+    imagenet_weights_file,
+)
 
 
 def test_baseline_is_the_reports_cnn():
@@ -38,10 +44,40 @@ def test_every_backbone_has_its_three_taps(name):
     assert widths[0] > widths[-1]  # three scales, finest first
 
 
-def test_freeze_backbone_leaves_only_the_head_trainable():
-    model = build_fusion("mobilenet", 64, weights="none", alpha=0.5, freeze_backbone=True)
-    trainable = {w.path.split("/")[0] for w in model.trainable_weights}
-    assert trainable and all(n.startswith(("fusion", "head", "probabilities")) for n in trainable)
+HEAD = ("fusion", "head", "probabilities")
+
+
+def _trainable_layers(model) -> set[str]:
+    return {w.path.split("/")[0] for w in model.trainable_weights}
+
+
+def test_unfrozen_blocks_trains_the_backbone_from_the_top():
+    frozen = build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=0)
+    assert _trainable_layers(frozen) and all(n.startswith(HEAD) for n in _trainable_layers(frozen))
+    # MobileNet's taps: conv_pw_5_relu (stride 8), conv_pw_11_relu (16), conv_pw_13_relu (32).
+    last = _trainable_layers(build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=1)) - \
+        _trainable_layers(frozen)
+    assert last == {"conv_dw_12", "conv_dw_12_bn", "conv_pw_12", "conv_pw_12_bn",
+                    "conv_dw_13", "conv_dw_13_bn", "conv_pw_13", "conv_pw_13_bn"}
+    two = _trainable_layers(build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=2))
+    assert "conv_pw_6" in two and "conv_pw_11_bn" in two and "conv_pw_5" not in two
+    everything = build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=3)
+    assert {"conv1", "conv_pw_1", "conv_pw_5"} <= _trainable_layers(everything)
+    assert len(everything.trainable_weights) > len(frozen.trainable_weights)
+    with pytest.raises(ConfigError, match="unfrozen_blocks must be in 0..3"):
+        build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=5)
+
+
+def test_head_without_batchnorm_and_each_optimizer():
+    model = build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=0, head_batchnorm=False)
+    names = {layer.name for layer in model.layers}
+    assert "fusion1_dense" in names and not any(n.endswith("_bn") and n.startswith(HEAD) for n in names)
+    for name, cls in {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW,
+                      "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}.items():
+        compiled = compile_model(build_baseline(32), 3e-4, name)
+        assert isinstance(compiled.optimizer, cls) and float(compiled.optimizer.learning_rate) == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        compile_model(build_baseline(32), 1e-3, "lbfgs")
 
 
 def test_imagenet_weights_from_the_seeded_keras_cache(keras_home):
@@ -52,9 +88,11 @@ def test_imagenet_weights_from_the_seeded_keras_cache(keras_home):
 
 
 def test_weights_file_path_loads_at_any_size(keras_home):
-    model = build_fusion("mobilenet", 128, weights=str(keras_home / "models" / "mobilenet_7_5_224_tf_no_top.h5"),
-                         alpha=0.75)
-    assert np.abs(model.get_layer("conv1").get_weights()[0]).sum() > 0
+    path = keras_home / "models" / "mobilenet_7_5_224_tf_no_top.h5"
+    model = build_fusion("mobilenet", 128, weights=str(path), alpha=0.75)
+    with h5py.File(path) as h5:
+        stored = np.asarray(h5["conv_pw_13"]["conv_pw_13"]["kernel"])
+    np.testing.assert_array_equal(model.get_layer("conv_pw_13").get_weights()[0], stored)
 
 
 def test_missing_imagenet_weights_name_the_file_and_cache(keras_home):

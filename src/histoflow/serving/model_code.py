@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from histoflow.serving import ImageClassifier
+from histoflow.serving.classifier import ImageClassifier
 
 set_model(ImageClassifier())

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from conftest import BREAKHIS, IDC, copy_tree_subset, idc_patient_dirs
-from histoflow.datasets import BREAKHIS_NAME, IDC_NAME, detect_layout, discover
+from histoflow.data.discovery import BREAKHIS_NAME, IDC_NAME, detect_layout, discover
 from histoflow.errors import DataError
 
 
@@ -158,3 +158,21 @@ def test_detect_layout_uses_file_names():
     assert detect_layout([Path("10253/1/10253_idx5_x1_y2_class1.png")]) == "idc"
     assert detect_layout([Path("cats/a.png")]) == "folders"
     assert BREAKHIS_NAME.match("SOB_B_F-15-190EF-200-501.png")["slide"] == "190EF"
+
+
+def test_max_images_counts_readable_images_only(tmp_path):
+    """Unreadable files are replaced by other images of their class, not subtracted from max_images."""
+    files = sorted(f for p in idc_patient_dirs(6) for f in p.rglob("*.png"))
+    copy_tree_subset(files, IDC, tmp_path)
+    copies = sorted(tmp_path.rglob("*.png"))
+    for victim in copies[::2]:  # half of every patient's patches, of both classes
+        victim.write_bytes(b"not a png")
+    everything = discover(tmp_path)
+    assert len(everything.frame) == len(copies) - len(copies[::2])
+    for seed in (1, 2):
+        ds = discover(tmp_path, max_images=40, seed=seed)
+        assert len(ds.frame) == 40 and ds.frame["relpath"].is_unique
+        assert not ds.skipped.empty and set(ds.skipped["relpath"]) <= set(everything.skipped["relpath"])
+        share = ds.frame["label"].mean()
+        assert abs(share - everything.frame["label"].mean()) < 0.1  # still stratified by label
+    assert discover(tmp_path, max_images=40, seed=1).digest == discover(tmp_path, max_images=40, seed=1).digest

@@ -14,6 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from histoflow.errors import ConfigError, DataError
 
+SPLITS = ("train", "val", "test")
 SPLIT_MODES = ("patient", "image", "predefined")
 LEAKY_MODES = frozenset({"image"})
 
@@ -78,7 +79,7 @@ def split_dataset(
 
 def check_split(frame: pd.DataFrame) -> None:
     """Every split must hold both classes, or its metrics (AUC, recall) are undefined."""
-    for name in ("train", "val", "test"):
+    for name in SPLITS:
         part = frame[frame["split"] == name]
         if part.empty:
             raise DataError(f"the {name} split is empty ({len(frame)} images in all)")

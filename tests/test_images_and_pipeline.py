@@ -6,8 +6,8 @@ from PIL import Image
 
 from conftest import BREAKHIS, IDC
 from histoflow.errors import ImageDecodeError
-from histoflow.pipeline import make_dataset
-from histoflow.preprocessing import decode_image, preprocess_bytes
+from histoflow.data.pipeline import make_dataset
+from histoflow.data.images import decode_image, preprocess_bytes
 
 IDC_FILE = next((IDC / "10253" / "0").glob("*.png"))
 BREAKHIS_ORIGINAL = next(BREAKHIS.rglob("SOB_B_A-14-22549AB-40-001.png"))

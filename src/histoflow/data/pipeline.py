@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from histoflow.errors import ConfigError
-from histoflow.preprocessing import read_image, resize_and_scale
+from histoflow.data.images import read_image, resize_and_scale
 
 AUGMENTATIONS = ("none", "seed", "random")
 SEED_TRIPLING = 3  # the reports' scheme: original, rot90+flip, rot180+flip

@@ -1,0 +1,176 @@
+"""Every entry point from one definition: its settings class, its `histoflow` command and its MLproject entry.
+
+The MLproject file is rendered from the settings dataclasses (``histoflow mlproject``), so a default
+lives in one place, the code, and the MLproject cannot disagree with it. A setting whose default is
+derived when it is not given ("" or None: the variant's backbone in `tune`, a split table, a promotion
+threshold from the policy file) is not declared in the MLproject, where `mlflow run` would log its
+placeholder as the value used; it is still accepted with -P, and the run logs the value it used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+from histoflow import workflow
+from histoflow.config import field_kinds
+from histoflow.data import download, step
+from histoflow.data.download import DownloadConfig
+from histoflow.data.step import DataStepConfig
+from histoflow.modeling.variants import (
+    BACKBONE_VARIANTS,
+    VARIANT_DEFAULTS,
+    VARIANTS,
+    TrainConfig,
+    make_train_config,
+    variant_fields,
+)
+from histoflow.registry import aliases, comparison, promotion
+from histoflow.registry.aliases import RegisterConfig, RollbackConfig
+from histoflow.registry.comparison import CompareConfig
+from histoflow.registry.promotion import PromoteConfig
+from histoflow.serving import batch_predict
+from histoflow.serving.batch_predict import PredictConfig
+from histoflow.tracking import RUN_TARGET_FIELDS, RunTarget
+from histoflow.tuning.search_space import FINAL_RUN_ONLY, SEARCHABLE
+from histoflow.tuning.study import STUDY_FIELDS, TuneConfig
+from histoflow.workflow import WorkflowConfig
+
+MLPROJECT_TYPES = {int: "float", float: "float", bool: "string", str: "string"}  # MLflow checks numbers only
+# The commands other than train and tune (which take a variant): their settings class and what they run.
+COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "data": (DataStepConfig, step.run), "main": (WorkflowConfig, workflow.run),
+    "download": (DownloadConfig, download.run), "compare": (CompareConfig, comparison.run),
+    "register": (RegisterConfig, aliases.run_register), "promote": (PromoteConfig, promotion.run),
+    "rollback": (RollbackConfig, aliases.run_rollback), "predict": (PredictConfig, batch_predict.run),
+}
+# tune's settings that its variants default differently (the study's variant decides them) or that the
+# search space file decides.
+TUNE_DERIVED = (*sorted(k for k in set().union(*(VARIANT_DEFAULTS[v] for v in BACKBONE_VARIANTS))
+                        if len({repr(VARIANT_DEFAULTS[v].get(k)) for v in BACKBONE_VARIANTS}) > 1),
+                *SEARCHABLE, *FINAL_RUN_ONLY)
+COMMENTS = {
+    "tune": "Optuna study of the fusion head on cached backbone features (tuning/README.md), then the best "
+            "parameters as a full run; what is searched or fixed is in the search_space file.",
+    "data": "The data step alone: discover, split, log the data report and the split table.",
+    "main": "The whole study (docs/workflow.md): data -> variants -> tune -> register -> promote -> comparison, "
+            "each step an `mlflow run` of the entries here, reused when already done.",
+    "download": "Fetch, verify and extract a public dataset.",
+    "compare": "The reports' summary table of the experiment's training runs.",
+    "register": "The best run by a validation metric, registered as @challenger (registry/README.md).",
+    "promote": "@challenger against @champion on the same images; @champion moves when the gate of the policy "
+               "file (registry/gate.yaml) passes.",
+    "rollback": "@champion back to @previous.",
+    "predict": "Score a folder of images with a registered model.",
+}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    kind: type
+    default: Any  # dataclasses.MISSING: required
+
+    @property
+    def optional(self) -> bool:
+        """Derived when not given: accepted, but not declared in the MLproject."""
+        return self.default is None or self.default == ""
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    name: str
+    command: str  # the `histoflow` command line before the parameters
+    parameters: list[Parameter]
+    comment: str
+
+
+def parameters(cls: type, names: list[str] | None = None, defaults: dict[str, Any] | None = None) -> list[Parameter]:
+    """Parameters of a settings class (default: every field), with its defaults or the given ones."""
+    kinds, by_name = field_kinds(cls), {f.name: f for f in fields(cls)}
+    out = []
+    for name in names if names is not None else list(by_name):
+        f = by_name[name]
+        default = dataclasses.MISSING if f.metadata.get("required") else (defaults or {}).get(name, f.default)
+        out.append(Parameter(name, kinds[name], default))
+    return out
+
+
+def cli_parameters(command: str) -> list[Parameter]:
+    """What a `histoflow` command takes (besides --variant for train and tune)."""
+    train = [f.name for f in fields(TrainConfig) if f.name != "variant"]
+    if command == "train":
+        return parameters(TrainConfig, train)
+    if command == "tune":
+        return parameters(TrainConfig, train) + parameters(TuneConfig, list(STUDY_FIELDS))
+    return parameters(COMMANDS[command][0])
+
+
+def entry_points() -> list[EntryPoint]:
+    points = []
+    for variant in VARIANTS:
+        names = [n for n in variant_fields(variant) if n != "variant"]
+        points.append(EntryPoint(variant, f"histoflow train --variant {variant}",
+                                 parameters(TrainConfig, names, dataclasses.asdict(make_train_config(variant))),
+                                 f"Train and evaluate the {variant} variant as one run."))
+    tune_defaults = {**dataclasses.asdict(make_train_config("transfer")), **{k: "" for k in TUNE_DERIVED}}
+    tune = [n for n in variant_fields(BACKBONE_VARIANTS[0]) if n != "variant"]
+    points.append(EntryPoint("tune", "histoflow tune",
+                             [Parameter("variant", str, "transfer"), *parameters(TrainConfig, tune, tune_defaults),
+                              *parameters(TuneConfig, list(STUDY_FIELDS))], COMMENTS["tune"]))
+    for name, (cls, _) in COMMANDS.items():
+        # `mlflow run` places the run itself (--experiment-name, --run-name).
+        names = [f.name for f in fields(cls) if not (issubclass(cls, RunTarget) and f.name in RUN_TARGET_FIELDS)]
+        points.append(EntryPoint(name, f"histoflow {name}", parameters(cls, names), COMMENTS[name]))
+    return points
+
+
+def _spec(param: Parameter) -> str:
+    """`{type: ..., default: ...}` as YAML's flow style writes it (quoting what a flow mapping needs quoted)."""
+    import yaml
+
+    spec: dict[str, Any] = {"type": MLPROJECT_TYPES[param.kind]}
+    if param.default is not dataclasses.MISSING:
+        # MLflow passes strings; the command line reads true/false.
+        spec["default"] = str(param.default).lower() if isinstance(param.default, bool) else param.default
+    return yaml.safe_dump(spec, default_flow_style=True, sort_keys=False, width=10**6).strip()
+
+
+def _wrap(words: list[str], width: int, indent: str) -> list[str]:
+    """Words (or units of words) in lines of at most `width` characters after `indent`."""
+    lines, line = [], ""
+    for word in words:
+        if line and len(indent) + len(line) + 1 + len(word) > width:
+            lines.append(indent + line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return lines + [indent + line] if line else lines
+
+
+def render_mlproject(width: int = 110) -> str:
+    """The MLproject file's text."""
+    out = [
+        "# histoflow: `mlflow run . -e <entry point> --env-manager local -P key=value ...`",
+        "# Rendered by `histoflow mlproject` from the settings classes (src/histoflow/entrypoints.py): defaults",
+        "# live there. tests/test_entrypoints.py fails while this file is out of date. `optional` settings are",
+        "# derived when not given (the variant's, the policy file's, ...); pass them with -P like the others.",
+        "name: histoflow",
+        "",
+        "conda_env: conda.yaml",
+        "",
+        "entry_points:",
+    ]
+    for point in entry_points():
+        declared = [p for p in point.parameters if not p.optional]
+        optional = [p.name for p in point.parameters if p.optional]
+        out += _wrap(point.comment.split(), width, "  # ")
+        if optional:
+            out += _wrap(["optional:", *optional], width, "  # ")
+        out += [f"  {point.name}:", "    parameters:"]
+        out += [f"      {p.name}: {_spec(p)}" for p in declared]
+        out.append("    command: >-")
+        out += _wrap([point.command] + [f"--{p.name} {{{p.name}}}" for p in declared], width, "      ")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

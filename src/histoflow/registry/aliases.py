@@ -1,0 +1,101 @@
+"""The `register` and `rollback` entry points: versions of the registered model and the aliases on them.
+
+`challenger` (last registered), `champion` (served), `previous` (the champion it replaced): the names
+come from the promotion policy (registry/gate.yaml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from histoflow import tracking
+from histoflow.registry.policy import DEFAULT_POLICY, Aliases, load_policy
+from histoflow.registry.selection import (
+    DEFAULT_METRIC,
+    DEFAULT_NAME,
+    RegistryError,
+    best_run,
+    check_selection_metric,
+    classifier_uri,
+)
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    experiment: str = ""  # "" = the current experiment (the `mlflow run` run's)
+    metric: str = DEFAULT_METRIC  # a validation metric: the test split is for reporting
+    name: str = DEFAULT_NAME
+    include_leaky: bool = False
+    policy: str = DEFAULT_POLICY  # where the alias names come from
+
+    def validate(self) -> None:
+        check_selection_metric(self.metric)
+
+
+@dataclass(frozen=True)
+class RollbackConfig:
+    name: str = DEFAULT_NAME
+    policy: str = DEFAULT_POLICY
+
+
+def alias_version(name: str, alias: str):
+    """The version the alias points at, or None."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def register(experiment: str, metric: str, name: str, aliases: Aliases, include_leaky: bool = False):
+    """Register the best run's serving model under `name` and point the challenger alias at it."""
+    run = best_run(experiment, metric, include_leaky)
+    uri = classifier_uri(run)
+    tags = {k: run.data.tags.get(k, "") for k in ("variant", "model", "dataset.name", "dataset.digest",
+                                                   "split_mode", "split_leaky")}
+    tags.update({"run_id": run.info.run_id, "selected_by": metric})
+    tags.update({f"metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items()
+                 if k.startswith(("validation_", "test_"))})
+    version = mlflow.register_model(uri, name, tags=tags)
+    client = MlflowClient()
+    m = run.data.metrics
+    client.update_model_version(name, version.version, description=(
+        f"{tags['variant']} ({tags['model']}) trained on {tags['dataset.name']} (digest {tags['dataset.digest']}, "
+        f"{tags['split_mode']} split) in run {run.info.run_id}; selected by {metric} = "
+        f"{m.get(metric, float('nan')):.4f}. "
+        f"Test: accuracy {m.get('test_accuracy', float('nan')):.4f}, balanced accuracy "
+        f"{m.get('test_balanced_accuracy', float('nan')):.4f}, ROC AUC {m.get('test_roc_auc', float('nan')):.4f}. "
+        "Input: base64 image files; output: label, confidence, probabilities."))
+    client.set_registered_model_alias(name, aliases.challenger, version.version)
+    print(f"registered {name} version {version.version} from run {run.info.run_id} as @{aliases.challenger}")
+    return client.get_model_version(name, version.version)
+
+
+def rollback(name: str, aliases: Aliases) -> str:
+    """Point the champion alias back at the previous one; the demoted version is tagged and loses its alias."""
+    client = MlflowClient()
+    previous, champion = alias_version(name, aliases.previous), alias_version(name, aliases.champion)
+    if previous is None:
+        raise RegistryError(f"model {name!r} has no @{aliases.previous} version to roll back to")
+    client.set_registered_model_alias(name, aliases.champion, previous.version)
+    client.delete_registered_model_alias(name, aliases.previous)
+    if champion is not None:
+        client.set_model_version_tag(name, champion.version, "rolled_back", "true")
+    print(f"{name}: @{aliases.champion} rolled back to version {previous.version}"
+          + (f" (from {champion.version})" if champion else ""))
+    return previous.version
+
+
+def run_register(config: RegisterConfig):
+    config.validate()
+    tracking.configure()
+    experiment = config.experiment or tracking.current_experiment_name()
+    return register(experiment, config.metric, config.name, load_policy(config.policy).aliases, config.include_leaky)
+
+
+def run_rollback(config: RollbackConfig) -> str:
+    tracking.configure()
+    return rollback(config.name, load_policy(config.policy).aliases)

@@ -1,0 +1,79 @@
+"""Choosing a model among runs: the best finished training run by a validation metric, and its servable model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+
+from histoflow.data.step import SPLIT_TABLE
+from histoflow.errors import ConfigError, HistoflowError
+from histoflow.serving.classifier import CLASSIFIER_ARTIFACT, log_classifier
+
+DEFAULT_NAME = "histoflow"
+DEFAULT_METRIC = "validation_roc_auc"
+
+
+class RegistryError(HistoflowError):
+    """The registry is not in a state the operation needs (no run, no challenger, nothing to roll back)."""
+
+
+def check_selection_metric(metric: str) -> None:
+    if not metric.startswith("validation_"):
+        raise ConfigError(f"select by a validation metric (validation_*), not {metric!r}: the test split is "
+                          "for reporting, not for choosing")
+
+
+def best_run(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool = False):
+    """The finished training run of the experiment with the highest validation metric."""
+    check_selection_metric(metric)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        raise RegistryError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
+    query = f"attributes.status = 'FINISHED' and metrics.{metric} >= 0"
+    if not include_leaky:
+        query += " and tags.split_leaky = 'false'"
+    runs = mlflow.search_runs([exp.experiment_id], query, order_by=[f"metrics.{metric} DESC"],
+                              max_results=1, output_format="list")
+    if not runs:
+        raise RegistryError(f"experiment {experiment!r} has no finished training run with metric {metric!r}"
+                            + ("" if include_leaky else " on a patient split (include_leaky to allow image splits)"))
+    return runs[0]
+
+
+def run_split(run) -> tuple[Path, pd.DataFrame, list[str]]:
+    """The run's dataset root, its split table (with absolute paths) and its class names."""
+    sources = [json.loads(d.dataset.source).get("uri") for d in run.inputs.dataset_inputs]
+    if not sources or not sources[0]:
+        raise RegistryError(f"run {run.info.run_id} logged no dataset source")
+    root = Path(sources[0])
+    split = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=SPLIT_TABLE))
+    split["path"] = [str(root / rel) for rel in split["relpath"]]
+    classes = split.drop_duplicates("label").sort_values("label")["class_name"].tolist()
+    return root, split, classes
+
+
+def keras_artifact(run_id: str) -> str:
+    files = [f.path for f in MlflowClient().list_artifacts(run_id, "keras") if f.path.endswith(".keras")]
+    if not files:
+        raise RegistryError(f"run {run_id} has no .keras artifact")
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=files[0])
+
+
+def classifier_uri(run) -> str:
+    """The run's serving pyfunc (logged now if the run has none yet)."""
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run.info.run_id}' and "
+                                                       f"name = '{CLASSIFIER_ARTIFACT}'")
+    if models:
+        return f"models:/{models[0].model_id}"
+    _, split, classes = run_split(run)
+    example = split.loc[split["split"] == "test", "path"].iloc[0]
+    with mlflow.start_run(run_id=run.info.run_id):
+        info = log_classifier(keras_artifact(run.info.run_id), classes, int(run.data.params["image_size"]),
+                              example, metadata={"source_run_id": run.info.run_id,
+                                                 "variant": run.data.tags.get("variant", "")})
+    return info.model_uri

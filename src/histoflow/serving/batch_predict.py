@@ -1,0 +1,98 @@
+"""The `predict` entry point: score every image of a folder with a registered model, as a run.
+
+Writes predictions.csv (path, label, confidence, one probability column per class) and, where the
+folder's layout gives patients, patients.csv with the patient-level call made by the same rule as
+evaluation (histoflow.modeling.metrics.patient_table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from histoflow import tracking
+from histoflow.data.discovery import discover
+from histoflow.data.images import IMAGE_EXTENSIONS
+from histoflow.errors import ConfigError, DataError
+from histoflow.modeling.metrics import patient_table
+from histoflow.serving.requests import INPUT_COLUMN, MAX_IMAGES_PER_REQUEST, encode_file
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    data_dir: str = field(default="", metadata={"required": True})  # the folder to score
+    model_uri: str = "models:/histoflow@champion"
+    output_dir: str = "outputs/predictions"
+
+    def validate(self) -> None:
+        if not self.data_dir.strip():
+            raise ConfigError("data_dir is required: the folder of images to score")
+
+
+def _images(data_dir: str) -> tuple[pd.DataFrame, list[str]]:
+    """The folder's images, with patients and labels where its layout gives them (and its class names, the
+    positive one last), else every image file."""
+    try:
+        dataset = discover(data_dir)
+        return (dataset.frame[["path", "patient", "class_name"]].rename(columns={"class_name": "true_label"}),
+                dataset.class_names)
+    except DataError:
+        # An unlabelled folder: score every image file, no patients, no truth.
+        paths = sorted(str(p) for p in Path(data_dir).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise
+        return pd.DataFrame({"path": paths}), []
+
+
+def _patients(scored: pd.DataFrame, model_classes: list[str], folder_classes: list[str]) -> pd.DataFrame:
+    """Per patient: the model's call from the mean positive probability and, from the folder's labels, the
+    patient's own label (in the folder's class names, which may be other than the model's)."""
+    positive = model_classes[-1]
+    truth = (scored["true_label"] == folder_classes[-1]).astype(int) if folder_classes else None
+    table = patient_table(scored["patient"], scored[f"p_{positive}"], truth)
+    table["predicted"] = np.where(table["predicted"] == 1, positive, model_classes[0])
+    if truth is not None:
+        table["true_label"] = np.where(table.pop("label") == 1, folder_classes[-1], folder_classes[0])
+    return table.rename(columns={"mean_p": f"mean_p_{positive}", "predicted": "label"})
+
+
+def batch_predict(model_uri: str, data_dir: str, output_dir: str = "outputs", chunk: int = MAX_IMAGES_PER_REQUEST
+                  ) -> pd.DataFrame:
+    """Score every image under data_dir; CSV per image and, where patients are known, per patient."""
+    frame, folder_classes = _images(data_dir)
+    model = mlflow.pyfunc.load_model(model_uri)
+    parts = []
+    for start in range(0, len(frame), chunk):
+        batch = frame.iloc[start:start + chunk]
+        parts.append(model.predict(pd.DataFrame({INPUT_COLUMN: [encode_file(p) for p in batch["path"]]})))
+    scored = pd.concat([frame.reset_index(drop=True), pd.concat(parts, ignore_index=True)], axis=1)
+    classes = list(scored["probabilities"].iloc[0])
+    for name in classes:
+        scored[f"p_{name}"] = [p[name] for p in scored["probabilities"]]
+    scored = scored.drop(columns=["probabilities"])
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scored.to_csv(out / "predictions.csv", index=False)
+    with mlflow.start_run(run_name="predict", nested=mlflow.active_run() is not None):
+        mlflow.set_tag("histoflow.step", "predict")
+        tracking.log_new_params({"model_uri": model_uri, "data_dir": str(data_dir), "images": len(scored)})
+        mlflow.log_artifact(str(out / "predictions.csv"))
+        if "patient" in scored:
+            patients = _patients(scored, classes, folder_classes)
+            patients.to_csv(out / "patients.csv", index=False)
+            mlflow.log_artifact(str(out / "patients.csv"))
+            if folder_classes == classes:  # labelled with the model's own classes: its accuracy
+                mlflow.log_metrics({"accuracy": float((scored["label"] == scored["true_label"]).mean()),
+                                    "patient_accuracy": float((patients["label"] == patients["true_label"]).mean())})
+    print(f"scored {len(scored)} images -> {out / 'predictions.csv'}")
+    return scored
+
+
+def run(config: PredictConfig) -> pd.DataFrame:
+    config.validate()
+    tracking.configure()
+    return batch_predict(config.model_uri, config.data_dir, config.output_dir)

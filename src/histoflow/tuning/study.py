@@ -1,0 +1,317 @@
+"""Optuna tuning of the fusion head over the search space of tuning/search_space.yaml, then one full run.
+
+Trials train the head alone on cached backbone features (histoflow.tuning.feature_cache, .head_trainer),
+each as an MLflow run nested under the study's run. The best parameters are then trained as an
+ordinary run of the variant (histoflow.modeling.training_run), ready for `register`.
+
+``n_trials`` is the study's total: a run on an existing study (same study_name and storage) adds
+only the trials still missing, so re-running an interrupted command finishes it, and a larger
+n_trials extends the study. Complete and pruned trials count; failed ones are retried. Workers on
+other processes or machines may share the storage (histoflow.tuning.workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable
+
+import keras
+import matplotlib.pyplot as plt
+import mlflow
+import optuna
+import sqlalchemy
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
+from optuna_integration import KerasPruningCallback
+
+from histoflow import tracking
+from histoflow.config import require, typed_params
+from histoflow.data.step import PreparedData, log_data, prepare_data
+from histoflow.errors import ConfigError
+from histoflow.modeling import training_run
+from histoflow.modeling.fitting import EpochMetrics, class_weights, fit
+from histoflow.modeling.variants import BACKBONE_VARIANTS, TrainConfig, make_train_config
+from histoflow.tuning import workers
+from histoflow.tuning.feature_cache import CachedFeatures, cache_key, load_or_extract
+from histoflow.tuning.head_trainer import HeadTrainer, head_dataset
+from histoflow.tuning.search_space import DEFAULT_SEARCH_SPACE, SearchSpace, load_search_space
+from histoflow.tuning.workers import COUNTED, STATE_TAGS
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "none")
+# Keras' names for the per-epoch validation metrics of compile_model, and which way is better.
+METRICS = {"val_auc": "maximize", "val_accuracy": "maximize", "val_loss": "minimize"}
+# The widest head a trial can have: HeadTrainer's largest bucket.
+MAX_FUSION_WIDTH = 256
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    train: TrainConfig  # the variant's data and backbone settings, with the search space's fixed values
+    space: SearchSpace
+    n_trials: int = 20
+    timeout: float = 0.0  # seconds; 0 = no limit
+    study_name: str = ""  # "" = <variant>-<backbone>-<hash of the features and the space>: same data resumes
+    storage: str = "sqlite:///optuna.db"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    metric: str = "val_auc"
+    trial_epochs: int = 20
+    cache_dir: str = ".histoflow-cache/features"
+    heartbeat_interval: int = 60  # seconds between a running trial's heartbeats; 0 = no heartbeats
+    grace_period: int = 0  # seconds without a heartbeat before a trial counts as dead; 0 = 2 x heartbeat_interval
+    search_space: str = DEFAULT_SEARCH_SPACE  # the YAML file of the searched and fixed settings
+
+    def validate(self) -> None:
+        widest = self.space.searched.get("fusion_width")
+        checks = [
+            (self.n_trials >= 1, f"n_trials must be >= 1; got {self.n_trials}"),
+            (self.timeout >= 0, "timeout must be >= 0 seconds (0 = no limit)"),
+            (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}"),
+            (self.pruner in PRUNERS, f"pruner must be one of {', '.join(PRUNERS)}; got {self.pruner!r}"),
+            (self.metric in METRICS, f"metric must be one of {', '.join(METRICS)}; got {self.metric!r}"),
+            (self.trial_epochs >= 1, "trial_epochs must be >= 1"),
+            (bool(self.storage.strip()), "storage must be a SQLAlchemy URL, e.g. sqlite:///optuna.db"),
+            (bool(self.cache_dir.strip()), "cache_dir must be a folder"),
+            (self.heartbeat_interval >= 0, "heartbeat_interval must be >= 0 seconds (0 = no heartbeats)"),
+            # A grace not longer than the interval would fail trials that are alive between two beats.
+            (self.grace_period == 0 or self.grace_period > self.heartbeat_interval,
+             "grace_period must be longer than heartbeat_interval (0 = twice heartbeat_interval)"),
+            (max(getattr(widest, "high", 0), self.train.fusion_width) <= MAX_FUSION_WIDTH,
+             f"fusion_width can be at most {MAX_FUSION_WIDTH} in a study"),
+        ]
+        require(checks)
+
+
+# Settings of `tune` itself (the rest are the variant's training settings).
+STUDY_FIELDS = tuple(f.name for f in fields(TuneConfig) if f.name not in ("train", "space"))
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    study_name: str
+    parent_run_id: str
+    new_trials: int
+    best_trial: FrozenTrial | None
+    final_run_id: str | None
+
+
+def make_tune_config(variant: str, **params: Any) -> TuneConfig:
+    """Validated settings from (possibly string) parameters: the study's here, the training run's via
+    make_train_config; the search space's fixed values apply unless given, its searched ones cannot be."""
+    if variant not in BACKBONE_VARIANTS:
+        raise ConfigError(f"tune applies to the variants {', '.join(BACKBONE_VARIANTS)} (a frozen backbone whose "
+                          f"features can be cached); got {variant!r}")
+    settings = typed_params(TuneConfig, {k: v for k, v in params.items() if k in STUDY_FIELDS})
+    space = load_search_space(settings.get("search_space", DEFAULT_SEARCH_SPACE))
+    given = {k: v for k, v in params.items() if k not in STUDY_FIELDS and v not in (None, "")}
+    searched = sorted(set(given) & set(space.searched))
+    if searched:
+        raise ConfigError(f"{', '.join(searched)}: searched by the study ({space.source}); fix "
+                          f"{'it' if len(searched) == 1 else 'them'} there to set a value")
+    train = make_train_config(variant, **{**space.fixed, **given})
+    config = TuneConfig(train, space, **settings)
+    config.validate()
+    return config
+
+
+def _pruner(name: str) -> optuna.pruners.BasePruner:
+    return optuna.pruners.MedianPruner() if name == "median" else optuna.pruners.NopPruner()
+
+
+def default_study_name(train: TrainConfig, key: str, space: SearchSpace) -> str:
+    """Same data, backbone and search space: the same study, resumed; anything else: a new one."""
+    return f"{train.variant}-{train.backbone}-{hashlib.sha256((key + space.digest()).encode()).hexdigest()[:8]}"
+
+
+def open_study(config: TuneConfig, digest: str, key: str) -> optuna.Study:
+    """Create the study, or load it to resume; refuse one whose trials were run on other features or space."""
+    t = config.train
+    name = config.study_name or default_study_name(t, key, config.space)
+    try:
+        study = optuna.create_study(
+            storage=workers.storage(config.storage, config.n_trials, config.heartbeat_interval, config.grace_period),
+            study_name=name, direction=METRICS[config.metric], pruner=_pruner(config.pruner), load_if_exists=True)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+        raise ConfigError(f"cannot open the Optuna storage {workers.safe_url(config.storage)}: {exc}") from None
+    if study.direction.name.lower() != METRICS[config.metric]:
+        raise ConfigError(f"study {name!r} {study.direction.name.lower()}s its value; metric {config.metric} "
+                          "needs the other direction: use another study_name")
+    expected = {"histoflow.variant": t.variant, "histoflow.backbone": t.backbone,
+                "histoflow.dataset_digest": digest, "histoflow.features": key,
+                "histoflow.metric": config.metric, "histoflow.search_space": config.space.digest()}
+    stored = study.user_attrs
+    clash = [f"{k.split('.', 1)[1]} {stored[k]!r} (now {v!r})" for k, v in expected.items()
+             if k in stored and stored[k] != v]
+    if clash:
+        raise ConfigError(f"study {name!r} in {workers.safe_url(config.storage)} was run with {', '.join(clash)}; "
+                          "its trials are not comparable with these: use another study_name")
+    for k, v in expected.items():
+        if k not in stored:  # a new study, or one prepared outside histoflow (e.g. enqueued trials)
+            study.set_user_attr(k, v)
+    # Optuna checks for dead workers' trials only before starting one; a worker with none to run checks here.
+    with workers.experimental():
+        optuna.storages.fail_stale_trials(study)
+    shared = workers.is_shared(config.storage)
+    study.sampler = workers.sampler(config.sampler, workers.sampler_seed(t.seed, len(study.trials), shared), shared)
+    return study
+
+
+def _train_head(config: TuneConfig, features: CachedFeatures, trainer: HeadTrainer, trial_config: TrainConfig,
+                trial: optuna.Trial, epoch_metrics: EpochMetrics) -> float:
+    """Fit the head on the cached vectors; the value is the metric at the epoch early stopping keeps."""
+    t = trial_config
+    # The same seed for every trial: differences come from the parameters.
+    model = trainer.start(t.fusion_width, t.dropout, t.learning_rate, t.seed, t.optimizer, t.head_batchnorm)
+    train_part, val_part = features.splits["train"], features.splits["val"]
+    result = fit(model, head_dataset(train_part, t.batch_size, True, t.seed),
+                 head_dataset(val_part, t.batch_size, False, t.seed), config.trial_epochs,
+                 [epoch_metrics, KerasPruningCallback(trial, config.metric)],
+                 class_weights(train_part.labels, t.class_weight), t.patience, t.lr_patience)
+    mlflow.log_metrics({"train_time_s": result.seconds, "best_epoch": result.best_epoch,
+                        "epochs_run": result.epochs_run})
+    # The epoch of lowest val_loss: the weights the full run's early stopping would keep.
+    return result.history[config.metric][result.best_epoch - 1]
+
+
+def objective(config: TuneConfig, features: CachedFeatures, study_name: str) -> Callable[[optuna.Trial], float]:
+    """One trial: the head trained on the cached features, as a nested MLflow run of the active one."""
+    keras.backend.clear_session()  # earlier studies' graphs in this process
+    trainer = HeadTrainer(features.widths, MAX_FUSION_WIDTH)
+
+    def run_trial(trial: optuna.Trial) -> float:
+        params = config.space.suggest(trial)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who to look for when it goes stale
+        pruned: optuna.TrialPruned | None = None
+        epoch_metrics = EpochMetrics(batched=True)
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.set_tags({"histoflow.step": "tune-trial", "optuna.study_name": study_name,
+                             "optuna.trial_number": str(trial.number)})
+            mlflow.log_params({**params, "trial_epochs": config.trial_epochs})
+            try:
+                value = _train_head(config, features, trainer, replace(config.train, **params), trial,
+                                    epoch_metrics)
+            except optuna.TrialPruned as exc:
+                pruned = exc  # raised after the run closes: a pruned trial is a finished run, not a failed one
+            except BaseException:
+                mlflow.set_tag("state", STATE_TAGS[TrialState.FAIL])
+                raise
+            finally:
+                epoch_metrics.flush()  # also the epochs of a trial the pruner stopped
+            if pruned is not None:
+                state = TrialState.PRUNED
+            else:  # Optuna fails a trial whose value is NaN (e.g. AUC of a one-class validation split)
+                state = TrialState.COMPLETE if math.isfinite(value) else TrialState.FAIL
+            mlflow.set_tag("state", STATE_TAGS[state])
+            if state == TrialState.COMPLETE:
+                mlflow.log_metric(f"final_{config.metric}", value)
+        if pruned is not None:
+            raise pruned
+        return value
+    return run_trial
+
+
+def _log_setup(config: TuneConfig, study: optuna.Study, prepared: PreparedData, features: CachedFeatures) -> None:
+    t = config.train
+    searched = set(config.space.searched)
+    training = {k: v for k, v in t.to_params().items() if k not in searched and k != "model"}
+    study_settings = {k: getattr(config, k) for k in STUDY_FIELDS}
+    tracking.log_new_params({**training, **study_settings, "study_name": study.study_name,
+                             "storage": workers.safe_url(config.storage), "feature_cache_key": features.key,
+                             "search_space_digest": config.space.digest()})
+    mlflow.set_tags({"histoflow.step": "tune", "optuna.study_name": study.study_name,
+                     "optuna.direction": METRICS[config.metric], "variant": t.variant, "model": t.model_name,
+                     "optuna.searched": ",".join(sorted(searched)),
+                     "feature_cache": "hit" if features.hit else "miss", "feature_cache.path": str(features.path)})
+    mlflow.log_text(config.space.text, "optuna/search_space.yaml")
+    mlflow.log_metric("feature_cache_s", features.seconds)
+    log_data(prepared)
+
+
+def _log_plots(study: optuna.Study, n_complete: int) -> None:
+    from optuna.visualization import matplotlib as plots
+
+    figures = {"optuna/optimization_history.png": plots.plot_optimization_history,
+               "optuna/intermediate_values.png": plots.plot_intermediate_values}
+    if n_complete >= 2:  # importances compare complete trials; one cannot vary anything
+        figures["optuna/param_importances.png"] = plots.plot_param_importances
+    else:
+        log.info("parameter importances need >= 2 complete trials; %d so far, plot skipped", n_complete)
+    with workers.experimental():
+        for path, plot in figures.items():
+            figure = plot(study).figure
+            figure.tight_layout()
+            mlflow.log_figure(figure, path)
+            plt.close(figure)
+
+
+def _log_results(study: optuna.Study, metric: str) -> FrozenTrial | None:
+    """Trial counts, and the best trial's parameters, value and plots; None when no trial completed."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    mlflow.log_metrics({"trials_total": len(states),
+                        **{f"trials_{tag}": states.count(state) for state, tag in STATE_TAGS.items()}})
+    n_complete = states.count(TrialState.COMPLETE)
+    if n_complete == 0:
+        return None
+    best = study.best_trial
+    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
+    mlflow.log_metrics({f"best_{metric}": best.value, "best_trial_number": best.number})
+    if "mlflow_run_id" in best.user_attrs:
+        mlflow.set_tag("optuna.best_trial_run_id", best.user_attrs["mlflow_run_id"])
+    _log_plots(study, n_complete)
+    return best
+
+
+def _final_run(config: TuneConfig, best: FrozenTrial, study_name: str, parent_run_id: str, experiment: str) -> str:
+    """The best parameters as an ordinary training run of the variant (same logging, ready for register)."""
+    t = config.train
+    final = replace(t, **best.params, experiment=experiment, run_name=t.run_name or f"{t.variant}-tuned-{study_name}")
+    run_id = training_run.run(final)
+    client = MlflowClient()
+    client.set_tag(run_id, "optuna.study_name", study_name)
+    client.set_tag(run_id, "optuna.parent_run_id", parent_run_id)
+    client.set_tag(run_id, "optuna.best_trial_number", str(best.number))
+    client.set_tag(parent_run_id, "optuna.final_run_id", run_id)
+    return run_id
+
+
+def run(config: TuneConfig) -> TuneResult:
+    """Run (or resume) the study as an MLflow parent run, then train the best parameters in full."""
+    tracking.configure(config.train.experiment)  # first: a tracking server that is down fails before any work
+    prepared = prepare_data(config.train, config.train.split_table)
+    digest = prepared.dataset.digest
+    study = open_study(config, digest, cache_key(config.train, digest))  # a bad storage fails early
+    features = load_or_extract(config.train, prepared, config.cache_dir)
+    finished_before = len(study.get_trials(deepcopy=False, states=tuple(STATE_TAGS)))
+    counted = len(study.get_trials(deepcopy=False, states=COUNTED))
+    new_trials = max(0, config.n_trials - counted)
+    with mlflow.start_run(run_name=f"tune-{study.study_name}") as parent:
+        _log_setup(config, study, prepared, features)
+        print(f"study {study.study_name}: {counted} trials so far, {new_trials} to run to reach {config.n_trials}; "
+              f"searching {', '.join(config.space.searched) or 'nothing'} ({config.space.source}); features "
+              f"{'from' if features.hit else 'extracted into'} {features.path} ({features.seconds:.1f} s)")
+        if new_trials:
+            # The callback stops this worker once the study holds n_trials, counting other workers' trials.
+            study.optimize(objective(config, features, study.study_name), n_trials=new_trials,
+                           timeout=config.timeout or None,
+                           callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=COUNTED)],
+                           show_progress_bar=sys.stdout.isatty())
+        best = _log_results(study, config.metric)
+        experiment = mlflow.get_experiment(parent.info.experiment_id).name
+    ran = len(study.get_trials(deepcopy=False, states=tuple(STATE_TAGS))) - finished_before
+    if best is None:
+        print(f"study {study.study_name}: no trial completed; no final run trained (see the trials' state tags)")
+        return TuneResult(study.study_name, parent.info.run_id, ran, None, None)
+    print(f"study {study.study_name}: best {config.metric} {best.value:.4f} in trial {best.number} with "
+          f"{best.params}; training it in full (unfrozen_blocks={config.train.unfrozen_blocks})")
+    final_run_id = _final_run(config, best, study.study_name, parent.info.run_id, experiment)
+    return TuneResult(study.study_name, parent.info.run_id, ran, best, final_run_id)

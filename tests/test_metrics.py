@@ -1,0 +1,49 @@
+"""Known answers: the image- and patient-level metrics on cases worked out by hand."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from histoflow.modeling.metrics import binary_metrics, confusion, evaluate, patient_metrics, patient_table
+
+Y = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+P = np.array([0.1, 0.6, 0.2, 0.9, 0.4, 0.8, 0.7, 0.3])  # malignant probability
+PROBS = np.column_stack([1 - P, P])
+
+
+def test_image_metrics_by_hand():
+    # Called malignant (p >= 0.5): images 1, 3, 5, 6. TP 3 (3, 5, 6), FN 1 (4), FP 1 (1), TN 3 (0, 2, 7).
+    m = binary_metrics(Y, PROBS)
+    for name in ("accuracy", "precision", "recall", "specificity", "f1", "balanced_accuracy"):
+        assert m[name] == pytest.approx(0.75), name
+    # 15 of the 16 (malignant, benign) pairs are ordered right: only 0.4 < 0.6 is not.
+    assert m["roc_auc"] == pytest.approx(15 / 16)
+    # The probabilities given to the true class are 0.9, 0.4, 0.8, 0.7 (benign) and the same (malignant).
+    assert m["loss"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.8, 0.7])))
+    np.testing.assert_array_equal(confusion(Y, PROBS), [[3, 1], [1, 3]])
+
+
+def test_metrics_of_a_one_class_split_are_undefined_not_wrong():
+    m = binary_metrics(np.zeros(4, int), np.column_stack([np.full(4, 0.8), np.full(4, 0.2)]))
+    assert m["accuracy"] == 1.0 and m["specificity"] == 1.0
+    assert np.isnan(m["roc_auc"]) and np.isnan(m["balanced_accuracy"])
+
+
+def test_patient_metrics_by_hand():
+    patients = ["A", "A", "A", "B", "B", "C", "D", "D"]
+    y = np.array([1, 1, 0, 0, 0, 1, 0, 1])
+    p = np.array([0.9, 0.8, 0.2, 0.6, 0.7, 0.3, 0.4, 0.7])
+    table = patient_table(patients, p, y).set_index("patient")
+    # A: label 1 (2 of 3), mean 0.633 -> 1, every image right. B: label 0, mean 0.65 -> 1, no image right.
+    # C: label 1, 0.3 -> 0. D: a tie counts as malignant (label 1), mean 0.55 -> 1, both images right.
+    assert table["label"].to_dict() == {"A": 1, "B": 0, "C": 1, "D": 1}
+    assert table["predicted"].to_dict() == {"A": 1, "B": 1, "C": 0, "D": 1}
+    assert table["score"].to_dict() == {"A": 1.0, "B": 0.0, "C": 0.0, "D": 1.0}
+    assert table["images"].to_dict() == {"A": 3, "B": 2, "C": 1, "D": 2}
+    assert table.loc["A", "mean_p"] == pytest.approx((0.9 + 0.8 + 0.2) / 3)
+    m = patient_metrics(pd.Series(patients), y, np.column_stack([1 - p, p]))
+    assert m == {"patient_accuracy": 0.5, "patient_score": 0.5, "patients": 4.0}
+    frame = pd.DataFrame({"patient": patients, "label": y})
+    assert evaluate(frame, np.column_stack([1 - p, p]))["patient_accuracy"] == 0.5
+    # Without labels: the calls only.
+    assert list(patient_table(patients, p)) == ["patient", "images", "mean_p", "predicted"]
