@@ -14,12 +14,12 @@ from conftest import BREAKHIS, REPO
 from histoflow.errors import ConfigError
 from histoflow.workflow import make_workflow_config, step_data_digest
 
-STEPS = ["data", "baseline", "transfer", "tune", "register", "promote"]
+STEPS = ["data", "baseline", "tune", "register", "promote"]
 
 
 def _main(tmp_path) -> tuple[str, list[dict]]:
     parameters = {"data_dir": str(BREAKHIS), "max_images": 60, "image_size": 32, "batch_size": 16, "epochs": 1,
-                  "variants": "baseline,transfer", "tune_variant": "transfer", "n_trials": 2, "trial_epochs": 2,
+                  "variants": "baseline", "tune_variant": "transfer", "n_trials": 2, "trial_epochs": 2,
                   "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "cache_dir": str(tmp_path / "cache"),
                   "model_name": "wf", "output_dir": str(tmp_path / "comparison")}
     submitted = mlflow.projects.run(str(REPO), entry_point="main", parameters=parameters, env_manager="local",
@@ -44,14 +44,14 @@ def test_main_runs_every_step_once_then_reuses_them(tracking_uri, keras_home, tm
     assert "data/data_report.json" in [a.path for a in client.list_artifacts(data.info.run_id, "data")]
     # Each later step read the data step's split table instead of discovering and splitting again.
     table = f"runs:/{data.info.run_id}/data/split.csv"
-    for step in steps[1:4]:  # baseline, transfer, tune
+    for step in steps[1:3]:  # baseline, tune
         run = client.get_run(step["run_id"])
         assert run.data.params["split_table"] == table, step["name"]
         assert run.data.tags["dataset.digest"] == data.data.tags["dataset.digest"]
         assert run.data.tags["histoflow.workflow.data_digest"] == run.data.tags["dataset.digest"]
     # What tune derives is logged as used (the search space's fixed values, the variant's augmentation, the
     # study's name), never as MLflow Projects' placeholder for "not given".
-    tune = client.get_run(steps[3]["run_id"]).data.params
+    tune = client.get_run(steps[2]["run_id"]).data.params
     assert (tune["augment"], tune["optimizer"], tune["unfrozen_blocks"], tune["batch_size"]) == ("random", "adam", "0",
                                                                                                  "16")
     assert tune["study_name"].startswith("transfer-mobilenet-") and "''" not in tune.values()
