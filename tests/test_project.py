@@ -17,7 +17,7 @@ from histoflow.data.splits import patient_overlap
 from histoflow.modeling.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.slow
-COMMON = {"max_images": 100, "epochs": 1, "batch_size": 16, "gradcam_per_class": 2}
+COMMON = {"max_images": 100, "epochs": 1, "batch_size": 16, "gradcam_per_class": 2, "bootstrap": 200}
 RUNS = {
     "baseline": {"data_dir": str(IDC), "image_size": 64},
     "augmented": {"data_dir": str(IDC), "image_size": 64},
@@ -71,6 +71,12 @@ def test_run_holds_params_metrics_and_provenance(runs, entry_point):
         history = MlflowClient().get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == [0], name
     assert data.metrics["n_params"] > 1e5 and data.metrics["model_size_mb"] > 0.1
+    for name in ("roc_auc", "balanced_accuracy", "f1", "accuracy"):  # patient bootstrap intervals
+        low, high = data.metrics.get(f"test_{name}_ci_low"), data.metrics.get(f"test_{name}_ci_high")
+        if low is not None:  # a degenerate test split (one class in every resample) has none for AUC
+            assert low <= data.metrics[f"test_{name}"] + 1e-9 and data.metrics[f"test_{name}"] <= high + 1e-9, name
+    assert "test_accuracy_ci_low" in data.metrics and data.metrics["temperature"] > 0
+    assert 0.0 <= data.metrics["decision_threshold"] <= 1.0 and "test_ece_uncalibrated" in data.metrics
     assert data.metrics["train_time_s"] > 0
     tags = data.tags
     assert tags["split_mode"] == "patient" and tags["split_leaky"] == "false"
@@ -88,6 +94,7 @@ def test_run_artifacts(runs, entry_point):
     run = runs[entry_point]
     artifacts = _artifacts(run.info.run_id)
     expected = {"data/split.csv", "data/data_report.json", "environment.json", "evaluation/gradcam.png",
+                "evaluation/calibration.json", "evaluation/test_reliability.png", "evaluation/validation_reliability.png",
                 "evaluation/test_confusion_matrix.png", "evaluation/test_confusion_matrix.json",
                 "evaluation/test_roc_curve.png", "evaluation/training_curves.png",
                 "evaluation/test_classification_report.txt", f"keras/{run.data.params['model']}.keras"}

@@ -88,24 +88,33 @@ def test_the_size_limit_is_per_request_and_counts_raw_bytes(test_images):
     assert decode_request([good, encode_file(test_images[0])])[0].shape == decode_request([good])[0].shape
 
 
-def test_pyfunc_matches_the_keras_model_with_training_preprocessing(classifier, test_images):
+def test_served_probabilities_and_labels_are_the_evaluations(classifier, test_images, tiny_store):
+    """The served model = the training run's evaluation: the same preprocessing, the temperature and the
+    threshold fitted on validation, to 1e-5."""
     import keras
 
     from histoflow.data.pipeline import make_dataset
+    from histoflow.modeling.calibration import Calibration
 
     model_uri, split = classifier
+    _, _, runs = tiny_store
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     out = pyfunc.predict(pd.DataFrame({"image": [encode_file(p) for p in test_images]}))
-    assert list(out.columns) == ["label", "confidence", "probabilities"]
+    assert list(out.columns) == ["label", "confidence", "probabilities", "threshold"]
     probs = np.array([[row["benign"], row["malignant"]] for row in out["probabilities"]])
-    # The same images through the training input pipeline and the .keras file.
+    # The same images through the training input pipeline, the .keras file and the run's calibration.
     keras_path = next((p for p in _model_files(model_uri) if p.endswith(".keras")))
     model = keras.saving.load_model(keras_path)
     labels = split.set_index("path").loc[test_images, "label"]
     batch = next(iter(make_dataset(test_images, labels, 32, 8)))[0]
-    np.testing.assert_allclose(probs, model.predict(batch, verbose=0), rtol=1e-4, atol=1e-5)
-    assert out["label"].tolist() == [["benign", "malignant"][k] for k in probs.argmax(1)]
-    assert np.allclose(out["confidence"], probs.max(1))
+    run = mlflow.MlflowClient(tiny_store[1]).get_run(runs["baseline"])
+    saved = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/evaluation/calibration.json")
+    fitted = Calibration(**{k: v for k, v in saved.items() if k != "class_names"})
+    assert fitted.threshold_policy == "youden" and fitted.temperature == run.data.metrics["temperature"]
+    np.testing.assert_allclose(probs, fitted.apply(model.predict(batch, verbose=0)), rtol=1e-5, atol=1e-5)
+    assert out["label"].tolist() == [["benign", "malignant"][k] for k in (probs[:, 1] >= fitted.threshold).astype(int)]
+    assert (out["threshold"] == fitted.threshold).all()
+    assert np.allclose(out["confidence"], np.where(probs[:, 1] >= fitted.threshold, probs[:, 1], probs[:, 0]))
     assert pyfunc.metadata.signature.inputs.input_names() == ["image"]
 
 
@@ -191,9 +200,9 @@ def test_any_size_and_format(server):
     # Lossless formats of the same pixels give the same answer.
     lossless = [predictions[i]["probabilities"]["malignant"] for i in (0, 2, 3)]
     assert max(lossless) - min(lossless) < 1e-5
-    for p in predictions:
-        assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
-        assert p["confidence"] == pytest.approx(max(p["probabilities"].values()))
+    for p in predictions:  # the label follows the threshold the response names
+        assert p["label"] == ("malignant" if p["probabilities"]["malignant"] >= p["threshold"] else "benign")
+        assert p["confidence"] == pytest.approx(p["probabilities"][p["label"]])
 
 
 def test_in_process_requests_keep_the_size_limit_per_chunk(classifier):

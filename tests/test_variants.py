@@ -40,6 +40,10 @@ def test_string_parameters_are_coerced():
     ({"unfrozen_blocks": "4"}, "unfrozen_blocks must be in 0..3"),
     ({"magnification": "25"}, "magnification must be one of"),
     ({"val_fraction": "0.6"}, "val_fraction and test_fraction"),
+    ({"threshold_policy": "median"}, "threshold_policy must be one of argmax, youden"),
+    ({"threshold_policy": "sensitivity:1.5"}, "the target must be in"),
+    ({"calibration": "platt"}, "calibration must be one of temperature, none"),
+    ({"bootstrap": "10"}, "bootstrap must be 0"),
 ])
 def test_bad_parameters_are_rejected_with_a_message(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from sklearn.calibration import CalibrationDisplay  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
 
@@ -22,6 +23,17 @@ def roc_figure(y_true: np.ndarray, positive_probability: np.ndarray, title: str)
     fig, ax = plt.subplots(figsize=(4.5, 4))
     RocCurveDisplay.from_predictions(y_true, positive_probability, ax=ax, name="test")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(y_true: np.ndarray, curves: dict[str, np.ndarray], title: str, bins: int = 10) -> plt.Figure:
+    """Reliability diagram: the share of malignant images against the predicted probability, one curve each."""
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for name, positive_probability in curves.items():
+        CalibrationDisplay.from_predictions(y_true, positive_probability, n_bins=bins, strategy="uniform", ax=ax,
+                                            name=name)
     ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -16,9 +16,20 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from histoflow.modeling.calibration import calibration_metrics
+
 # The same names for every variant, so the MLflow UI compare view lines them up.
 METRIC_NAMES = ("accuracy", "loss", "precision", "recall", "specificity", "f1", "roc_auc",
-                "balanced_accuracy", "patient_accuracy", "patient_score")
+                "balanced_accuracy", "ece", "brier", "patient_accuracy", "patient_score")
+# Test metrics reported with a bootstrap interval over patients, and how each is computed there.
+INTERVAL_SCORES = {
+    "roc_auc": lambda y, p, t: roc_auc_score(y, p),
+    "balanced_accuracy": lambda y, p, t: balanced_accuracy_score(y, p >= t),
+    "f1": lambda y, p, t: f1_score(y, p >= t, zero_division=0),
+    "accuracy": lambda y, p, t: accuracy_score(y, p >= t),
+}
+INTERVAL_METRICS = tuple(INTERVAL_SCORES)
+ONE_CLASS_UNDEFINED = ("roc_auc", "balanced_accuracy")
 
 
 def binary_metrics(y_true: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -58,14 +69,15 @@ def patient_table(patients: pd.Series | np.ndarray, positive_probability: np.nda
     return per_patient.reset_index()
 
 
-def patient_metrics(patients: pd.Series, y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+def patient_metrics(patients: pd.Series, y_true: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5
+                    ) -> dict[str, float]:
     """Patient-level results.
 
     patient_accuracy: the patient's mean malignant probability vs the patient's majority label.
     patient_score: BreaKHis' patient-level recognition rate (Spanhol et al. 2016), the mean over
     patients of the fraction of that patient's images classified correctly.
     """
-    per_patient = patient_table(patients, probabilities[:, 1], y_true)
+    per_patient = patient_table(patients, probabilities[:, 1], y_true, threshold)
     return {
         "patient_accuracy": float((per_patient["label"] == per_patient["predicted"]).mean()),
         "patient_score": float(per_patient["score"].mean()),
@@ -73,18 +85,48 @@ def patient_metrics(patients: pd.Series, y_true: np.ndarray, probabilities: np.n
     }
 
 
-def evaluate(frame: pd.DataFrame, probabilities: np.ndarray) -> dict[str, float]:
+def evaluate(frame: pd.DataFrame, probabilities: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Image, calibration and patient metrics of one split, deciding malignant at `threshold`."""
     y_true = frame["label"].to_numpy()
-    metrics = binary_metrics(y_true, probabilities)
-    metrics.update(patient_metrics(frame["patient"], y_true, probabilities))
+    metrics = binary_metrics(y_true, probabilities, threshold)
+    metrics.update(calibration_metrics(y_true, probabilities[:, 1]))
+    metrics.update(patient_metrics(frame["patient"], y_true, probabilities, threshold))
     return metrics
 
 
-def report_text(y_true: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> str:
-    y_pred = (probabilities[:, 1] >= 0.5).astype(int)
+def patient_bootstrap(patients: pd.Series | np.ndarray, y_true: np.ndarray, probabilities: np.ndarray,
+                      threshold: float = 0.5, names: tuple[str, ...] = INTERVAL_METRICS, resamples: int = 1000,
+                      level: float = 0.95, seed: int = 42) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of image-level metrics, resampling patients (with all their images).
+
+    Patients, not images, are the unit: images of one patient are correlated, and an interval from
+    resampled images would be too narrow. A resample holding one class only has no AUC or balanced
+    accuracy; such resamples are skipped for those metrics (scipy.stats.bootstrap resamples observations,
+    not clusters, hence this loop).
+    """
+    codes, _ = pd.factorize(np.asarray(patients))
+    members = [np.flatnonzero(codes == k) for k in range(codes.max() + 1)]
+    y_true = np.asarray(y_true, dtype=int)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in names}
+    positive = np.asarray(probabilities)[:, 1]
+    for _ in range(resamples):
+        rows = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        y, p = y_true[rows], positive[rows]
+        both = len(np.unique(y)) == 2
+        for name in names:
+            if both or name not in ONE_CLASS_UNDEFINED:
+                draws[name].append(INTERVAL_SCORES[name](y, p, threshold))
+    tail = 100 * (1 - level) / 2
+    return {name: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if v else
+            (float("nan"), float("nan")) for name, v in draws.items()}
+
+
+def report_text(y_true: np.ndarray, probabilities: np.ndarray, class_names: list[str], threshold: float = 0.5) -> str:
+    y_pred = (probabilities[:, 1] >= threshold).astype(int)
     return classification_report(y_true, y_pred, labels=[0, 1], target_names=class_names, digits=4,
                                  zero_division=0)
 
 
-def confusion(y_true: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    return confusion_matrix(y_true, (probabilities[:, 1] >= 0.5).astype(int), labels=[0, 1])
+def confusion(y_true: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    return confusion_matrix(y_true, (probabilities[:, 1] >= threshold).astype(int), labels=[0, 1])

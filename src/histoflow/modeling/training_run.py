@@ -19,12 +19,15 @@ from histoflow.data.pipeline import augmented_size, make_dataset
 from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.modeling import explain, figures, metrics
 from histoflow.modeling.architectures import build_baseline, build_fusion, compile_model, gradcam_layer
+from histoflow.modeling.calibration import Calibration, calibration_metrics, fit_calibration
 from histoflow.modeling.fitting import EpochMetrics, class_weights, fit, precision_policy, set_seeds, strategy
 from histoflow.modeling.variants import TrainConfig
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
 KERAS_ARTIFACT_DIR = "keras"
+# Temperature and threshold fitted on validation: the registered serving model applies them.
+CALIBRATION_ARTIFACT = "evaluation/calibration.json"
 
 
 def build(config: TrainConfig) -> keras.Model:
@@ -52,26 +55,47 @@ def _log_figure(fig: plt.Figure, path: str) -> None:
     plt.close(fig)
 
 
-def _log_evaluation(split: str, rows: pd.DataFrame, probabilities: np.ndarray, class_names: list[str]) -> dict:
-    """Metrics with a split prefix (validation_*, test_*), confusion matrix (PNG+JSON), ROC, report."""
-    scores = metrics.evaluate(rows, probabilities)
-    mlflow.log_metrics({f"{split}_{k}": v for k, v in scores.items() if np.isfinite(v)})
+def _log_evaluation(split: str, rows: pd.DataFrame, raw: np.ndarray, calibration: Calibration,
+                    class_names: list[str]) -> tuple[dict, np.ndarray]:
+    """Metrics of the served decision (calibrated probabilities, the threshold) with a split prefix
+    (validation_*, test_*), the uncalibrated ECE and Brier score beside them, the confusion matrix
+    (PNG+JSON), ROC and reliability curves, report and predictions. Returns the metrics and the calibrated
+    probabilities."""
+    probabilities = calibration.apply(raw)
+    threshold = calibration.threshold
+    scores = metrics.evaluate(rows, probabilities, threshold)
     y = rows["label"].to_numpy()
-    matrix = metrics.confusion(y, probabilities)
-    tracking.log_json({"labels": class_names, "matrix": matrix.tolist(), "rows": "true", "columns": "predicted"},
-                      f"evaluation/{split}_confusion_matrix.json")
-    _log_figure(figures.confusion_figure(matrix, class_names, f"{split} confusion matrix"),
+    raw_calibration = calibration_metrics(y, raw[:, 1])
+    mlflow.log_metrics({**{f"{split}_{k}": v for k, v in scores.items() if np.isfinite(v)},
+                        **{f"{split}_{k}_uncalibrated": v for k, v in raw_calibration.items()}})
+    matrix = metrics.confusion(y, probabilities, threshold)
+    tracking.log_json({"labels": class_names, "matrix": matrix.tolist(), "rows": "true", "columns": "predicted",
+                       "threshold": threshold}, f"evaluation/{split}_confusion_matrix.json")
+    _log_figure(figures.confusion_figure(matrix, class_names, f"{split} confusion matrix (threshold {threshold:.3g})"),
                 f"evaluation/{split}_confusion_matrix.png")
     _log_figure(figures.roc_figure(y, probabilities[:, 1], f"{split} ROC"), f"evaluation/{split}_roc_curve.png")
-    mlflow.log_text(metrics.report_text(y, probabilities, class_names),
+    _log_figure(figures.reliability_figure(y, {"network": raw[:, 1], f"T = {calibration.temperature:.2f}":
+                                               probabilities[:, 1]}, f"{split} reliability"),
+                f"evaluation/{split}_reliability.png")
+    mlflow.log_text(metrics.report_text(y, probabilities, class_names, threshold),
                     f"evaluation/{split}_classification_report.txt")
-    predictions = rows[["relpath", "patient", "label"]].assign(probability_malignant=probabilities[:, 1])
+    predictions = rows[["relpath", "patient", "label"]].assign(probability_malignant=probabilities[:, 1],
+                                                               probability_uncalibrated=raw[:, 1])
     mlflow.log_table(predictions, f"evaluation/{split}_predictions.json")
-    return scores
+    return scores, probabilities
+
+
+def _log_intervals(config: TrainConfig, rows: pd.DataFrame, probabilities: np.ndarray, threshold: float) -> None:
+    if config.bootstrap == 0:
+        return
+    intervals = metrics.patient_bootstrap(rows["patient"], rows["label"].to_numpy(), probabilities, threshold,
+                                          resamples=config.bootstrap, seed=config.seed)
+    mlflow.log_metrics({f"test_{name}_ci_{end}": value for name, (low, high) in intervals.items()
+                        for end, value in (("low", low), ("high", high)) if np.isfinite(value)})
 
 
 def _log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, probabilities: np.ndarray,
-                 class_names: list[str]) -> None:
+                 calibration: Calibration, class_names: list[str]) -> None:
     if config.gradcam_per_class == 0:
         return
     labels = rows["label"].to_numpy()
@@ -80,7 +104,7 @@ def _log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, pr
     picked = rows.iloc[chosen]
     images = np.concatenate([x for x, _ in make_dataset(picked["path"], picked["label"], config.image_size,
                                                          len(picked)).as_numpy_iterator()])
-    predicted = probabilities[chosen].argmax(axis=1)
+    predicted = calibration.decide(probabilities[chosen])
     layer = gradcam_layer(config.backbone if config.uses_backbone else None)
     heatmaps = np.stack([explain.gradcam(model, images[i:i + 1], layer, int(predicted[i]))[0]
                          for i in range(len(chosen))])
@@ -142,12 +166,18 @@ def run(config: TrainConfig) -> str:
                             "epochs_run": result.epochs_run,
                             "train_images_per_s": n_train * result.epochs_run / result.seconds})
         _log_figure(figures.history_figure(result.history, run_name), "evaluation/training_curves.png")
-        # Selection happened on validation (early stopping); test is evaluated once, here.
+        # Selection happened on validation (early stopping, temperature, threshold); test is evaluated once, here.
         val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
-        _log_evaluation("validation", val_rows, model.predict(val_ds, verbose=0), dataset.class_names)
-        test_probabilities = model.predict(test_ds, verbose=0)
-        test = _log_evaluation("test", test_rows, test_probabilities, dataset.class_names)
-        _log_gradcam(model, config, test_rows, test_probabilities, dataset.class_names)
+        val_raw = model.predict(val_ds, verbose=0)
+        calibration = fit_calibration(config.calibration, config.threshold_policy, val_rows["label"].to_numpy(),
+                                      val_raw)
+        mlflow.log_metrics({"temperature": calibration.temperature, "decision_threshold": calibration.threshold})
+        tracking.log_json({**calibration.to_dict(), "class_names": dataset.class_names}, CALIBRATION_ARTIFACT)
+        _log_evaluation("validation", val_rows, val_raw, calibration, dataset.class_names)
+        test, test_probabilities = _log_evaluation("test", test_rows, model.predict(test_ds, verbose=0), calibration,
+                                                   dataset.class_names)
+        _log_intervals(config, test_rows, test_probabilities, calibration.threshold)
+        _log_gradcam(model, config, test_rows, test_probabilities, calibration, dataset.class_names)
         example = next(iter(test_ds))[0].numpy()[:1]
         mlflow.log_metric("model_size_mb", _log_model(model, config, example, dataset.class_names))
         print(f"{run_name}: test accuracy {test['accuracy']:.4f}, balanced accuracy "

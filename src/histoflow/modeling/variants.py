@@ -14,6 +14,7 @@ from histoflow.data.pipeline import AUGMENTATIONS
 from histoflow.data.settings import DataConfig
 from histoflow.errors import ConfigError
 from histoflow.modeling.architectures import ALPHA_BACKBONES, BACKBONE_BLOCKS, BACKBONES, OPTIMIZERS
+from histoflow.modeling.calibration import CALIBRATIONS, parse_threshold_policy
 from histoflow.tracking import RUN_TARGET_FIELDS, RunTarget
 
 VARIANTS = ("baseline", "augmented", "densenet", "transfer")
@@ -43,6 +44,9 @@ class TrainConfig(DataConfig, RunTarget):
     lr_patience: int = 5
     class_weight: str = "none"
     mixed_precision: bool = False  # float16 compute, float32 weights and softmax: for GPUs
+    calibration: str = "temperature"  # fitted on validation: temperature or none
+    threshold_policy: str = "argmax"  # chosen on validation: argmax, youden, sensitivity:<x>, specificity:<x>
+    bootstrap: int = 1000  # resamples of patients for the test metrics' 95 % intervals; 0 = none
     gradcam_per_class: int = 3
 
     @property
@@ -79,10 +83,13 @@ class TrainConfig(DataConfig, RunTarget):
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.patience >= 1 and self.lr_patience >= 1, "patience and lr_patience must be >= 1"),
             (self.gradcam_per_class >= 0, "gradcam_per_class must be >= 0"),
+            (self.calibration in CALIBRATIONS, f"calibration must be one of {', '.join(CALIBRATIONS)}"),
+            (self.bootstrap == 0 or self.bootstrap >= 100, "bootstrap must be 0 (none) or >= 100 resamples"),
             (self.variant != "densenet" or self.backbone == "densenet121",
              "the densenet variant uses backbone densenet121; use -e transfer for others"),
         ]
         require(checks)
+        parse_threshold_policy(self.threshold_policy)
 
 
 # What only a model with a backbone has: the CNN variants neither take nor log these.

@@ -30,7 +30,12 @@ COLUMNS = {
     "metrics.test_recall": "Recall",
     "metrics.test_f1": "F1",
     "metrics.test_roc_auc": "AUC",
+    "metrics.test_roc_auc_ci_low": "AUC low",
+    "metrics.test_roc_auc_ci_high": "AUC high",
     "metrics.test_balanced_accuracy": "Balanced accuracy",
+    "metrics.test_balanced_accuracy_ci_low": "Balanced accuracy low",
+    "metrics.test_balanced_accuracy_ci_high": "Balanced accuracy high",
+    "metrics.test_ece": "ECE",
     "metrics.test_patient_score": "Patient score",
     "metrics.n_params": "Params",
     "metrics.train_time_s": "Train time (s)",
@@ -54,9 +59,20 @@ def summary(experiment: str, dataset: str = "") -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def _with_interval(value: float, low: float, high: float) -> str:
+    if pd.isna(value):
+        return ""
+    return f"{value:.4f} [{low:.3f}, {high:.3f}]" if pd.notna(low) and pd.notna(high) else f"{value:.4f}"
+
+
 def to_markdown(table: pd.DataFrame) -> str:
+    """The table as Markdown; AUC and balanced accuracy with their 95 % patient-bootstrap intervals."""
     shown = table.drop(columns=["run_id"]).copy()
-    for column in ("Accuracy", "Loss", "Precision", "Recall", "F1", "AUC", "Balanced accuracy", "Patient score"):
+    for column in ("AUC", "Balanced accuracy"):
+        shown[column] = [_with_interval(*values) for values in
+                         zip(shown[column], shown.pop(f"{column} low"), shown.pop(f"{column} high"))]
+        shown = shown.rename(columns={column: f"{column} [95% CI]"})
+    for column in ("Accuracy", "Loss", "Precision", "Recall", "F1", "ECE", "Patient score"):
         shown[column] = shown[column].map(lambda v: f"{v:.4f}" if pd.notna(v) else "")
     shown["Train time (s)"] = shown["Train time (s)"].map(lambda v: f"{v:.0f}" if pd.notna(v) else "")
     return shown.to_markdown(index=False)

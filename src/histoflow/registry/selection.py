@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import posixpath
+from dataclasses import fields
 from pathlib import Path
 
 import mlflow
@@ -11,6 +13,8 @@ from mlflow import MlflowClient
 
 from histoflow.data.step import SPLIT_TABLE
 from histoflow.errors import ConfigError, HistoflowError
+from histoflow.modeling.calibration import Calibration
+from histoflow.modeling.training_run import CALIBRATION_ARTIFACT
 from histoflow.serving.classifier import CLASSIFIER_ARTIFACT, log_classifier
 
 DEFAULT_NAME = "histoflow"
@@ -74,6 +78,15 @@ def classifier_uri(run) -> str:
     example = split.loc[split["split"] == "test", "path"].iloc[0]
     with mlflow.start_run(run_id=run.info.run_id):
         info = log_classifier(keras_artifact(run.info.run_id), classes, int(run.data.params["image_size"]),
-                              example, metadata={"source_run_id": run.info.run_id,
-                                                 "variant": run.data.tags.get("variant", "")})
+                              example, run_calibration(run), metadata={"source_run_id": run.info.run_id,
+                                                                        "variant": run.data.tags.get("variant", "")})
     return info.model_uri
+
+
+def run_calibration(run) -> Calibration:
+    """The temperature and threshold a training run fitted on its validation split (none: identity, 0.5)."""
+    names = {f.path for f in MlflowClient().list_artifacts(run.info.run_id, posixpath.dirname(CALIBRATION_ARTIFACT))}
+    if CALIBRATION_ARTIFACT not in names:
+        return Calibration()
+    saved = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{CALIBRATION_ARTIFACT}")
+    return Calibration(**{f.name: saved[f.name] for f in fields(Calibration)})

@@ -20,6 +20,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, Map, Schema
 
 from histoflow.data.images import MAX_PIXELS, resize_and_scale
+from histoflow.modeling.calibration import Calibration
 from histoflow.serving.requests import (
     INPUT_COLUMN,
     MAX_IMAGES_PER_REQUEST,
@@ -37,12 +38,17 @@ MODEL_CODE = Path(__file__).with_name("model_code.py")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
     outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
-                    ColSpec(Map("double"), "probabilities")]),
+                    ColSpec(Map("double"), "probabilities"), ColSpec("double", "threshold")]),
 )
 
 
 class ImageClassifier(PythonModel):
-    """Image files in, one row per image out: label, confidence, probabilities (class -> p)."""
+    """Image files in, one row per image out: label, confidence, probabilities (class -> p), threshold.
+
+    The probabilities are calibrated (the temperature fitted on the run's validation split) and the label
+    is the positive class when its probability reaches the threshold chosen there; the response names the
+    threshold applied. Models logged before calibration existed have neither: T = 1, threshold 0.5.
+    """
 
     def load_context(self, context) -> None:
         import keras
@@ -51,6 +57,7 @@ class ImageClassifier(PythonModel):
         config = context.model_config or {}
         self.class_names: list[str] = list(config["class_names"])
         self.image_size = int(config["image_size"])
+        self.calibration = Calibration(**config.get("calibration", {}))
         model = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
         size = self.image_size
         batch_spec = tf.TensorSpec([None, size, size, 3], tf.float32)
@@ -74,12 +81,13 @@ class ImageClassifier(PythonModel):
             part = items[start:start + MAX_IMAGES_PER_REQUEST]
             check_size(part, start)
             chunks.append(self.probabilities([decode_item(start + i, item) for i, item in enumerate(part)]))
-        probabilities = np.concatenate(chunks)
-        best = probabilities.argmax(axis=1)
+        probabilities = self.calibration.apply(np.concatenate(chunks))
+        decided = self.calibration.decide(probabilities)
         return pd.DataFrame({
-            "label": [self.class_names[k] for k in best],
-            "confidence": probabilities.max(axis=1).astype(float),
+            "label": [self.class_names[k] for k in decided],
+            "confidence": probabilities[np.arange(len(decided)), decided].astype(float),
             "probabilities": [dict(zip(self.class_names, map(float, row))) for row in probabilities],
+            "threshold": np.full(len(decided), self.calibration.threshold, dtype=float),
         })
 
 
@@ -97,7 +105,8 @@ def pip_requirements() -> list[str]:
 
 
 def log_classifier(keras_path: str | Path, class_names: list[str], image_size: int, example_image: str | Path,
-                   metadata: dict | None = None, name: str = CLASSIFIER_ARTIFACT):
+                   calibration: Calibration = Calibration(), metadata: dict | None = None,
+                   name: str = CLASSIFIER_ARTIFACT):
     """Log the serving pyfunc into the active run; returns MLflow's ModelInfo."""
     import mlflow
 
@@ -108,12 +117,13 @@ def log_classifier(keras_path: str | Path, class_names: list[str], image_size: i
         name=name,
         python_model=str(MODEL_CODE),
         artifacts={"keras_model": str(keras_path)},
-        model_config={"class_names": list(class_names), "image_size": int(image_size)},
+        model_config={"class_names": list(class_names), "image_size": int(image_size),
+                      "calibration": calibration.to_dict()},
         code_paths=[str(Path(histoflow.__file__).parent)],
         signature=SIGNATURE,
         input_example=example,
         pip_requirements=pip_requirements(),
-        metadata={"class_names": list(class_names), "image_size": int(image_size),
+        metadata={"class_names": list(class_names), "image_size": int(image_size), **calibration.to_dict(),
                   "input": f"base64 image files (PNG, JPEG, TIFF, BMP), column {INPUT_COLUMN!r}, at most "
                            f"{MAX_IMAGES_PER_REQUEST} and {MAX_REQUEST_CHARS:,} base64 characters per request, "
                            f"{MAX_PIXELS:,} pixels per image",
