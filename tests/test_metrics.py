@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from histoflow.modeling.metrics import binary_metrics, confusion, evaluate, patient_metrics, patient_table
 
@@ -47,3 +48,26 @@ def test_patient_metrics_by_hand():
     assert evaluate(frame, np.column_stack([1 - p, p]))["patient_accuracy"] == 0.5
     # Without labels: the calls only.
     assert list(patient_table(patients, p)) == ["patient", "images", "mean_p", "predicted"]
+
+
+def test_paired_bootstrap_by_construction():
+    """The same model twice differs by nothing (p = 1); a perfect model against a coin differs clearly."""
+    from histoflow.modeling.metrics import paired_patient_bootstrap
+
+    rng = np.random.default_rng(5)
+    patients = np.repeat(np.arange(60), 4)
+    y = np.repeat(rng.integers(0, 2, 60), 4)
+    repeats = np.zeros(len(y), int)
+    coin = rng.random(len(y))
+    same = paired_patient_bootstrap(patients, y, repeats, (coin, coin >= 0.5), (coin, coin >= 0.5), resamples=200)
+    assert same["roc_auc"] == (0.0, 0.0, 0.0, 1.0) and same["balanced_accuracy"] == (0.0, 0.0, 0.0, 1.0)
+    perfect = y * 0.8 + 0.1
+    result = paired_patient_bootstrap(patients, y, repeats, (perfect, perfect >= 0.5), (coin, coin >= 0.5),
+                                      resamples=200)
+    difference, low, high, p = result["roc_auc"]
+    assert difference == pytest.approx(1.0 - roc_auc_score(y, coin)) and 0 < low <= difference <= high and p < 0.01
+    # Two repeats of the same rows: each metric is the mean over the repeats (here the same twice).
+    twice = paired_patient_bootstrap(np.tile(patients, 2), np.tile(y, 2), np.repeat([0, 1], len(y)),
+                                     (np.tile(perfect, 2), np.tile(perfect >= 0.5, 2)),
+                                     (np.tile(coin, 2), np.tile(coin >= 0.5, 2)), resamples=50)
+    assert twice["roc_auc"][0] == pytest.approx(difference)

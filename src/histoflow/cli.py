@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HELP = {
     "train": "train and evaluate one model variant as an MLflow run",
     "tune": "Optuna study of the fusion head on cached backbone features, then the best parameters as a full run",
+    "cv": "patient-level cross-validation of a variant: nested fold runs, mean/std/interval, out-of-fold predictions",
     "data": "discover and split a dataset and log its report and split table as a run (no training)",
     "main": "the whole study: data, variants, tune, register, promote, comparison",
     "download": "download, verify and extract a public dataset",
@@ -45,6 +46,9 @@ def _run(command: str, variant: str, params: dict[str, Any]) -> Any:
     if command == "tune":
         from histoflow.tuning import study
         return study.run(study.make_tune_config(variant, **params))
+    if command == "cv":
+        from histoflow.modeling import cross_validation
+        return cross_validation.run(cross_validation.make_cv_config(variant, **params))
     cls, run = entrypoints.COMMANDS[command]
     return run(from_params(cls, params))
 
@@ -67,10 +71,13 @@ def _parser() -> argparse.ArgumentParser:
             # Not argparse choices: make_tune_config explains why only these can be tuned.
             p.add_argument("--variant", default="transfer",
                            help=f"{' or '.join(BACKBONE_VARIANTS)} (default: transfer)")
+        elif command == "cv":
+            p.add_argument("--variant", choices=VARIANTS, default="densenet")
         for param in cli_parameters(command):
             default = "required" if param.default is dataclasses.MISSING else f"{param.default!r}"
             p.add_argument(f"--{param.name}", default=None,
-                           help=f"default: {default}" + (" or the variant's" if command in ("train", "tune") else ""))
+                           help=f"default: {default}" + (" or the variant's" if p.get_default("variant") or
+                                                         command == "train" else ""))
     return parser
 
 

@@ -18,9 +18,9 @@ from histoflow.config import field_kinds
 from histoflow.data import download, step
 from histoflow.data.download import DownloadConfig
 from histoflow.data.step import DataStepConfig
+from histoflow.modeling.cross_validation import CV_FIELDS, CVConfig
 from histoflow.modeling.variants import (
     BACKBONE_VARIANTS,
-    VARIANT_DEFAULTS,
     VARIANTS,
     TrainConfig,
     make_train_config,
@@ -45,12 +45,9 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "register": (RegisterConfig, aliases.run_register), "promote": (PromoteConfig, promotion.run),
     "rollback": (RollbackConfig, aliases.run_rollback), "predict": (PredictConfig, batch_predict.run),
 }
-# tune's settings that its variants default differently (the study's variant decides them) or that the
-# search space file decides.
-TUNE_DERIVED = (*sorted(k for k in set().union(*(VARIANT_DEFAULTS[v] for v in BACKBONE_VARIANTS))
-                        if len({repr(VARIANT_DEFAULTS[v].get(k)) for v in BACKBONE_VARIANTS}) > 1),
-                *SEARCHABLE, *FINAL_RUN_ONLY)
 COMMENTS = {
+    "cv": "Patient-level cross-validation of a training variant: each fold a nested training run, the parent "
+          "holds mean, std and 95 % interval of every metric and the pooled out-of-fold predictions.",
     "tune": "Optuna study of the fusion head on cached backbone features (tuning/README.md), then the best "
             "parameters as a full run; what is searched or fixed is in the search_space file.",
     "data": "The data step alone: discover, split, log the data report and the split table.",
@@ -97,14 +94,38 @@ def parameters(cls: type, names: list[str] | None = None, defaults: dict[str, An
     return out
 
 
+# The commands that run a variant given as --variant: the variants they take, and their own settings.
+VARIANT_COMMANDS: dict[str, tuple[tuple[str, ...], type, tuple[str, ...]]] = {
+    "tune": (BACKBONE_VARIANTS, TuneConfig, STUDY_FIELDS),
+    "cv": (VARIANTS, CVConfig, CV_FIELDS),
+}
+
+
 def cli_parameters(command: str) -> list[Parameter]:
-    """What a `histoflow` command takes (besides --variant for train and tune)."""
-    train = [f.name for f in fields(TrainConfig) if f.name != "variant"]
+    """What a `histoflow` command takes (besides --variant for train, tune and cv)."""
+    train = parameters(TrainConfig, [f.name for f in fields(TrainConfig) if f.name != "variant"])
     if command == "train":
-        return parameters(TrainConfig, train)
-    if command == "tune":
-        return parameters(TrainConfig, train) + parameters(TuneConfig, list(STUDY_FIELDS))
+        return train
+    if command in VARIANT_COMMANDS:
+        _, cls, own = VARIANT_COMMANDS[command]
+        return train + parameters(cls, list(own))
     return parameters(COMMANDS[command][0])
+
+
+def _variant_command(command: str, default_variant: str, decided_elsewhere: tuple[str, ...] = ()) -> EntryPoint:
+    """An entry point over several variants: a training setting is declared when every one of them takes it
+    with the same default, and optional otherwise (the variant decides it), as are `decided_elsewhere`."""
+    variants, cls, own = VARIANT_COMMANDS[command]
+    defaults = [dataclasses.asdict(make_train_config(v)) for v in variants]
+    shared = [n for n in variant_fields(variants[0])
+              if n != "variant" and all(n in variant_fields(v) for v in variants)]
+    common = {n: defaults[0][n] if all(d[n] == defaults[0][n] for d in defaults) and n not in decided_elsewhere
+              else "" for n in shared}
+    optional = [n for n in variant_fields(BACKBONE_VARIANTS[0]) if n != "variant" and n not in shared]
+    return EntryPoint(command, f"histoflow {command}",
+                      [Parameter("variant", str, default_variant), *parameters(TrainConfig, shared, common),
+                       *parameters(TrainConfig, optional, {n: "" for n in optional}), *parameters(cls, list(own))],
+                      COMMENTS[command])
 
 
 def entry_points() -> list[EntryPoint]:
@@ -114,11 +135,8 @@ def entry_points() -> list[EntryPoint]:
         points.append(EntryPoint(variant, f"histoflow train --variant {variant}",
                                  parameters(TrainConfig, names, dataclasses.asdict(make_train_config(variant))),
                                  f"Train and evaluate the {variant} variant as one run."))
-    tune_defaults = {**dataclasses.asdict(make_train_config("transfer")), **{k: "" for k in TUNE_DERIVED}}
-    tune = [n for n in variant_fields(BACKBONE_VARIANTS[0]) if n != "variant"]
-    points.append(EntryPoint("tune", "histoflow tune",
-                             [Parameter("variant", str, "transfer"), *parameters(TrainConfig, tune, tune_defaults),
-                              *parameters(TuneConfig, list(STUDY_FIELDS))], COMMENTS["tune"]))
+    points.append(_variant_command("tune", "transfer", SEARCHABLE + FINAL_RUN_ONLY))
+    points.append(_variant_command("cv", "densenet"))
     for name, (cls, _) in COMMANDS.items():
         # `mlflow run` places the run itself (--experiment-name, --run-name).
         names = [f.name for f in fields(cls) if not (issubclass(cls, RunTarget) and f.name in RUN_TARGET_FIELDS)]

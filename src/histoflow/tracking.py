@@ -161,6 +161,11 @@ def log_dataset(name: str, digest: str, source: str, table: pd.DataFrame, artifa
             dataset = mlflow.data.from_pandas(part, source=source, targets="label", name=f"{name}:{context}",
                                               digest=f"{digest}-{context}"[:36])
             _log_input(dataset, context)
+    log_table(table, artifact_file)
+
+
+def log_table(table: pd.DataFrame, artifact_file: str) -> None:
+    """A table as a CSV artifact (readable by pandas and spreadsheets, unlike mlflow.log_table's JSON)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         table.to_csv(path, index=False)

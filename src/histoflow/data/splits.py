@@ -3,10 +3,13 @@
 ``patient``: scikit-learn's StratifiedGroupKFold twice (test fold, then validation fold of the rest),
 so no patient group is in two splits. ``image``: the random image-level split of the published
 reports, which puts one patient's images in train and test (leaky; kept for comparison only).
-``predefined``: the train/valid/test folders of a folders-layout dataset.
+``predefined``: the train/valid/test folders of a folders-layout dataset. ``cv_folds``: the folds of
+patient-level cross-validation, each with its inner validation split.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -94,3 +97,35 @@ def patient_overlap(frame: pd.DataFrame) -> set[str]:
     """Patient groups that occur in more than one split (empty for a patient split)."""
     splits_per_group = frame.groupby("group")["split"].nunique()
     return set(splits_per_group[splits_per_group > 1].index)
+
+
+@dataclass(frozen=True)
+class Fold:
+    repeat: int
+    fold: int
+    frame: pd.DataFrame  # every image, with its split in this fold: train, val (inner, by patient), test (held out)
+
+
+def cv_folds(frame: pd.DataFrame, folds: int, repeats: int, val_fraction: float, seed: int,
+             class_names: list[str]) -> list[Fold]:
+    """Patient-level cross-validation: StratifiedGroupKFold per repeat (seed + repeat), each fold held out
+    once; in the rest, a patient-disjoint validation part of about `val_fraction` of all images."""
+    groups_per_class = frame.groupby("label")["group"].nunique()
+    for label, count in groups_per_class.items():
+        if count < folds:
+            raise DataError(f"class {class_names[label]!r} has {count} patient groups for {folds} folds: every "
+                            f"held-out fold needs one; use at most {count} folds, or add patients")
+    frame = frame.reset_index(drop=True)
+    out = []
+    for repeat in range(repeats):
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
+        for k, (rest_index, held_out) in enumerate(splitter.split(frame, frame["label"], frame["group"])):
+            rest = frame.iloc[rest_index]
+            val = _group_fold(rest, val_fraction * folds / (folds - 1), seed + repeat + 1, "validation")
+            split = np.full(len(frame), "train", dtype=object)
+            split[held_out] = "test"
+            split[rest.index[val]] = "val"
+            fold = frame.assign(split=split)
+            check_split(fold)
+            out.append(Fold(repeat, k, fold))
+    return out

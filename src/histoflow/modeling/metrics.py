@@ -32,22 +32,30 @@ INTERVAL_METRICS = tuple(INTERVAL_SCORES)
 ONE_CLASS_UNDEFINED = ("roc_auc", "balanced_accuracy")
 
 
-def binary_metrics(y_true: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Metrics of the positive (malignant) class; probabilities has one column per class."""
-    y_true = np.asarray(y_true, dtype=int)
-    positive = probabilities[:, 1]
-    y_pred = (positive >= threshold).astype(int)
+def decision_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Metrics of class decisions (1 = malignant) against the labels."""
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
     two_classes = len(np.unique(y_true)) == 2
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "loss": float(log_loss(y_true, np.clip(probabilities, 1e-7, 1.0), labels=[0, 1])),
         "precision": float(precision_score(y_true, y_pred, zero_division=0)),
         "recall": float(recall_score(y_true, y_pred, zero_division=0)),
         "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
         "f1": float(f1_score(y_true, y_pred, zero_division=0)),
-        "roc_auc": float(roc_auc_score(y_true, positive)) if two_classes else float("nan"),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if two_classes else float("nan"),
+    }
+
+
+def binary_metrics(y_true: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Metrics of the positive (malignant) class; probabilities has one column per class."""
+    y_true = np.asarray(y_true, dtype=int)
+    positive = probabilities[:, 1]
+    two_classes = len(np.unique(y_true)) == 2
+    return {
+        **decision_metrics(y_true, (positive >= threshold).astype(int)),
+        "loss": float(log_loss(y_true, np.clip(probabilities, 1e-7, 1.0), labels=[0, 1])),
+        "roc_auc": float(roc_auc_score(y_true, positive)) if two_classes else float("nan"),
     }
 
 
@@ -130,3 +138,49 @@ def report_text(y_true: np.ndarray, probabilities: np.ndarray, class_names: list
 
 def confusion(y_true: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return confusion_matrix(y_true, (probabilities[:, 1] >= threshold).astype(int), labels=[0, 1])
+
+
+def paired_patient_bootstrap(patients: pd.Series | np.ndarray, y_true: np.ndarray, repeats: np.ndarray,
+                             a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+                             resamples: int = 1000, level: float = 0.95, seed: int = 42
+                             ) -> dict[str, tuple[float, float, float, float]]:
+    """Model A against model B on the same images: the difference A - B of ROC AUC (from the positive
+    probabilities) and balanced accuracy (from the decisions), with its percentile interval and two-sided
+    bootstrap p-value, resampling patients (the same ones for both models, so what the two share cancels).
+
+    `a` and `b` are (positive probability, decision) per row; rows of several cross-validation repeats
+    are told apart by `repeats`, and a metric is the mean over repeats. Returns name -> (difference,
+    low, high, p).
+    """
+    codes, _ = pd.factorize(np.asarray(patients))
+    members = [np.flatnonzero(codes == k) for k in range(codes.max() + 1)]
+    y_true, repeats = np.asarray(y_true, dtype=int), np.asarray(repeats)
+    a_p, a_d, b_p, b_d = (np.asarray(v) for v in (*a, *b))
+
+    def differences(rows: np.ndarray) -> dict[str, float]:
+        per_repeat: dict[str, list[float]] = {"roc_auc": [], "balanced_accuracy": []}
+        for r in np.unique(repeats[rows]):
+            mine = rows[repeats[rows] == r]
+            y = y_true[mine]
+            if len(np.unique(y)) < 2:
+                return {}
+            per_repeat["roc_auc"].append(roc_auc_score(y, a_p[mine]) - roc_auc_score(y, b_p[mine]))
+            per_repeat["balanced_accuracy"].append(balanced_accuracy_score(y, a_d[mine])
+                                                   - balanced_accuracy_score(y, b_d[mine]))
+        return {name: float(np.mean(values)) for name, values in per_repeat.items()}
+
+    observed = differences(np.arange(len(y_true)))
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in observed}
+    for _ in range(resamples):
+        rows = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        for name, value in differences(rows).items():
+            draws[name].append(value)
+    tail = 100 * (1 - level) / 2
+    result = {}
+    for name, values in draws.items():
+        values = np.asarray(values)
+        p = min(1.0, 2 * min((values <= 0).mean(), (values >= 0).mean()))
+        result[name] = (observed[name], float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)),
+                        float(p))
+    return result

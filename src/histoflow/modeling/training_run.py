@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -50,7 +51,7 @@ def datasets(config: TrainConfig, prepared: PreparedData):
     return part("train", True), part("val", False), part("test", False)
 
 
-def _log_figure(fig: plt.Figure, path: str) -> None:
+def log_figure(fig: plt.Figure, path: str) -> None:
     mlflow.log_figure(fig, path)
     plt.close(fig)
 
@@ -71,10 +72,10 @@ def _log_evaluation(split: str, rows: pd.DataFrame, raw: np.ndarray, calibration
     matrix = metrics.confusion(y, probabilities, threshold)
     tracking.log_json({"labels": class_names, "matrix": matrix.tolist(), "rows": "true", "columns": "predicted",
                        "threshold": threshold}, f"evaluation/{split}_confusion_matrix.json")
-    _log_figure(figures.confusion_figure(matrix, class_names, f"{split} confusion matrix (threshold {threshold:.3g})"),
+    log_figure(figures.confusion_figure(matrix, class_names, f"{split} confusion matrix (threshold {threshold:.3g})"),
                 f"evaluation/{split}_confusion_matrix.png")
-    _log_figure(figures.roc_figure(y, probabilities[:, 1], f"{split} ROC"), f"evaluation/{split}_roc_curve.png")
-    _log_figure(figures.reliability_figure(y, {"network": raw[:, 1], f"T = {calibration.temperature:.2f}":
+    log_figure(figures.roc_figure(y, probabilities[:, 1], f"{split} ROC"), f"evaluation/{split}_roc_curve.png")
+    log_figure(figures.reliability_figure(y, {"network": raw[:, 1], f"T = {calibration.temperature:.2f}":
                                                probabilities[:, 1]}, f"{split} reliability"),
                 f"evaluation/{split}_reliability.png")
     mlflow.log_text(metrics.report_text(y, probabilities, class_names, threshold),
@@ -110,7 +111,7 @@ def _log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, pr
                          for i in range(len(chosen))])
     captions = [f"true {class_names[labels[c]]}\npred {class_names[p]} {probabilities[c, p]:.2f}"
                 for c, p in zip(chosen, predicted)]
-    _log_figure(figures.gradcam_figure(images, heatmaps, captions), "evaluation/gradcam.png")
+    log_figure(figures.gradcam_figure(images, heatmaps, captions), "evaluation/gradcam.png")
 
 
 class _KerasFlavor:
@@ -143,43 +144,60 @@ def _log_model(model: keras.Model, config: TrainConfig, example: np.ndarray, cla
     return size_mb
 
 
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a training run leaves besides its logging: its id, metrics and the held-out predictions."""
+
+    run_id: str
+    validation: dict[str, float]
+    test: dict[str, float]
+    test_probabilities: np.ndarray  # calibrated, one row per test image in the split's order
+    calibration: Calibration
+
+
 def run(config: TrainConfig) -> str:
     """Train and evaluate one variant as one MLflow run; returns the run id."""
     config.validate()
     tracking.configure(config.experiment)  # first: a tracking server that is down fails before any work
     prepared = prepare_data(config, config.split_table)
+    run_name = config.run_name or f"{config.variant}-{config.model_name}-{prepared.dataset.name}"
+    with mlflow.start_run(run_name=run_name):
+        mlflow.set_tag("histoflow.step", "train")
+        return train_in_run(config, prepared, run_name).run_id
+
+
+def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> TrainOutcome:
+    """Train and evaluate in the active run: data, model, fit, calibration, evaluation, intervals, model files."""
     dataset = prepared.dataset
     set_seeds(config.seed)
-    run_name = config.run_name or f"{config.variant}-{config.model_name}-{dataset.name}"
-    with mlflow.start_run(run_name=run_name) as active:
-        tracking.log_new_params(config.to_params())
-        mlflow.set_tags({"variant": config.variant, "model": config.model_name})
-        log_data(prepared)
-        train_ds, val_ds, test_ds = datasets(config, prepared)
-        model = build(config)
-        mlflow.log_metric("n_params", model.count_params())
-        weights = class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight)
-        result = fit(model, train_ds, val_ds, config.epochs, [EpochMetrics()], weights,
-                     config.patience, config.lr_patience)
-        n_train = augmented_size(len(prepared.rows("train")), config.augment)
-        mlflow.log_metrics({"train_time_s": result.seconds, "best_epoch": result.best_epoch,
-                            "epochs_run": result.epochs_run,
-                            "train_images_per_s": n_train * result.epochs_run / result.seconds})
-        _log_figure(figures.history_figure(result.history, run_name), "evaluation/training_curves.png")
-        # Selection happened on validation (early stopping, temperature, threshold); test is evaluated once, here.
-        val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
-        val_raw = model.predict(val_ds, verbose=0)
-        calibration = fit_calibration(config.calibration, config.threshold_policy, val_rows["label"].to_numpy(),
-                                      val_raw)
-        mlflow.log_metrics({"temperature": calibration.temperature, "decision_threshold": calibration.threshold})
-        tracking.log_json({**calibration.to_dict(), "class_names": dataset.class_names}, CALIBRATION_ARTIFACT)
-        _log_evaluation("validation", val_rows, val_raw, calibration, dataset.class_names)
-        test, test_probabilities = _log_evaluation("test", test_rows, model.predict(test_ds, verbose=0), calibration,
-                                                   dataset.class_names)
-        _log_intervals(config, test_rows, test_probabilities, calibration.threshold)
-        _log_gradcam(model, config, test_rows, test_probabilities, calibration, dataset.class_names)
-        example = next(iter(test_ds))[0].numpy()[:1]
-        mlflow.log_metric("model_size_mb", _log_model(model, config, example, dataset.class_names))
-        print(f"{run_name}: test accuracy {test['accuracy']:.4f}, balanced accuracy "
-              f"{test['balanced_accuracy']:.4f}, ROC AUC {test['roc_auc']:.4f} (run {active.info.run_id})")
-        return active.info.run_id
+    tracking.log_new_params(config.to_params())
+    mlflow.set_tags({"variant": config.variant, "model": config.model_name})
+    log_data(prepared)
+    train_ds, val_ds, test_ds = datasets(config, prepared)
+    model = build(config)
+    mlflow.log_metric("n_params", model.count_params())
+    weights = class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight)
+    result = fit(model, train_ds, val_ds, config.epochs, [EpochMetrics()], weights, config.patience,
+                 config.lr_patience)
+    n_train = augmented_size(len(prepared.rows("train")), config.augment)
+    mlflow.log_metrics({"train_time_s": result.seconds, "best_epoch": result.best_epoch,
+                        "epochs_run": result.epochs_run,
+                        "train_images_per_s": n_train * result.epochs_run / result.seconds})
+    log_figure(figures.history_figure(result.history, run_name), "evaluation/training_curves.png")
+    # Selection happened on validation (early stopping, temperature, threshold); test is evaluated once, here.
+    val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
+    val_raw = model.predict(val_ds, verbose=0)
+    calibration = fit_calibration(config.calibration, config.threshold_policy, val_rows["label"].to_numpy(), val_raw)
+    mlflow.log_metrics({"temperature": calibration.temperature, "decision_threshold": calibration.threshold})
+    tracking.log_json({**calibration.to_dict(), "class_names": dataset.class_names}, CALIBRATION_ARTIFACT)
+    validation, _ = _log_evaluation("validation", val_rows, val_raw, calibration, dataset.class_names)
+    test, test_probabilities = _log_evaluation("test", test_rows, model.predict(test_ds, verbose=0), calibration,
+                                               dataset.class_names)
+    _log_intervals(config, test_rows, test_probabilities, calibration.threshold)
+    _log_gradcam(model, config, test_rows, test_probabilities, calibration, dataset.class_names)
+    example = next(iter(test_ds))[0].numpy()[:1]
+    mlflow.log_metric("model_size_mb", _log_model(model, config, example, dataset.class_names))
+    run_id = mlflow.active_run().info.run_id
+    print(f"{run_name}: test accuracy {test['accuracy']:.4f}, balanced accuracy {test['balanced_accuracy']:.4f}, "
+          f"ROC AUC {test['roc_auc']:.4f} (run {run_id})")
+    return TrainOutcome(run_id, validation, test, test_probabilities, calibration)

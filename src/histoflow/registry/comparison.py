@@ -1,7 +1,9 @@
-"""The `compare` entry point: the reports' summary table of an experiment's training runs (Markdown + CSV)."""
+"""The `compare` entry point: the reports' summary table of an experiment's training runs and cross-validations
+(Markdown + CSV), with paired comparisons of cross-validations run on the same folds."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,8 @@ import pandas as pd
 
 from histoflow import tracking
 from histoflow.errors import DataError
+from histoflow.modeling.cross_validation import FOLDS_ARTIFACT, OOF_ARTIFACT
+from histoflow.modeling.metrics import paired_patient_bootstrap
 
 
 @dataclass(frozen=True)
@@ -19,73 +23,132 @@ class CompareConfig:
     dataset: str = ""  # "" = runs on every dataset
     output_dir: str = "outputs"
 
-COLUMNS = {
-    "tags.mlflow.runName": "Run",
-    "tags.model": "Model",
-    "tags.dataset.name": "Dataset",
-    "tags.split_mode": "Split",
-    "metrics.test_accuracy": "Accuracy",
-    "metrics.test_loss": "Loss",
-    "metrics.test_precision": "Precision",
-    "metrics.test_recall": "Recall",
-    "metrics.test_f1": "F1",
-    "metrics.test_roc_auc": "AUC",
-    "metrics.test_roc_auc_ci_low": "AUC low",
-    "metrics.test_roc_auc_ci_high": "AUC high",
-    "metrics.test_balanced_accuracy": "Balanced accuracy",
-    "metrics.test_balanced_accuracy_ci_low": "Balanced accuracy low",
-    "metrics.test_balanced_accuracy_ci_high": "Balanced accuracy high",
-    "metrics.test_ece": "ECE",
-    "metrics.test_patient_score": "Patient score",
-    "metrics.n_params": "Params",
-    "metrics.train_time_s": "Train time (s)",
-}
+# Single runs: the test metric, and its patient-bootstrap interval where one exists.
+METRICS = {"test_accuracy": "Accuracy", "test_loss": "Loss", "test_precision": "Precision", "test_recall": "Recall",
+           "test_f1": "F1", "test_roc_auc": "AUC", "test_balanced_accuracy": "Balanced accuracy", "test_ece": "ECE",
+           "test_patient_score": "Patient score"}
+WITH_INTERVAL = ("AUC", "Balanced accuracy")
+TAGS = {"tags.mlflow.runName": "Run", "tags.model": "Model", "tags.dataset.name": "Dataset",
+        "tags.split_mode": "Split"}
+OTHER = {"metrics.n_params": "Params", "metrics.train_time_s": "Train time (s)"}
+PAIRED = ("roc_auc", "balanced_accuracy")
+
+
+def _search(experiment: str, query: str, dataset: str) -> pd.DataFrame:
+    if dataset:
+        query += f" and tags.`dataset.name` = '{dataset}'"
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=query,
+                              order_by=["attributes.start_time DESC"])
 
 
 def summary(experiment: str, dataset: str = "") -> pd.DataFrame:
-    """One row per finished training run of the experiment (newest first)."""
+    """One row per finished training run (not the folds of a cross-validation) and per cross-validation.
+
+    A run's metrics are its test metrics (AUC and balanced accuracy with their 95 % patient-bootstrap
+    interval, `... low`/`... high`); a cross-validation's are the means over its folds, with `... std`.
+    """
     if mlflow.get_experiment_by_name(experiment) is None:
         raise DataError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
-    query = "attributes.status = 'FINISHED' and metrics.test_accuracy >= 0"
-    if dataset:
-        query += f" and tags.`dataset.name` = '{dataset}'"
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=query,
-                              order_by=["attributes.start_time DESC"])
-    if runs.empty:
+    runs = _search(experiment, "attributes.status = 'FINISHED' and metrics.test_accuracy >= 0", dataset)
+    if not runs.empty and "tags.cv.parent_run_id" in runs:
+        runs = runs[runs["tags.cv.parent_run_id"].isna()]
+    cvs = _search(experiment, "attributes.status = 'FINISHED' and tags.`histoflow.step` = 'cv'", dataset)
+    if runs.empty and cvs.empty:
         raise DataError(f"experiment {experiment!r} has no finished training run"
                         + (f" on dataset {dataset!r}" if dataset else ""))
-    table = runs.reindex(columns=["run_id", *COLUMNS]).rename(columns=COLUMNS)
+    parts = []
+    if not runs.empty:
+        columns = {**TAGS, **{f"metrics.{k}": v for k, v in METRICS.items()},
+                   **{f"metrics.{k}_ci_{end}": f"{v} {end}" for k, v in METRICS.items() if v in WITH_INTERVAL
+                      for end in ("low", "high")}, **OTHER}
+        parts.append(runs.reindex(columns=["run_id", *columns]).rename(columns=columns).assign(Kind="run"))
+    if not cvs.empty:
+        columns = {**TAGS, **{f"metrics.cv_{k}_mean": v for k, v in METRICS.items()},
+                   **{f"metrics.cv_{k}_std": f"{v} std" for k, v in METRICS.items()}, **OTHER}
+        table = cvs.reindex(columns=["run_id", *columns, "params.folds", "params.repeats"]).rename(columns=columns)
+        table["Split"] = [f"patient {f}-fold CV x{r}" for f, r in zip(table.pop("params.folds"),
+                                                                      table.pop("params.repeats"))]
+        parts.append(table.assign(Kind="cv"))
+    table = pd.concat(parts, ignore_index=True)
     table["Params"] = table["Params"].astype("Int64")
-    return table.reset_index(drop=True)
+    return table[["run_id", "Kind", *[c for c in table if c not in ("run_id", "Kind")]]]
 
 
-def _with_interval(value: float, low: float, high: float) -> str:
+def _number(value: float, low: float = float("nan"), high: float = float("nan"), std: float = float("nan")) -> str:
     if pd.isna(value):
         return ""
+    if pd.notna(std):
+        return f"{value:.4f} ± {std:.4f}"
     return f"{value:.4f} [{low:.3f}, {high:.3f}]" if pd.notna(low) and pd.notna(high) else f"{value:.4f}"
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """The table as Markdown; AUC and balanced accuracy with their 95 % patient-bootstrap intervals."""
+    """The table as Markdown: single runs with 95 % intervals [low, high], cross-validations as mean ± std."""
     shown = table.drop(columns=["run_id"]).copy()
-    for column in ("AUC", "Balanced accuracy"):
-        shown[column] = [_with_interval(*values) for values in
-                         zip(shown[column], shown.pop(f"{column} low"), shown.pop(f"{column} high"))]
-        shown = shown.rename(columns={column: f"{column} [95% CI]"})
-    for column in ("Accuracy", "Loss", "Precision", "Recall", "F1", "ECE", "Patient score"):
-        shown[column] = shown[column].map(lambda v: f"{v:.4f}" if pd.notna(v) else "")
+    for name in METRICS.values():
+        low, high, std = (shown.pop(c) if c in shown else pd.Series(float("nan"), index=shown.index)
+                          for c in (f"{name} low", f"{name} high", f"{name} std"))
+        shown[name] = [_number(*values) for values in zip(shown[name], low, high, std)]
+    shown = shown.rename(columns={name: f"{name} [95% CI] / ± std" for name in WITH_INTERVAL})
     shown["Train time (s)"] = shown["Train time (s)"].map(lambda v: f"{v:.0f}" if pd.notna(v) else "")
     return shown.to_markdown(index=False)
 
 
-def write(table: pd.DataFrame, output_dir: str) -> tuple[str, list[Path]]:
-    """The Markdown table, and comparison.csv/.md saved under output_dir."""
+def _same_folds(a: str, b: str) -> bool:
+    folds = [pd.read_csv(mlflow.artifacts.download_artifacts(run_id=r, artifact_path=FOLDS_ARTIFACT))
+             .sort_values(["repeat", "relpath"]).reset_index(drop=True) for r in (a, b)]
+    return folds[0][["relpath", "repeat", "fold", "split"]].equals(folds[1][["relpath", "repeat", "fold", "split"]])
+
+
+def paired(table: pd.DataFrame, resamples: int = 1000, seed: int = 42) -> pd.DataFrame:
+    """Every two cross-validations run on the same folds, compared on their out-of-fold predictions by a
+    paired bootstrap over patients: the difference (first - second) of ROC AUC and balanced accuracy,
+    its 95 % interval and two-sided p-value."""
+    cv_runs = table[table["Kind"] == "cv"]
+    rows = []
+    for (_, a), (_, b) in itertools.combinations(cv_runs.iterrows(), 2):
+        if not _same_folds(a["run_id"], b["run_id"]):
+            continue
+        oof = [pd.read_csv(mlflow.artifacts.download_artifacts(run_id=r, artifact_path=OOF_ARTIFACT),
+                           dtype={"patient": str}) for r in (a["run_id"], b["run_id"])]
+        both = oof[0].merge(oof[1], on=["relpath", "repeat"], suffixes=("_a", "_b"))
+        result = paired_patient_bootstrap(both["patient_a"], both["label_a"], both["repeat"],
+                                          (both["probability_a"], both["predicted_a"]),
+                                          (both["probability_b"], both["predicted_b"]), resamples, seed=seed)
+        row = {"A": a["Run"], "B": b["Run"], "A run_id": a["run_id"], "B run_id": b["run_id"]}
+        for name in PAIRED:
+            difference, low, high, p = result[name]
+            row.update({f"{name} difference": difference, f"{name} low": low, f"{name} high": high,
+                        f"{name} p": p})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_markdown(pairs: pd.DataFrame) -> str:
+    shown = pairs[["A", "B"]].copy()
+    for name, title in (("roc_auc", "AUC"), ("balanced_accuracy", "Balanced accuracy")):
+        shown[f"{title} A - B [95% CI]"] = [f"{d:+.4f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
+                                            zip(pairs[f"{name} difference"], pairs[f"{name} low"],
+                                                pairs[f"{name} high"])]
+        shown[f"{title} p"] = pairs[f"{name} p"].map(lambda v: f"{v:.3f}")
+    return shown.to_markdown(index=False)
+
+
+def write(table: pd.DataFrame, output_dir: str, pairs: pd.DataFrame | None = None) -> tuple[str, list[Path]]:
+    """The Markdown table(s), and comparison.csv/.md (and comparison_paired.csv/.md) saved under output_dir."""
     markdown = to_markdown(table)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "comparison.csv", index=False)
     (out / "comparison.md").write_text(markdown + "\n")
-    return markdown, [out / "comparison.csv", out / "comparison.md"]
+    files = [out / "comparison.csv", out / "comparison.md"]
+    if pairs is not None and not pairs.empty:
+        pairs.to_csv(out / "comparison_paired.csv", index=False)
+        paired_text = paired_markdown(pairs)
+        (out / "comparison_paired.md").write_text(paired_text + "\n")
+        files += [out / "comparison_paired.csv", out / "comparison_paired.md"]
+        markdown += "\n\nCross-validations on the same folds, paired bootstrap over patients:\n\n" + paired_text
+    return markdown, files
 
 
 def run(config: CompareConfig) -> pd.DataFrame:
@@ -93,7 +156,8 @@ def run(config: CompareConfig) -> pd.DataFrame:
     tracking.configure()
     experiment, output_dir = config.experiment or tracking.current_experiment_name(), config.output_dir
     table = summary(experiment, config.dataset)
-    markdown, files = write(table, output_dir)
+    pairs = paired(table)
+    markdown, files = write(table, output_dir, pairs)
     print(markdown)
     experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
     # Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and start_run resumes it.
@@ -104,4 +168,7 @@ def run(config: CompareConfig) -> pd.DataFrame:
                                  "compared_runs": len(table)})
         for path in files:
             mlflow.log_artifact(str(path))
+        for i, row in pairs.iterrows():  # the paired differences as metrics too, one step per pair
+            mlflow.log_metrics({f"paired_{k.replace(' ', '_')}": row[k] for k in row.index if k.startswith(PAIRED)},
+                               step=int(i))
     return table

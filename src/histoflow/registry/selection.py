@@ -32,7 +32,8 @@ def check_selection_metric(metric: str) -> None:
 
 
 def best_run(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool = False):
-    """The finished training run of the experiment with the highest validation metric."""
+    """The finished training run of the experiment with the highest validation metric (folds of a
+    cross-validation are not candidates)."""
     check_selection_metric(metric)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
@@ -40,8 +41,9 @@ def best_run(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool 
     query = f"attributes.status = 'FINISHED' and metrics.{metric} >= 0"
     if not include_leaky:
         query += " and tags.split_leaky = 'false'"
-    runs = mlflow.search_runs([exp.experiment_id], query, order_by=[f"metrics.{metric} DESC"],
-                              max_results=1, output_format="list")
+    runs = [r for r in mlflow.search_runs([exp.experiment_id], query, order_by=[f"metrics.{metric} DESC"],
+                                          output_format="list")
+            if "cv.parent_run_id" not in r.data.tags]  # a cross-validation's folds are parts of one result
     if not runs:
         raise RegistryError(f"experiment {experiment!r} has no finished training run with metric {metric!r}"
                             + ("" if include_leaky else " on a patient split (include_leaky to allow image splits)"))

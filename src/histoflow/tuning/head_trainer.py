@@ -101,7 +101,7 @@ class HeadTrainer:
 
     def start(self, fusion_width: int, dropout: float, learning_rate: float, seed: int, optimizer: str = "adam",
               batchnorm: bool = True) -> keras.Model:
-        """A compiled head set to a fresh head of `fusion_width`, weights drawn as head_model's after set_seeds(seed)."""
+        """A compiled head set to a fresh head of `fusion_width`, drawn as head_model's after set_seeds(seed)."""
         key = (self.bucket(fusion_width), optimizer, batchnorm)
         if key not in self.models:
             self.models[key] = compile_model(

@@ -1,0 +1,110 @@
+"""The `cv` entry point on a small real subset: folds by patient, nested fold runs, parent aggregates,
+out-of-fold predictions; a class with fewer patients than folds is refused before any training."""
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import BREAKHIS
+from histoflow.data.discovery import discover
+from histoflow.data.splits import cv_folds, patient_overlap
+from histoflow.errors import ConfigError, DataError
+from histoflow.modeling import cross_validation
+
+TINY = {"data_dir": str(BREAKHIS), "max_images": 80, "image_size": 32, "batch_size": 16, "epochs": 1,
+        "gradcam_per_class": 0, "bootstrap": 0}
+
+
+def test_folds_hold_out_every_patient_once_per_repeat():
+    frame = discover(BREAKHIS, max_images=200, seed=1).frame
+    folds = cv_folds(frame, 4, 2, 0.2, 7, ["benign", "malignant"])
+    assert [(f.repeat, f.fold) for f in folds] == [(r, k) for r in range(2) for k in range(4)]
+    for repeat in range(2):
+        held = pd.concat([f.frame[f.frame["split"] == "test"] for f in folds if f.repeat == repeat])
+        assert sorted(held["relpath"]) == sorted(frame["relpath"])  # every image once
+        owners = held.groupby("group")["relpath"].count()
+        assert owners.sum() == len(frame)
+        fold_of_group = {g: {f.fold for f in folds if f.repeat == repeat
+                             and g in set(f.frame.loc[f.frame["split"] == "test", "group"])} for g in held["group"]}
+        assert all(len(v) == 1 for v in fold_of_group.values())  # no patient group in two test folds
+    for f in folds:
+        assert patient_overlap(f.frame) == set() and set(f.frame["split"]) == {"train", "val", "test"}
+    first, second = ([f.frame["split"].tolist() for f in folds if f.repeat == r] for r in (0, 1))
+    assert first != second  # repeats shuffle differently
+
+
+def test_a_class_with_fewer_patients_than_folds_is_refused_before_training():
+    frame = discover(BREAKHIS).frame
+    benign_groups = sorted(frame.loc[frame["label"] == 0, "group"].unique())[:3]
+    few = frame[(frame["label"] == 1) | frame["group"].isin(benign_groups)]
+    with pytest.raises(DataError, match="class 'benign' has 3 patient groups for 5 folds"):
+        cv_folds(few, 5, 1, 0.2, 42, ["benign", "malignant"])
+    with pytest.raises(ConfigError, match="folds must be in 2..20"):
+        cross_validation.make_cv_config("baseline", folds="1")
+    with pytest.raises(ConfigError, match="takes no split_table"):
+        cross_validation.make_cv_config("baseline", split_table="runs:/x/data/split.csv")
+
+
+@pytest.fixture(scope="module")
+def cv_store(tmp_path_factory):
+    """Two cross-validations on the same folds (2 folds, 2 repeats): the baseline and the augmented CNN."""
+    root = tmp_path_factory.mktemp("cv")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    runs = {v: cross_validation.run(cross_validation.make_cv_config(v, **TINY, folds=2, repeats=2, experiment="cv"))
+            for v in ("baseline", "augmented")}
+    yield root, runs
+    mp.undo()
+
+
+@pytest.mark.slow
+def test_cv_run_nests_folds_and_aggregates_them(cv_store):
+    parent_id = cv_store[1]["baseline"]
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    m = parent.data.metrics
+    for name in ("accuracy", "roc_auc", "balanced_accuracy"):
+        values = [c.data.metrics[f"test_{name}"] for c in children]
+        assert m[f"cv_test_{name}_mean"] == pytest.approx(np.mean(values))
+        assert m[f"cv_test_{name}_std"] == pytest.approx(np.std(values, ddof=1))
+        assert m[f"cv_test_{name}_ci_low"] <= m[f"cv_test_{name}_mean"] <= m[f"cv_test_{name}_ci_high"]
+    assert "cv_validation_roc_auc_mean" in m and "oof_roc_auc" in m
+    oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path=cross_validation.OOF_ARTIFACT))
+    split = discover(BREAKHIS, max_images=80, seed=42).frame
+    for repeat in (0, 1):
+        part = oof[oof["repeat"] == repeat]
+        assert sorted(part["relpath"]) == sorted(split["relpath"])  # each image exactly once per repeat
+    assert oof["probability"].between(0, 1).all()
+    assert set(oof["fold_run_id"]) == {c.info.run_id for c in children}
+    artifacts = {a.path for a in client.list_artifacts(parent_id, "cv")}
+    assert {"cv/oof_roc_curve.png", "cv/oof_confusion_matrix.png", "cv/oof_reliability.png", "cv/folds.csv",
+            "cv/patients.json"} <= artifacts
+    assert parent.data.tags["histoflow.step"] == "cv" and parent.data.params["folds"] == "2"
+
+
+@pytest.mark.slow
+def test_compare_shows_cross_validations_and_pairs_them(cv_store):
+    from histoflow.registry import comparison
+
+    root, runs = cv_store
+    table = comparison.summary("cv")
+    assert list(table["Kind"]) == ["cv", "cv"]  # the fold runs are parts, not rows
+    row = table.set_index("run_id").loc[runs["baseline"]]
+    assert row["AUC"] == pytest.approx(mlflow.get_run(runs["baseline"]).data.metrics["cv_test_roc_auc_mean"])
+    assert "±" in comparison.to_markdown(table) and row["Split"] == "patient 2-fold CV x2"
+    pairs = comparison.paired(table, resamples=200)
+    assert len(pairs) == 1
+    pair = pairs.iloc[0]
+    for name in ("roc_auc", "balanced_accuracy"):
+        assert pair[f"{name} low"] <= pair[f"{name} difference"] <= pair[f"{name} high"]
+        assert 0 <= pair[f"{name} p"] <= 1
+    markdown, files = comparison.write(table, str(root / "out"), pairs)
+    assert "paired bootstrap over patients" in markdown and (root / "out" / "comparison_paired.csv").is_file()
