@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce docs/results.md: every variant on the developer sets, patient split, plus leaky image splits.
 # Usage (from the repository root, venv active):
-#   bash docs/reproduce_results.sh [breakhis|densenet-breakhis|idc|densenet-idc|compare|all]
+#   bash docs/reproduce_results.sh [breakhis|densenet-breakhis|idc|densenet-idc|cv-breakhis|cv-idc|compare|all]
 set -euo pipefail
 SHARED=${SHARED:-../shared}
 export KERAS_HOME=${KERAS_HOME:-$PWD/.keras-home}      # MobileNet ImageNet weights, offline
@@ -32,8 +32,26 @@ fi
 if is densenet-idc; then
   run -e densenet --experiment-name results-idc-densenet $IDC -P weights=none -P epochs=12
 fi
+# 5-fold patient cross-validation (StratifiedGroupKFold, seed 42): the same folds for every run of a set,
+# so that compare pairs them (paired patient bootstrap). Capped for 2 CPU cores: 96 px, at most 15 epochs.
+MOBILENET="-P variant=transfer -P backbone=mobilenet -P alpha=0.75 -P weights=imagenet"
+CV="-e cv -P folds=5 -P epochs=15 -P patience=4 -P lr_patience=2 -P gradcam_per_class=1"
+if is cv-breakhis; then
+  X="--experiment-name results-cv-breakhis $BH -P image_size=96 $CV"
+  run $X $MOBILENET
+  run $X $MOBILENET -P stain_norm=macenko
+  run $X $MOBILENET -P augment=hed
+  run $X $MOBILENET -P tta=dihedral8
+  for v in baseline cnn_lstm; do run $X -P variant=$v; done
+fi
+if is cv-idc; then
+  X="--experiment-name results-cv-idc $IDC $CV"
+  run $X $MOBILENET
+  run $X $MOBILENET -P stain_norm=macenko
+  for v in baseline cnn_lstm; do run $X -P variant=$v; done
+fi
 if is compare; then
-  for ds in ${COMPARE:-breakhis idc breakhis-densenet idc-densenet}; do
+  for ds in ${COMPARE:-breakhis idc breakhis-densenet idc-densenet cv-breakhis cv-idc}; do
     run -e compare --experiment-name results-$ds -P output_dir=docs/results/$ds
   done
 fi

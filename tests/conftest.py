@@ -114,7 +114,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
     """A SQLite store with two small trained BreakHis models (baseline and augmented, 32 px, 1 epoch; the
-    baseline with a Youden threshold, so that the served decision is not the argmax).
+    baseline with a Youden threshold, dihedral test-time augmentation and Macenko stain normalisation, so
+    that the served decision is neither the argmax nor a single view of the raw colours).
 
     Session-scoped: the registry, serving and docker tests share it. Returns (root, uri, run ids).
     """
@@ -130,10 +131,11 @@ def tiny_store(tmp_path_factory):
     mp.chdir(root)
     mlflow.set_tracking_uri(uri)
     runs = {}
-    for variant, policy in (("baseline", "youden"), ("augmented", "argmax")):
+    for variant, policy, tta, stain in (("baseline", "youden", "dihedral8", "macenko"),
+                                        ("augmented", "argmax", "none", "none")):
         config = make_train_config(variant, data_dir=str(BREAKHIS), max_images=60, epochs=1, image_size=32,
                                    batch_size=16, gradcam_per_class=1, experiment="tiny", threshold_policy=policy,
-                                   bootstrap=200)
+                                   tta=tta, stain_norm=stain, bootstrap=200)
         runs[variant] = training_run.run(config)
     mp.undo()
     forget_experiment()

@@ -7,6 +7,7 @@ from histoflow.errors import ConfigError, WeightsError
 from histoflow.modeling.architectures import (
     BACKBONES,
     build_baseline,
+    build_cnn_lstm,
     build_fusion,
     compile_model,
     imagenet_weights_file,
@@ -21,6 +22,19 @@ def test_baseline_is_the_reports_cnn():
     assert sum(isinstance(l, keras.layers.MaxPooling2D) for l in model.layers) == 3
     assert model.get_layer("dense").units == 128 and model.get_layer("dropout").rate == 0.5
     assert model.output.shape[-1] == 2 and model.get_layer("probabilities").activation.__name__ == "softmax"
+
+
+def test_cnn_lstm_reads_the_feature_map_rows_as_a_sequence():
+    model = build_cnn_lstm(128, dropout=0.3)
+    assert [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)] == [32, 64, 128]
+    # 128 -> conv 126 -> pool 63 -> 61 -> 30 -> 28 -> 14: 14 rows of 14 x 128 features, top to bottom.
+    assert tuple(model.get_layer("rows_as_sequence").output.shape[1:]) == (14, 14 * 128)
+    assert isinstance(model.get_layer("lstm"), keras.layers.LSTM) and model.get_layer("dropout").rate == 0.3
+    images = np.random.default_rng(0).random((3, 128, 128, 3)).astype("float32")
+    np.testing.assert_allclose(model.predict(images, verbose=0).sum(axis=1), 1.0, rtol=1e-5)
+    # Reading rows as a sequence: the answer depends on the order of the rows (unlike global pooling).
+    flipped = images[:, ::-1]
+    assert not np.allclose(model.predict(images, verbose=0), model.predict(flipped, verbose=0), atol=1e-7)
 
 
 def test_densenet_fusion_head_structure():

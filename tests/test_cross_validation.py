@@ -108,3 +108,42 @@ def test_compare_shows_cross_validations_and_pairs_them(cv_store):
         assert 0 <= pair[f"{name} p"] <= 1
     markdown, files = comparison.write(table, str(root / "out"), pairs)
     assert "paired bootstrap over patients" in markdown and (root / "out" / "comparison_paired.csv").is_file()
+
+
+@pytest.mark.slow
+def test_the_fold_ensemble_is_registered_and_served(cv_store, tmp_path):
+    """register by a cross-validation's mean validation metric: the fold models of its first repeat, each
+    with its temperature, averaged, served as one pyfunc."""
+    import keras
+
+    from histoflow.data.pipeline import make_dataset
+    from histoflow.modeling.calibration import apply_temperature
+    from histoflow.registry.aliases import register
+    from histoflow.registry.policy import load_policy
+    from histoflow.registry.promotion import promote
+    from histoflow.registry.selection import RegistryError, best_run, keras_artifact, run_calibration
+    from histoflow.serving.requests import encode_file
+
+    _, runs = cv_store
+    aliases = load_policy().aliases
+    best = best_run("cv", "cv_validation_roc_auc_mean")
+    assert best.info.run_id in runs.values()
+    version = register("cv", "cv_validation_roc_auc_mean", "cv-ensemble", aliases)
+    assert version.tags["run_id"] == best.info.run_id and "average of its fold models" in version.description
+    served = mlflow.pyfunc.load_model("models:/cv-ensemble@challenger")
+    assert served.metadata.metadata["members"] == 2
+    oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=best.info.run_id,
+                                                          artifact_path=cross_validation.OOF_ARTIFACT))
+    folds = oof[oof["repeat"] == 0].sort_values("fold")["fold_run_id"].unique()
+    paths = sorted(str(p) for p in BREAKHIS.rglob("*.png"))[:6]
+    out = served.predict(pd.DataFrame({"image": [encode_file(p) for p in paths]}))
+    batch = next(iter(make_dataset(paths, [0] * len(paths), 32, len(paths))))[0]
+    members = [apply_temperature(keras.saving.load_model(keras_artifact(r)).predict(batch, verbose=0),
+                                 run_calibration(mlflow.get_run(r)).temperature) for r in folds]
+    expected = np.mean(members, axis=0)
+    np.testing.assert_allclose(np.array([[p["benign"], p["malignant"]] for p in out["probabilities"]]), expected,
+                               atol=1e-5)
+    with pytest.raises(RegistryError, match="no held-out split to evaluate it on; pass -P data_dir"):
+        promote("cv-ensemble", load_policy())
+    with pytest.raises(ConfigError, match="cv_validation_\\*_mean"):
+        best_run("cv", "cv_validation_roc_auc_std")

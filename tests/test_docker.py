@@ -46,6 +46,7 @@ def test_generated_dockerfile_bakes_the_model_in(build_dir):
     assert (model_dir / "model_code.py").is_file()
     requirements = (model_dir / "requirements.txt").read_text()
     assert re.search(r"^tensorflow(-cpu)?==", requirements, re.M) and "pillow==" in requirements
+    assert "torchstain==" in requirements  # the stain normalisation of the served preprocessing
 
 
 def test_image_listens_on_8080_and_proxies_ping_and_invocations():

@@ -11,6 +11,7 @@ import yaml
 from conftest import REPO
 from histoflow.config import coerce
 from histoflow.entrypoints import cli_parameters, entry_points, render_mlproject
+from histoflow.modeling.variants import VARIANTS
 
 
 def test_mlproject_is_rendered_from_the_settings_classes():
@@ -33,8 +34,7 @@ def test_every_declared_parameter_reaches_its_command_with_its_default():
             else:  # the YAML default, read back as the command line would, is the code's default
                 assert coerce(param_name, str(spec["default"]), param.kind) == param.default, (name, param_name)
         # What the MLproject accepts, the command line accepts.
-        accepted = {p.name for p in cli_parameters("train" if name in ("baseline", "augmented", "densenet",
-                                                                        "transfer") else name)}
+        accepted = {p.name for p in cli_parameters("train" if name in VARIANTS else name)}
         assert {p.name for p in point.parameters} - {"variant"} <= accepted, name
 
 

@@ -21,6 +21,7 @@ COMMON = {"max_images": 100, "epochs": 1, "batch_size": 16, "gradcam_per_class":
 RUNS = {
     "baseline": {"data_dir": str(IDC), "image_size": 64},
     "augmented": {"data_dir": str(IDC), "image_size": 64},
+    "cnn_lstm": {"data_dir": str(IDC), "image_size": 64},
     "densenet": {"data_dir": str(BREAKHIS), "image_size": 64, "weights": "none"},
     "transfer": {"data_dir": str(BREAKHIS), "image_size": 96, "backbone": "mobilenet", "alpha": 0.75,
                  "weights": "imagenet"},
@@ -150,7 +151,9 @@ def _project(entry_point: str, **parameters):
 def test_registry_entry_points_register_promote_and_predict(runs, store):
     project = _project
     project("register", metric="validation_accuracy", name="project-model")
-    best = max(runs.values(), key=lambda r: r.data.metrics["validation_accuracy"])
+    top = max(r.data.metrics["validation_accuracy"] for r in runs.values())
+    best = min((r for r in runs.values() if r.data.metrics["validation_accuracy"] == top),
+               key=lambda r: r.info.start_time)  # ties go to the earliest run
     version = MlflowClient().get_model_version_by_alias("project-model", "challenger")
     assert version.tags["run_id"] == best.info.run_id
     # "0" is logged by `mlflow run` as given; promote must not try to log 0.0 over it (MLflow refuses the change).

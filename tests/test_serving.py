@@ -31,9 +31,9 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _png(width: int, height: int, mode: str = "RGB") -> bytes:
+def _png(width: int, height: int, mode: str = "RGB", colour=0) -> bytes:
     buffer = io.BytesIO()
-    Image.new(mode, (width, height)).save(buffer, format="PNG")
+    Image.new(mode, (width, height), colour).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -89,33 +89,65 @@ def test_the_size_limit_is_per_request_and_counts_raw_bytes(test_images):
 
 
 def test_served_probabilities_and_labels_are_the_evaluations(classifier, test_images, tiny_store):
-    """The served model = the training run's evaluation: the same preprocessing, the temperature and the
-    threshold fitted on validation, to 1e-5."""
+    """The served model = the training run's evaluation: the same preprocessing, the stain reference fitted
+    on the training split, dihedral test-time augmentation, the temperature and the threshold fitted on
+    validation, to 1e-5."""
     import keras
 
     from histoflow.data.pipeline import make_dataset
+    from histoflow.data.stain import StainNormalizer
+    from histoflow.modeling import inference
     from histoflow.modeling.calibration import Calibration
 
     model_uri, split = classifier
     _, _, runs = tiny_store
     pyfunc = mlflow.pyfunc.load_model(model_uri)
-    out = pyfunc.predict(pd.DataFrame({"image": [encode_file(p) for p in test_images]}))
-    assert list(out.columns) == ["label", "confidence", "probabilities", "threshold"]
+    images = pd.DataFrame({"image": [encode_file(p) for p in test_images]})
+    out = pyfunc.predict(images)
+    assert list(out.columns) == ["label", "confidence", "probabilities", "threshold", "flags"]
     probs = np.array([[row["benign"], row["malignant"]] for row in out["probabilities"]])
     # The same images through the training input pipeline, the .keras file and the run's calibration.
     keras_path = next((p for p in _model_files(model_uri) if p.endswith(".keras")))
     model = keras.saving.load_model(keras_path)
     labels = split.set_index("path").loc[test_images, "label"]
-    batch = next(iter(make_dataset(test_images, labels, 32, 8)))[0]
     run = mlflow.MlflowClient(tiny_store[1]).get_run(runs["baseline"])
+    reference = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/data/stain_reference.json")
+    assert reference["method"] == "macenko" and run.data.metrics["stain_fallback_images"] >= 0
+    stain = StainNormalizer(reference)
+    dataset = make_dataset(test_images, labels, 32, 8, stain=stain)
+    assert stain.method == "macenko" and not any(stain.normalize(x)[1] for x in map(_read, test_images))
+    assert not np.allclose(next(iter(dataset))[0], next(iter(make_dataset(test_images, labels, 32, 8)))[0], atol=0.01)
     saved = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/evaluation/calibration.json")
     fitted = Calibration(**{k: v for k, v in saved.items() if k != "class_names"})
     assert fitted.threshold_policy == "youden" and fitted.temperature == run.data.metrics["temperature"]
-    np.testing.assert_allclose(probs, fitted.apply(model.predict(batch, verbose=0)), rtol=1e-5, atol=1e-5)
+    assert run.data.params["tta"] == "dihedral8"
+    np.testing.assert_allclose(probs, fitted.apply(inference.predict(model, dataset, "dihedral8")), atol=1e-5)
     assert out["label"].tolist() == [["benign", "malignant"][k] for k in (probs[:, 1] >= fitted.threshold).astype(int)]
-    assert (out["threshold"] == fitted.threshold).all()
+    assert (out["threshold"] == fitted.threshold).all() and (out["flags"] == "").all()
     assert np.allclose(out["confidence"], np.where(probs[:, 1] >= fitted.threshold, probs[:, 1], probs[:, 0]))
     assert pyfunc.metadata.signature.inputs.input_names() == ["image"]
+    # A request may switch test-time augmentation off: one view, the same calibration.
+    single = pyfunc.predict(images, params={"tta": "none"})
+    single_probs = np.array([[row["benign"], row["malignant"]] for row in single["probabilities"]])
+    np.testing.assert_allclose(single_probs, fitted.apply(model.predict(dataset, verbose=0)), atol=1e-5)
+    assert not np.allclose(single_probs, probs, atol=1e-6)
+    with pytest.raises(RequestError, match="params.tta must be one of none, dihedral8"):
+        pyfunc.predict(images, params={"tta": "rotate"})
+
+
+def _read(path: str) -> np.ndarray:
+    from histoflow.data.images import read_image
+
+    return read_image(path)
+
+
+def test_blank_tiles_are_scored_unnormalised_and_flagged(classifier, test_images):
+    """A white or flat grey tile has no stain to normalise: scored as it is, flagged, never NaN."""
+    pyfunc = mlflow.pyfunc.load_model(classifier[0])
+    blank = [_b64(_png(64, 64, "RGB", colour)) for colour in ((255, 255, 255), (128, 128, 128))]
+    out = pyfunc.predict(pd.DataFrame({"image": blank + [encode_file(test_images[0])]}))
+    assert out["flags"].tolist() == ["stain_fallback", "stain_fallback", ""]
+    assert all(np.isfinite(list(p.values())).all() for p in out["probabilities"])
 
 
 def _model_files(model_uri: str) -> list[str]:
@@ -160,6 +192,7 @@ def _bad_requests(good: str) -> dict[str, dict]:
         "wrong column": {"json": {"dataframe_split": {"columns": ["img"], "data": [[good]]}}},
         "malformed JSON": {"data": '{"inputs": [', "headers": {"Content-Type": "application/json"}},
         "wrong content type": {"data": good, "headers": {"Content-Type": "image/png"}},
+        "unknown tta": {"json": {"inputs": [good], "params": {"tta": "rotate"}}},
     }
 
 
@@ -169,6 +202,7 @@ EXPECTED_MESSAGES = {
     "too many pixels": f"{MAX_PIXELS:,} pixels", "too many images": f"the limit is {MAX_IMAGES_PER_REQUEST}",
     "empty list": "no images", "wrong JSON key": "exactly one of the input fields",
     "wrong column": "image", "malformed JSON": "valid JSON", "wrong content type": "content types",
+    "unknown tta": "params.tta must be one of none, dihedral8",
 }
 
 

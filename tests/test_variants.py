@@ -44,6 +44,7 @@ def test_string_parameters_are_coerced():
     ({"threshold_policy": "sensitivity:1.5"}, "the target must be in"),
     ({"calibration": "platt"}, "calibration must be one of temperature, none"),
     ({"bootstrap": "10"}, "bootstrap must be 0"),
+    ({"tta": "flip"}, "tta must be one of none, dihedral8"),
 ])
 def test_bad_parameters_are_rejected_with_a_message(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -58,4 +59,6 @@ def test_the_cnn_variants_take_no_backbone_settings():
     assert make_train_config("transfer").to_params()["model"] == "mobilenet_fusion"
     with pytest.raises(ConfigError, match="variant must be one of"):
         make_train_config("resnet")
-    assert set(VARIANTS) == {"baseline", "augmented", "densenet", "transfer"}
+    assert set(VARIANTS) == {"baseline", "augmented", "cnn_lstm", "densenet", "transfer"}
+    lstm = make_train_config("cnn_lstm")
+    assert (lstm.model_name, lstm.learning_rate, lstm.dropout, lstm.augment) == ("cnn_lstm", 1e-3, 0.5, "none")

@@ -47,8 +47,8 @@ def _run(command: str, variant: str, params: dict[str, Any]) -> Any:
         from histoflow.tuning import study
         return study.run(study.make_tune_config(variant, **params))
     if command == "cv":
-        from histoflow.modeling import cross_validation
-        return cross_validation.run(cross_validation.make_cv_config(variant, **params))
+        from histoflow.modeling.cross_validation import make_cv_config
+        return entrypoints.run_cv(make_cv_config(variant, **params))
     cls, run = entrypoints.COMMANDS[command]
     return run(from_params(cls, params))
 

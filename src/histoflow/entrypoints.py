@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
+import mlflow
+
 from histoflow import workflow
 from histoflow.config import field_kinds
 from histoflow.data import download, step
@@ -92,6 +94,17 @@ def parameters(cls: type, names: list[str] | None = None, defaults: dict[str, An
         default = dataclasses.MISSING if f.metadata.get("required") else (defaults or {}).get(name, f.default)
         out.append(Parameter(name, kinds[name], default))
     return out
+
+
+def run_cv(config: CVConfig) -> str:
+    """The `cv` command: the cross-validation, then (ensemble=true) its fold ensemble logged as its model."""
+    from histoflow.modeling import cross_validation
+    from histoflow.registry.selection import classifier_uri
+
+    run_id = cross_validation.run(config)
+    if config.ensemble:
+        print(f"fold ensemble: {classifier_uri(mlflow.get_run(run_id))}")
+    return run_id
 
 
 # The commands that run a variant given as --variant: the variants they take, and their own settings.

@@ -81,6 +81,19 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def pinned_requirements(*distributions: str) -> list[str]:
+    """`name==version` of these installed distributions and of TensorFlow (the CPU or the full wheel):
+    a logged model's pip requirements, given so that MLflow need not infer them (a subprocess that
+    imports the model again, ~10 s a model)."""
+    pins = [f"{name}=={metadata.version(name)}" for name in distributions]
+    for dist in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return [*pins, f"{dist}=={metadata.version(dist)}"]
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
 def git_commit(path: str | os.PathLike = ".") -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,

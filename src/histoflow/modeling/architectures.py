@@ -142,6 +142,23 @@ def build_baseline(image_size: int = 128, dropout: float = 0.5, num_classes: int
     return keras.Model(inputs, outputs, name="baseline_cnn")
 
 
+def build_cnn_lstm(image_size: int = 128, dropout: float = 0.5, num_classes: int = 2, lstm_units: int = 64
+                   ) -> keras.Model:
+    """The IDC report's hybrid: the reports' CNN (Conv 32/64/128 + MaxPool), whose last feature map is read
+    row by row, top to bottom, as a sequence by an LSTM; Dropout; softmax."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = inputs
+    for i, filters in enumerate((32, 64, 128), start=1):
+        x = keras.layers.Conv2D(filters, 3, activation="relu", name=f"conv{i}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
+    rows, columns, channels = x.shape[1:]
+    x = keras.layers.Reshape((rows, columns * channels), name="rows_as_sequence")(x)
+    x = keras.layers.LSTM(lstm_units, name="lstm")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="cnn_lstm")
+
+
 def build_fusion(
     backbone: str = "densenet121",
     image_size: int = 128,

@@ -39,6 +39,7 @@ class CVConfig:
     train: TrainConfig
     folds: int = 5
     repeats: int = 1
+    ensemble: bool = False  # also log the fold models of the first repeat, averaged, as the run's serving model
 
     def validate(self) -> None:
         self.train.validate()

@@ -17,9 +17,16 @@ from mlflow.models import Model, infer_signature
 
 from histoflow import tracking
 from histoflow.data.pipeline import augmented_size, make_dataset
+from histoflow.data.stain import StainNormalizer, fit_reference
 from histoflow.data.step import PreparedData, log_data, prepare_data
-from histoflow.modeling import explain, figures, metrics
-from histoflow.modeling.architectures import build_baseline, build_fusion, compile_model, gradcam_layer
+from histoflow.modeling import explain, figures, inference, metrics
+from histoflow.modeling.architectures import (
+    build_baseline,
+    build_cnn_lstm,
+    build_fusion,
+    compile_model,
+    gradcam_layer,
+)
 from histoflow.modeling.calibration import Calibration, calibration_metrics, fit_calibration
 from histoflow.modeling.fitting import EpochMetrics, class_weights, fit, precision_policy, set_seeds, strategy
 from histoflow.modeling.variants import TrainConfig
@@ -29,6 +36,8 @@ MODEL_ARTIFACT = "model"
 KERAS_ARTIFACT_DIR = "keras"
 # Temperature and threshold fitted on validation: the registered serving model applies them.
 CALIBRATION_ARTIFACT = "evaluation/calibration.json"
+# The stain reference fitted on the training split (stain_norm other than none): the served model applies it.
+STAIN_ARTIFACT = "data/stain_reference.json"
 
 
 def build(config: TrainConfig) -> keras.Model:
@@ -36,18 +45,25 @@ def build(config: TrainConfig) -> keras.Model:
         if config.uses_backbone:
             model = build_fusion(config.backbone, config.image_size, config.weights, config.fusion_width,
                                  config.dropout, config.alpha, config.unfrozen_blocks, config.head_batchnorm)
+        elif config.variant == "cnn_lstm":
+            model = build_cnn_lstm(config.image_size, config.dropout)
         else:
             model = build_baseline(config.image_size, config.dropout)
         return compile_model(model, config.learning_rate, config.optimizer)
 
 
-def datasets(config: TrainConfig, prepared: PreparedData):
+def stain_normalizer(config: TrainConfig, prepared: PreparedData) -> StainNormalizer:
+    """The stain reference of `config.stain_norm`, fitted on the training split only."""
+    return StainNormalizer(fit_reference(config.stain_norm, prepared.rows("train")["path"].tolist(), config.seed))
+
+
+def datasets(config: TrainConfig, prepared: PreparedData, stain: StainNormalizer | None = None):
     """The train, validation and test pipelines (augmentation on the training split only)."""
     def part(name: str, training: bool):
         rows = prepared.rows(name)
         return make_dataset(rows["path"], rows["label"], config.image_size, config.batch_size,
                             training=training, augment=config.augment if training else "none",
-                            seed=config.seed)
+                            seed=config.seed, stain=stain)
     return part("train", True), part("val", False), part("test", False)
 
 
@@ -96,7 +112,7 @@ def _log_intervals(config: TrainConfig, rows: pd.DataFrame, probabilities: np.nd
 
 
 def _log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, probabilities: np.ndarray,
-                 calibration: Calibration, class_names: list[str]) -> None:
+                 calibration: Calibration, class_names: list[str], stain: StainNormalizer) -> None:
     if config.gradcam_per_class == 0:
         return
     labels = rows["label"].to_numpy()
@@ -104,7 +120,7 @@ def _log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, pr
     # Only the chosen images are read again, not the whole test split.
     picked = rows.iloc[chosen]
     images = np.concatenate([x for x, _ in make_dataset(picked["path"], picked["label"], config.image_size,
-                                                         len(picked)).as_numpy_iterator()])
+                                                         len(picked), stain=stain).as_numpy_iterator()])
     predicted = calibration.decide(probabilities[chosen])
     layer = gradcam_layer(config.backbone if config.uses_backbone else None)
     heatmaps = np.stack([explain.gradcam(model, images[i:i + 1], layer, int(predicted[i]))[0]
@@ -137,6 +153,7 @@ def _log_model(model: keras.Model, config: TrainConfig, example: np.ndarray, cla
     Model.log(
         artifact_path=None, name=MODEL_ARTIFACT, flavor=_KerasFlavor, flavor_name="mlflow.keras", model=model,
         signature=signature, input_example=example,
+        pip_requirements=tracking.pinned_requirements("mlflow", "keras", "numpy"),
         metadata={"class_names": class_names, "image_size": config.image_size, "variant": config.variant,
                   "model": config.model_name, "input": "float32 RGB in [0, 1], resized with "
                   "histoflow.data.images.resize_and_scale"},
@@ -173,7 +190,10 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     tracking.log_new_params(config.to_params())
     mlflow.set_tags({"variant": config.variant, "model": config.model_name})
     log_data(prepared)
-    train_ds, val_ds, test_ds = datasets(config, prepared)
+    stain = stain_normalizer(config, prepared)
+    if stain.method != "none":
+        tracking.log_json(stain.reference, STAIN_ARTIFACT)
+    train_ds, val_ds, test_ds = datasets(config, prepared, stain)
     model = build(config)
     mlflow.log_metric("n_params", model.count_params())
     weights = class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight)
@@ -186,15 +206,17 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     log_figure(figures.history_figure(result.history, run_name), "evaluation/training_curves.png")
     # Selection happened on validation (early stopping, temperature, threshold); test is evaluated once, here.
     val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
-    val_raw = model.predict(val_ds, verbose=0)
+    val_raw = inference.predict(model, val_ds, config.tta)
     calibration = fit_calibration(config.calibration, config.threshold_policy, val_rows["label"].to_numpy(), val_raw)
     mlflow.log_metrics({"temperature": calibration.temperature, "decision_threshold": calibration.threshold})
     tracking.log_json({**calibration.to_dict(), "class_names": dataset.class_names}, CALIBRATION_ARTIFACT)
     validation, _ = _log_evaluation("validation", val_rows, val_raw, calibration, dataset.class_names)
-    test, test_probabilities = _log_evaluation("test", test_rows, model.predict(test_ds, verbose=0), calibration,
-                                               dataset.class_names)
+    test, test_probabilities = _log_evaluation("test", test_rows, inference.predict(model, test_ds, config.tta),
+                                               calibration, dataset.class_names)
+    if stain.method != "none":  # images of all three splits left unchanged (too little tissue to normalise)
+        mlflow.log_metric("stain_fallback_images", stain.fallbacks)
     _log_intervals(config, test_rows, test_probabilities, calibration.threshold)
-    _log_gradcam(model, config, test_rows, test_probabilities, calibration, dataset.class_names)
+    _log_gradcam(model, config, test_rows, test_probabilities, calibration, dataset.class_names, stain)
     example = next(iter(test_ds))[0].numpy()[:1]
     mlflow.log_metric("model_size_mb", _log_model(model, config, example, dataset.class_names))
     run_id = mlflow.active_run().info.run_id

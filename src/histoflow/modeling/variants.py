@@ -12,12 +12,14 @@ from typing import Any
 from histoflow.config import require, typed_params
 from histoflow.data.pipeline import AUGMENTATIONS
 from histoflow.data.settings import DataConfig
+from histoflow.data.stain import STAIN_METHODS
 from histoflow.errors import ConfigError
 from histoflow.modeling.architectures import ALPHA_BACKBONES, BACKBONE_BLOCKS, BACKBONES, OPTIMIZERS
 from histoflow.modeling.calibration import CALIBRATIONS, parse_threshold_policy
+from histoflow.modeling.inference import TTA_MODES
 from histoflow.tracking import RUN_TARGET_FIELDS, RunTarget
 
-VARIANTS = ("baseline", "augmented", "densenet", "transfer")
+VARIANTS = ("baseline", "augmented", "cnn_lstm", "densenet", "transfer")
 # The variants built on a pretrained backbone: they have the fusion head, and features to cache for tuning.
 BACKBONE_VARIANTS = ("densenet", "transfer")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -29,6 +31,7 @@ class TrainConfig(DataConfig, RunTarget):
     variant: str = "densenet"
     image_size: int = 128
     augment: str = "none"
+    stain_norm: str = "none"  # none, macenko or reinhard: reference fitted on the training images
     backbone: str = "densenet121"
     weights: str = "imagenet"
     alpha: float = 1.0
@@ -47,6 +50,7 @@ class TrainConfig(DataConfig, RunTarget):
     calibration: str = "temperature"  # fitted on validation: temperature or none
     threshold_policy: str = "argmax"  # chosen on validation: argmax, youden, sensitivity:<x>, specificity:<x>
     bootstrap: int = 1000  # resamples of patients for the test metrics' 95 % intervals; 0 = none
+    tta: str = "none"  # test-time augmentation of evaluation and of the served model: none or dihedral8
     gradcam_per_class: int = 3
 
     @property
@@ -55,7 +59,7 @@ class TrainConfig(DataConfig, RunTarget):
 
     @property
     def model_name(self) -> str:
-        return f"{self.backbone}_fusion" if self.uses_backbone else "baseline_cnn"
+        return f"{self.backbone}_fusion" if self.uses_backbone else CNN_MODELS[self.variant]
 
     def to_params(self) -> dict[str, Any]:
         """Parameters as logged to MLflow: those of this variant, and the model's name."""
@@ -69,6 +73,8 @@ class TrainConfig(DataConfig, RunTarget):
         checks = [
             (self.variant in VARIANTS, f"variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}"),
             (self.augment in AUGMENTATIONS, f"augment must be one of {', '.join(AUGMENTATIONS)}; got {self.augment!r}"),
+            (self.stain_norm in STAIN_METHODS,
+             f"stain_norm must be one of {', '.join(STAIN_METHODS)}; got {self.stain_norm!r}"),
             (self.backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}; got {self.backbone!r}"),
             (self.backbone not in ALPHA_BACKBONES or self.alpha in ALPHA_BACKBONES[self.backbone],
              f"{self.backbone} alpha must be one of {ALPHA_BACKBONES.get(self.backbone)}; got {self.alpha}"),
@@ -84,6 +90,7 @@ class TrainConfig(DataConfig, RunTarget):
             (self.patience >= 1 and self.lr_patience >= 1, "patience and lr_patience must be >= 1"),
             (self.gradcam_per_class >= 0, "gradcam_per_class must be >= 0"),
             (self.calibration in CALIBRATIONS, f"calibration must be one of {', '.join(CALIBRATIONS)}"),
+            (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}; got {self.tta!r}"),
             (self.bootstrap == 0 or self.bootstrap >= 100, "bootstrap must be 0 (none) or >= 100 resamples"),
             (self.variant != "densenet" or self.backbone == "densenet121",
              "the densenet variant uses backbone densenet121; use -e transfer for others"),
@@ -92,12 +99,16 @@ class TrainConfig(DataConfig, RunTarget):
         parse_threshold_policy(self.threshold_policy)
 
 
+# The models of the variants without a backbone.
+CNN_MODELS = {"baseline": "baseline_cnn", "augmented": "baseline_cnn", "cnn_lstm": "cnn_lstm"}
 # What only a model with a backbone has: the CNN variants neither take nor log these.
 BACKBONE_FIELDS = ("backbone", "weights", "alpha", "unfrozen_blocks", "fusion_width", "head_batchnorm")
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     # The reports' CNN: Adam 1e-3, Dropout 0.5, no augmentation.
     "baseline": {"augment": "none", "learning_rate": 1e-3, "dropout": 0.5},
     "augmented": {"augment": "seed", "learning_rate": 1e-3, "dropout": 0.5},
+    # The IDC report's CNN + LSTM hybrid, trained as its CNN was.
+    "cnn_lstm": {"augment": "none", "learning_rate": 1e-3, "dropout": 0.5},
     # DenseNet121 fine-tuned with Adam 1e-5 and the 0.45 dropout of the fusion report.
     "densenet": {"backbone": "densenet121", "augment": "random", "learning_rate": 1e-5, "dropout": 0.45},
     "transfer": {"backbone": "mobilenet", "alpha": 0.75, "augment": "random", "learning_rate": 1e-4,

@@ -58,17 +58,21 @@ def register(experiment: str, metric: str, name: str, aliases: Aliases, include_
                                                    "split_mode", "split_leaky")}
     tags.update({"run_id": run.info.run_id, "selected_by": metric})
     tags.update({f"metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items()
-                 if k.startswith(("validation_", "test_"))})
+                 if k.startswith(("validation_", "test_")) or k.startswith("cv_") and k.endswith("_mean")})
     version = mlflow.register_model(uri, name, tags=tags)
     client = MlflowClient()
     m = run.data.metrics
+    cv = "cv_test_accuracy_mean" in m  # a cross-validation's fold ensemble: its results are the folds' means
+    test = {k: m.get(f"cv_test_{k}_mean" if cv else f"test_{k}", float("nan"))
+            for k in ("accuracy", "balanced_accuracy", "roc_auc")}
     client.update_model_version(name, version.version, description=(
         f"{tags['variant']} ({tags['model']}) trained on {tags['dataset.name']} (digest {tags['dataset.digest']}, "
-        f"{tags['split_mode']} split) in run {run.info.run_id}; selected by {metric} = "
-        f"{m.get(metric, float('nan')):.4f}. "
-        f"Test: accuracy {m.get('test_accuracy', float('nan')):.4f}, balanced accuracy "
-        f"{m.get('test_balanced_accuracy', float('nan')):.4f}, ROC AUC {m.get('test_roc_auc', float('nan')):.4f}. "
-        "Input: base64 image files; output: label, confidence, probabilities."))
+        f"{tags['split_mode']} split) in run {run.info.run_id}"
+        + (", the average of its fold models" if cv else "") + f"; selected by {metric} = "
+        f"{m.get(metric, float('nan')):.4f}. " + ("Held-out folds (mean)" if cv else "Test") + ": "
+        f"accuracy {test['accuracy']:.4f}, balanced accuracy {test['balanced_accuracy']:.4f}, "
+        f"ROC AUC {test['roc_auc']:.4f}. Input: base64 image files; output: label, confidence, probabilities, "
+        "threshold."))
     client.set_registered_model_alias(name, aliases.challenger, version.version)
     print(f"registered {name} version {version.version} from run {run.info.run_id} as @{aliases.challenger}")
     return client.get_model_version(name, version.version)

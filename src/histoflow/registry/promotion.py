@@ -68,7 +68,12 @@ def evaluation_data(version, data_dir: str = "", layout: str = "auto", max_image
         frame, classes = dataset.frame, dataset.class_names
         source = f"{dataset.root} (all {len(frame)} images, digest {dataset.digest})"
     else:
-        _, split, classes = run_split(mlflow.get_run(version.run_id))
+        run = mlflow.get_run(version.run_id)
+        if run.data.tags.get("histoflow.step") == "cv":
+            raise RegistryError(f"version {version.version} averages the fold models of cross-validation run "
+                                f"{version.run_id}: every image of its data was in some fold's training part, so "
+                                "there is no held-out split to evaluate it on; pass -P data_dir=<held-out folder>")
+        _, split, classes = run_split(run)
         frame = split[split["split"] == "test"]
         if max_images:
             frame = frame.sample(n=min(max_images, len(frame)), random_state=seed)

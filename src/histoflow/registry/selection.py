@@ -11,10 +11,12 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
+from histoflow.data.stain import NO_STAIN_NORMALIZATION
 from histoflow.data.step import SPLIT_TABLE
 from histoflow.errors import ConfigError, HistoflowError
-from histoflow.modeling.calibration import Calibration
-from histoflow.modeling.training_run import CALIBRATION_ARTIFACT
+from histoflow.modeling.calibration import Calibration, choose_threshold
+from histoflow.modeling.cross_validation import OOF_ARTIFACT
+from histoflow.modeling.training_run import CALIBRATION_ARTIFACT, STAIN_ARTIFACT
 from histoflow.serving.classifier import CLASSIFIER_ARTIFACT, log_classifier
 
 DEFAULT_NAME = "histoflow"
@@ -26,14 +28,15 @@ class RegistryError(HistoflowError):
 
 
 def check_selection_metric(metric: str) -> None:
-    if not metric.startswith("validation_"):
-        raise ConfigError(f"select by a validation metric (validation_*), not {metric!r}: the test split is "
-                          "for reporting, not for choosing")
+    """Choose on validation: a run's validation_* metric, or a cross-validation's mean of one."""
+    if not (metric.startswith("validation_") or (metric.startswith("cv_validation_") and metric.endswith("_mean"))):
+        raise ConfigError(f"select by a validation metric (validation_*, or cv_validation_*_mean of a "
+                          f"cross-validation), not {metric!r}: test metrics are for reporting, not for choosing")
 
 
 def best_run(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool = False):
-    """The finished training run of the experiment with the highest validation metric (folds of a
-    cross-validation are not candidates)."""
+    """The finished run of the experiment with the highest validation metric: a training run (validation_*)
+    or a cross-validation (cv_validation_*_mean; folds of a cross-validation are not candidates)."""
     check_selection_metric(metric)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
@@ -41,8 +44,9 @@ def best_run(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool 
     query = f"attributes.status = 'FINISHED' and metrics.{metric} >= 0"
     if not include_leaky:
         query += " and tags.split_leaky = 'false'"
-    runs = [r for r in mlflow.search_runs([exp.experiment_id], query, order_by=[f"metrics.{metric} DESC"],
-                                          output_format="list")
+    # Ties (frequent on small validation sets) go to the earliest run, so that the choice is reproducible.
+    order = [f"metrics.{metric} DESC", "attributes.start_time ASC"]
+    runs = [r for r in mlflow.search_runs([exp.experiment_id], query, order_by=order, output_format="list")
             if "cv.parent_run_id" not in r.data.tags]  # a cross-validation's folds are parts of one result
     if not runs:
         raise RegistryError(f"experiment {experiment!r} has no finished training run with metric {metric!r}"
@@ -70,25 +74,64 @@ def keras_artifact(run_id: str) -> str:
 
 
 def classifier_uri(run) -> str:
-    """The run's serving pyfunc (logged now if the run has none yet)."""
+    """The run's serving pyfunc, logged now if the run has none yet: a training run's network, or a
+    cross-validation's fold networks (of its first repeat) averaged."""
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
                                          filter_string=f"source_run_id = '{run.info.run_id}' and "
                                                        f"name = '{CLASSIFIER_ARTIFACT}'")
     if models:
         return f"models:/{models[0].model_id}"
+    if run.data.tags.get("histoflow.step") == "cv":
+        return _log_ensemble(run)
     _, split, classes = run_split(run)
     example = split.loc[split["split"] == "test", "path"].iloc[0]
     with mlflow.start_run(run_id=run.info.run_id):
-        info = log_classifier(keras_artifact(run.info.run_id), classes, int(run.data.params["image_size"]),
-                              example, run_calibration(run), metadata={"source_run_id": run.info.run_id,
-                                                                        "variant": run.data.tags.get("variant", "")})
+        info = log_classifier([keras_artifact(run.info.run_id)], classes, int(run.data.params["image_size"]),
+                              example, run_calibration(run), stain_references=[run_stain_reference(run)],
+                              tta=run.data.params.get("tta", "none"),
+                              metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", "")})
     return info.model_uri
+
+
+def _log_ensemble(run) -> str:
+    """The fold models of the first repeat as one pyfunc: each with its temperature, averaged; the threshold
+    chosen by the run's policy on the pooled out-of-fold probabilities (the only held-out predictions there
+    are: every image was in some fold's training part)."""
+    oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=OOF_ARTIFACT))
+    first = oof[oof["repeat"] == oof["repeat"].min()]
+    fold_runs = [mlflow.get_run(r) for r in first.sort_values("fold")["fold_run_id"].unique()]
+    calibrations = [run_calibration(r) for r in fold_runs]
+    policy = run.data.params.get("threshold_policy", "argmax")
+    threshold = choose_threshold(policy, first["label"].to_numpy(), first["probability"].to_numpy())
+    _, split, classes = run_split(fold_runs[0])
+    example = split.loc[split["split"] == "test", "path"].iloc[0]
+    with mlflow.start_run(run_id=run.info.run_id):
+        info = log_classifier([keras_artifact(r.info.run_id) for r in fold_runs], classes,
+                              int(run.data.params["image_size"]), example,
+                              Calibration(1.0, threshold, "temperature per fold model", policy),
+                              member_temperatures=[c.temperature for c in calibrations],
+                              stain_references=[run_stain_reference(r) for r in fold_runs],
+                              tta=run.data.params.get("tta", "none"),
+                              metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", ""),
+                                        "fold_run_ids": [r.info.run_id for r in fold_runs]})
+    mlflow.MlflowClient().set_tag(run.info.run_id, "cv.ensemble_model", info.model_uri)
+    return info.model_uri
+
+
+def _has_artifact(run, path: str) -> bool:
+    return path in {f.path for f in MlflowClient().list_artifacts(run.info.run_id, posixpath.dirname(path))}
+
+
+def run_stain_reference(run) -> dict:
+    """The stain reference a training run fitted on its training split (none: no normalisation)."""
+    if not _has_artifact(run, STAIN_ARTIFACT):
+        return dict(NO_STAIN_NORMALIZATION)
+    return mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{STAIN_ARTIFACT}")
 
 
 def run_calibration(run) -> Calibration:
     """The temperature and threshold a training run fitted on its validation split (none: identity, 0.5)."""
-    names = {f.path for f in MlflowClient().list_artifacts(run.info.run_id, posixpath.dirname(CALIBRATION_ARTIFACT))}
-    if CALIBRATION_ARTIFACT not in names:
+    if not _has_artifact(run, CALIBRATION_ARTIFACT):
         return Calibration()
     saved = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{CALIBRATION_ARTIFACT}")
     return Calibration(**{f.name: saved[f.name] for f in fields(Calibration)})

@@ -6,9 +6,10 @@ alone on the cached vectors (histoflow.tuning.head_trainer) instead of passing e
 the backbone every epoch.
 
 Augmentation: ``augment=seed`` caches the three fixed copies of each training image (original,
-rot90+flip, rot180+flip), as training sees them. ``augment=random`` draws a new transform every
-epoch, which no finite cache can hold, so it is cached with the ``seed`` scheme too (three
-dihedral copies, no colour jitter); the full run trains with ``random`` as configured.
+rot90+flip, rot180+flip), as training sees them. ``augment=random`` and ``hed`` draw a new transform
+every epoch, which no finite cache can hold, so they are cached with the ``seed`` scheme too (three
+dihedral copies, no colour jitter); the full run trains with them as configured. Stain normalisation is
+part of the images, so it is part of the cache key (its reference follows from the training split).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from histoflow.data.pipeline import make_dataset
 from histoflow.data.splits import SPLITS
 from histoflow.data.step import PreparedData
 from histoflow.modeling.architectures import BACKBONES, build_fusion
+from histoflow.modeling.training_run import stain_normalizer
 from histoflow.modeling.variants import TrainConfig
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when what is stored (or how it is computed) changes: old files stop matching
-CACHED_AUGMENT = {"none": "none", "seed": "seed", "random": "seed"}
+CACHED_AUGMENT = {"none": "none", "seed": "seed", "random": "seed", "hed": "seed"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ def cache_fields(config: TrainConfig, digest: str) -> dict[str, object]:
         "alpha": config.alpha,
         "image_size": config.image_size,
         "augment": CACHED_AUGMENT[config.augment],
+        "stain_norm": config.stain_norm,  # its reference is fitted on the training split, seeded below
         # The split assignment and the shuffled order of the training copies.
         "split": config.split,
         "val_fraction": config.val_fraction,
@@ -120,13 +123,14 @@ def _extract(model: keras.Model, dataset: tf.data.Dataset) -> SplitFeatures:
 def extract(config: TrainConfig, prepared: PreparedData) -> dict[str, SplitFeatures]:
     """Pooled tap vectors of each split; the training split as its cached augmentation copies."""
     model = extractor(config)
+    stain = stain_normalizer(config, prepared)
     features = {}
     for split in SPLITS:
         rows = prepared.rows(split)
         training = split == "train"
         dataset = make_dataset(rows["path"], rows["label"], config.image_size, config.batch_size,
                                training=training, augment=CACHED_AUGMENT[config.augment] if training else "none",
-                               seed=config.seed)
+                               seed=config.seed, stain=stain)
         features[split] = _extract(model, dataset)
     return features
 
