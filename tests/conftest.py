@@ -36,8 +36,13 @@ def _seed_keras_home() -> Path:
 
 
 KERAS_HOME = _seed_keras_home()
-# Fixtures of wider scope start outside any test's own folder (below): this one, not the working tree.
-os.chdir(tempfile.mkdtemp(prefix="histoflow-tests-"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_working_tree(tmp_path_factory) -> None:
+    """Fixtures of wider scope start in a folder of their own, not in the working tree (after collection,
+    which resolves the test paths against the invocation folder)."""
+    os.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,7 @@ def test_cv_run_nests_folds_and_aggregates_them(cv_store):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     m = parent.data.metrics
-    for name in ("accuracy", "roc_auc", "balanced_accuracy"):
+    for name in ("accuracy", "roc_auc", "balanced_accuracy", "ece", "ece_uncalibrated"):  # calibration: both
         values = [c.data.metrics[f"test_{name}"] for c in children]
         assert m[f"cv_test_{name}_mean"] == pytest.approx(np.mean(values))
         assert m[f"cv_test_{name}_std"] == pytest.approx(np.std(values, ddof=1))
@@ -100,9 +100,15 @@ def test_compare_shows_cross_validations_and_pairs_them(cv_store):
     row = table.set_index("run_id").loc[runs["baseline"]]
     assert row["AUC"] == pytest.approx(mlflow.get_run(runs["baseline"]).data.metrics["cv_test_roc_auc_mean"])
     assert "±" in comparison.to_markdown(table) and row["Split"] == "patient 2-fold CV x2"
+    # Both are the baseline CNN: the table says what differs between them.
+    assert table.set_index("run_id")["Settings"].to_dict() == {runs["baseline"]: "augment=none",
+                                                               runs["augmented"]: "augment=seed"}
     pairs = comparison.paired(table, resamples=200)
     assert len(pairs) == 1
     pair = pairs.iloc[0]
+    assert {pair["A"], pair["B"]} == {f"{n} (augment={a})" for n, a in
+                                      zip(table.set_index("run_id").loc[[runs["baseline"], runs["augmented"]], "Run"],
+                                          ("none", "seed"))}
     for name in ("roc_auc", "balanced_accuracy"):
         assert pair[f"{name} low"] <= pair[f"{name} difference"] <= pair[f"{name} high"]
         assert 0 <= pair[f"{name} p"] <= 1

@@ -76,8 +76,8 @@ def _log_evaluation(split: str, rows: pd.DataFrame, raw: np.ndarray, calibration
                     class_names: list[str]) -> tuple[dict, np.ndarray]:
     """Metrics of the served decision (calibrated probabilities, the threshold) with a split prefix
     (validation_*, test_*), the uncalibrated ECE and Brier score beside them, the confusion matrix
-    (PNG+JSON), ROC and reliability curves, report and predictions. Returns the metrics and the calibrated
-    probabilities."""
+    (PNG+JSON), ROC and reliability curves, report and predictions. Returns the metrics (the uncalibrated
+    ones too) and the calibrated probabilities."""
     probabilities = calibration.apply(raw)
     threshold = calibration.threshold
     scores = metrics.evaluate(rows, probabilities, threshold)
@@ -99,7 +99,8 @@ def _log_evaluation(split: str, rows: pd.DataFrame, raw: np.ndarray, calibration
     predictions = rows[["relpath", "patient", "label"]].assign(probability_malignant=probabilities[:, 1],
                                                                probability_uncalibrated=raw[:, 1])
     mlflow.log_table(predictions, f"evaluation/{split}_predictions.json")
-    return scores, probabilities
+    # The uncalibrated ECE and Brier score travel too: a cross-validation reports both, before and after.
+    return {**scores, **{f"{k}_uncalibrated": v for k, v in raw_calibration.items()}}, probabilities
 
 
 def _log_intervals(config: TrainConfig, rows: pd.DataFrame, probabilities: np.ndarray, threshold: float) -> None:

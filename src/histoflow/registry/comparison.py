@@ -28,10 +28,25 @@ METRICS = {"test_accuracy": "Accuracy", "test_loss": "Loss", "test_precision": "
            "test_f1": "F1", "test_roc_auc": "AUC", "test_balanced_accuracy": "Balanced accuracy", "test_ece": "ECE",
            "test_patient_score": "Patient score"}
 WITH_INTERVAL = ("AUC", "Balanced accuracy")
-TAGS = {"tags.mlflow.runName": "Run", "tags.model": "Model", "tags.dataset.name": "Dataset",
-        "tags.split_mode": "Split"}
+TAGS = {"tags.mlflow.runName": "Run", "Settings": "Settings", "tags.model": "Model",
+        "tags.dataset.name": "Dataset", "tags.split_mode": "Split"}
 OTHER = {"metrics.n_params": "Params", "metrics.train_time_s": "Train time (s)"}
 PAIRED = ("roc_auc", "balanced_accuracy")
+# Not shown as settings: where a run's inputs were, and the variant (the run's name says it).
+NOT_SETTINGS = ("params.split_table", "params.data_dir", "params.variant")
+
+
+def settings(runs: pd.DataFrame) -> list[str]:
+    """What tells runs of the same model apart: the parameters whose values differ among them, as
+    `name=value` (runs of a model with no sibling get "")."""
+    params = [c for c in runs.columns if c.startswith("params.") and c not in NOT_SETTINGS]
+    out = pd.Series("", index=runs.index)
+    model = runs["tags.model"].fillna("") if "tags.model" in runs else pd.Series("", index=runs.index)
+    for _, group in runs.groupby(model, sort=False):
+        varying = [c for c in params if group[c].dropna().nunique() > 1]
+        for i, row in group.iterrows():
+            out[i] = ", ".join(f"{c.removeprefix('params.')}={row[c]}" for c in varying if pd.notna(row[c]))
+    return out.tolist()
 
 
 def _search(experiment: str, query: str, dataset: str) -> pd.DataFrame:
@@ -56,6 +71,10 @@ def summary(experiment: str, dataset: str = "") -> pd.DataFrame:
     if runs.empty and cvs.empty:
         raise DataError(f"experiment {experiment!r} has no finished training run"
                         + (f" on dataset {dataset!r}" if dataset else ""))
+    both = pd.concat([runs, cvs], keys=["run", "cv"])
+    both["Settings"] = settings(both)
+    runs, cvs = (both.loc[kind] if kind in both.index.get_level_values(0) else pd.DataFrame()
+                 for kind in ("run", "cv"))
     parts = []
     if not runs.empty:
         columns = {**TAGS, **{f"metrics.{k}": v for k, v in METRICS.items()},
@@ -115,13 +134,17 @@ def paired(table: pd.DataFrame, resamples: int = 1000, seed: int = 42) -> pd.Dat
         result = paired_patient_bootstrap(both["patient_a"], both["label_a"], both["repeat"],
                                           (both["probability_a"], both["predicted_a"]),
                                           (both["probability_b"], both["predicted_b"]), resamples, seed=seed)
-        row = {"A": a["Run"], "B": b["Run"], "A run_id": a["run_id"], "B run_id": b["run_id"]}
+        row = {"A": _label(a), "B": _label(b), "A run_id": a["run_id"], "B run_id": b["run_id"]}
         for name in PAIRED:
             difference, low, high, p = result[name]
             row.update({f"{name} difference": difference, f"{name} low": low, f"{name} high": high,
                         f"{name} p": p})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _label(row: pd.Series) -> str:
+    return f"{row['Run']} ({row['Settings']})" if row.get("Settings") else row["Run"]
 
 
 def paired_markdown(pairs: pd.DataFrame) -> str:
