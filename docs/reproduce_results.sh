@@ -2,6 +2,7 @@
 # Reproduce docs/results.md: every variant on the developer sets, patient split, plus leaky image splits.
 # Usage (from the repository root, venv active):
 #   bash docs/reproduce_results.sh [breakhis|densenet-breakhis|idc|densenet-idc|cv-breakhis|cv-idc|compare|all]
+# (runs go to $MLFLOW_TRACKING_URI, default ./mlflow.db)
 set -euo pipefail
 SHARED=${SHARED:-../shared}
 export KERAS_HOME=${KERAS_HOME:-$PWD/.keras-home}      # MobileNet ImageNet weights, offline
@@ -33,8 +34,10 @@ if is densenet-idc; then
   run -e densenet --experiment-name results-idc-densenet $IDC -P weights=none -P epochs=12
 fi
 # 5-fold patient cross-validation (StratifiedGroupKFold, seed 42): the same folds for every run of a set,
-# so that compare pairs them (paired patient bootstrap). Capped for 2 CPU cores: 96 px, at most 15 epochs.
-MOBILENET="-P variant=transfer -P backbone=mobilenet -P alpha=0.75 -P weights=imagenet"
+# so that compare pairs them (paired patient bootstrap). Capped for 2 CPU cores: 96 px, at most 15 epochs,
+# MobileNet frozen (ImageNet features, the fusion head trained at 1e-3: a fine-tuned fold took 15 epochs
+# and ~4 min on a quiet machine and was still improving at the cap).
+MOBILENET="-P variant=transfer -P backbone=mobilenet -P alpha=0.75 -P weights=imagenet -P unfrozen_blocks=0 -P learning_rate=1e-3"
 CV="-e cv -P folds=5 -P epochs=15 -P patience=4 -P lr_patience=2 -P gradcam_per_class=1"
 if is cv-breakhis; then
   X="--experiment-name results-cv-breakhis $BH -P image_size=96 $CV"
@@ -43,6 +46,8 @@ if is cv-breakhis; then
   run $X $MOBILENET -P augment=hed
   run $X $MOBILENET -P tta=dihedral8
   for v in baseline cnn_lstm; do run $X -P variant=$v; done
+  # The same frozen MobileNet at BreaKHis' own 224 px (the images' size): does resolution limit it?
+  run --experiment-name results-cv-breakhis $BH -P image_size=224 $CV $MOBILENET
 fi
 if is cv-idc; then
   X="--experiment-name results-cv-idc $IDC $CV"

@@ -47,6 +47,17 @@ def test_a_class_with_fewer_patients_than_folds_is_refused_before_training():
         cross_validation.make_cv_config("baseline", split_table="runs:/x/data/split.csv")
 
 
+def test_intervals_of_rates_stay_within_0_and_1():
+    """Recall 1.0, 1.0, 1.0, 0.7, 1.0 over folds: Student's t reaches past 1, a recall cannot."""
+    outcomes = [cross_validation.TrainOutcome("r", {"recall": v, "loss": 2 * v}, {"recall": v, "loss": 2 * v},
+                                              np.zeros((1, 2)), None) for v in (1.0, 1.0, 1.0, 0.7, 1.0)]
+    low, high = cross_validation.t_interval(np.array([1.0, 1.0, 1.0, 0.7, 1.0]))
+    assert high > 1.0
+    summary = cross_validation.summarise(outcomes)
+    assert summary["cv_test_recall_ci_high"] == 1.0 and summary["cv_test_recall_ci_low"] == pytest.approx(low)
+    assert summary["cv_test_loss_ci_high"] > 2.0  # a loss has no upper bound
+
+
 @pytest.fixture(scope="module")
 def cv_store(tmp_path_factory):
     """Two cross-validations on the same folds (2 folds, 2 repeats): the baseline and the augmented CNN."""

@@ -72,7 +72,9 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 
 def summarise(outcomes: list[TrainOutcome]) -> dict[str, float]:
-    """cv_<split>_<metric>_{mean,std,ci_low,ci_high} over the folds' validation and test metrics."""
+    """cv_<split>_<metric>_{mean,std,ci_low,ci_high} over the folds' validation and test metrics; the
+    interval of a rate (every metric but the loss) is cut to [0, 1], where a t-interval over 5 folds
+    can reach past it."""
     summary = {}
     for split in ("validation", "test"):
         names = sorted({name for o in outcomes for name in getattr(o, split)})
@@ -82,6 +84,8 @@ def summarise(outcomes: list[TrainOutcome]) -> dict[str, float]:
             if not len(finite):
                 continue
             low, high = t_interval(finite)
+            if name != "loss":
+                low, high = max(low, 0.0), min(high, 1.0)
             summary.update({f"cv_{split}_{name}_mean": float(finite.mean()),
                             f"cv_{split}_{name}_std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0})
             if np.isfinite(low):
