@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,14 +83,9 @@ def outside_the_repository(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    return uri
+def tracking_uri(tmp_path) -> Iterator[str]:
+    with sqlite_store(tmp_path) as uri:
+        yield uri
 
 
 def idc_patient_dirs(n: int) -> list[Path]:
@@ -116,6 +113,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def sqlite_store(root: Path) -> Iterator[str]:
+    """MLflow pointed at a SQLite store in `root`, which is also the working folder, until the block ends
+    (for fixtures wider than a test, which cannot use `monkeypatch`); yields the store's URI."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
     """A SQLite store with two small trained BreakHis models (baseline and augmented, 32 px, 1 epoch; the
@@ -124,25 +138,18 @@ def tiny_store(tmp_path_factory):
 
     Session-scoped: the registry, serving and docker tests share it. Returns (root, uri, run ids).
     """
-    import mlflow
-
     from histoflow.modeling import training_run
     from histoflow.modeling.variants import make_train_config
 
     root = tmp_path_factory.mktemp("registry-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(root)
-    mlflow.set_tracking_uri(uri)
     runs = {}
-    for variant, policy, tta, stain in (("baseline", "youden", "dihedral8", "macenko"),
-                                        ("augmented", "argmax", "none", "none")):
-        config = make_train_config(variant, data_dir=str(BREAKHIS), max_images=60, epochs=1, image_size=32,
-                                   batch_size=16, gradcam_per_class=1, experiment="tiny", threshold_policy=policy,
-                                   tta=tta, stain_norm=stain, bootstrap=200)
-        runs[variant] = training_run.run(config)
-    mp.undo()
+    with sqlite_store(root) as uri:
+        for variant, policy, tta, stain in (("baseline", "youden", "dihedral8", "macenko"),
+                                            ("augmented", "argmax", "none", "none")):
+            config = make_train_config(variant, data_dir=str(BREAKHIS), max_images=60, epochs=1, image_size=32,
+                                       batch_size=16, gradcam_per_class=1, experiment="tiny",
+                                       threshold_policy=policy, tta=tta, stain_norm=stain, bootstrap=200)
+            runs[variant] = training_run.run(config)
     forget_experiment()
     return root, uri, runs
 

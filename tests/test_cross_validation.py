@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BREAKHIS
+from conftest import BREAKHIS, sqlite_store
 from histoflow.data.discovery import discover
 from histoflow.data.splits import cv_folds, patient_overlap
 from histoflow.errors import ConfigError, DataError
@@ -62,15 +62,10 @@ def test_intervals_of_rates_stay_within_0_and_1():
 def cv_store(tmp_path_factory):
     """Two cross-validations on the same folds (2 folds, 2 repeats): the baseline and the augmented CNN."""
     root = tmp_path_factory.mktemp("cv")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(root)
-    mlflow.set_tracking_uri(uri)
-    runs = {v: cross_validation.run(cross_validation.make_cv_config(v, **TINY, folds=2, repeats=2, experiment="cv"))
-            for v in ("baseline", "augmented")}
-    yield root, runs
-    mp.undo()
+    with sqlite_store(root):
+        yield root, {v: cross_validation.run(cross_validation.make_cv_config(v, **TINY, folds=2, repeats=2,
+                                                                             experiment="cv"))
+                     for v in ("baseline", "augmented")}
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BREAKHIS, IDC, REPO, idc_patient_dirs
+from conftest import BREAKHIS, IDC, REPO, idc_patient_dirs, sqlite_store
 from histoflow.data.pipeline import make_dataset
 from histoflow.data.splits import patient_overlap
 from histoflow.modeling.metrics import METRIC_NAMES
@@ -32,13 +32,8 @@ EXPERIMENT = "project-test"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(root)
-    mlflow.set_tracking_uri(uri)
-    yield root
-    mp.undo()
+    with sqlite_store(root):
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ SEED_TRIPLING = 3  # the reports' scheme: original, rot90+flip, rot180+flip
 
 
 def _reader(stain: StainNormalizer | None):
-    if stain is None or stain.method == "none":
+    if stain is None:
         return lambda p: read_image(p.decode())
     return lambda p: stain.normalize(read_image(p.decode()), p.decode())[0]
 

@@ -44,6 +44,11 @@ RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.
 RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 HED_SIGMA = 0.05  # HED-light: alpha in [1 - s, 1 + s], beta in [-s, s] (optical density units)
+# A fitted torchstain normaliser's state: its class, reference key -> attribute, and the attributes' dtype.
+_STATE = {
+    "macenko": ("NumpyMacenkoNormalizer", {"stain_matrix": "HERef", "max_concentrations": "maxCRef"}, np.float64),
+    "reinhard": ("NumpyReinhardNormalizer", {"lab_means": "target_means", "lab_stds": "target_stds"}, np.float32),
+}
 
 
 def check_method(method: str) -> None:
@@ -113,44 +118,42 @@ class StainNormalizer:
         return self._impl.normalize(image)
 
 
-def _restore(reference: dict[str, Any]):
-    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+def _torchstain(method: str):
+    """A fresh torchstain (numpy backend) normaliser of this method."""
+    from torchstain.numpy import normalizers
 
+    return getattr(normalizers, _STATE[method][0])()
+
+
+def _restore(reference: dict[str, Any]):
     method = reference.get("method", "none")
-    if method == "macenko":
-        impl = NumpyMacenkoNormalizer()
-        impl.HERef = np.asarray(reference["stain_matrix"], dtype=np.float64)
-        impl.maxCRef = np.asarray(reference["max_concentrations"], dtype=np.float64)
-        return impl
-    if method == "reinhard":
-        impl = NumpyReinhardNormalizer()
-        impl.target_means = np.asarray(reference["lab_means"], dtype=np.float32)
-        impl.target_stds = np.asarray(reference["lab_stds"], dtype=np.float32)
-        return impl
-    return None
+    if method == "none":
+        return None
+    impl = _torchstain(method)
+    _, attributes, dtype = _STATE[method]
+    for key, attribute in attributes.items():
+        setattr(impl, attribute, np.asarray(reference[key], dtype=dtype))
+    return impl
 
 
 NO_STAIN_NORMALIZATION: dict[str, Any] = {"method": "none"}
 
 
-def fit_reference(method: str, paths: list[str], seed: int, read=None) -> dict[str, Any]:
+def fit_reference(method: str, paths: list[str], seed: int) -> dict[str, Any]:
     """The reference of `method` fitted on a seeded sample of these (training) images: pixels of the
     images with enough stained tissue, at most REFERENCE_PIXELS_PER_IMAGE of each."""
     check_method(method)
     if method == "none":
         return dict(NO_STAIN_NORMALIZATION)
-    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
-
     from histoflow.data.images import read_image
 
-    read = read or read_image
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(paths))
     chosen, pixels = [], []
     for i in order:
         if len(chosen) == REFERENCE_IMAGES:
             break
-        image = read(str(paths[i]))
+        image = read_image(str(paths[i]))
         if tissue_problem(image):
             continue
         flat = image.reshape(-1, 3)
@@ -161,16 +164,10 @@ def fit_reference(method: str, paths: list[str], seed: int, read=None) -> dict[s
         raise ConfigError(f"none of {len(paths)} training images has enough stained tissue to fit a "
                           f"{method} stain reference (blank or background tiles?)")
     mosaic = np.concatenate(pixels)[None]  # one 1 x N image: both methods use pixel statistics only
-    if method == "macenko":
-        impl = NumpyMacenkoNormalizer()
-        impl.fit(mosaic, Io=LIGHT, beta=BETA)
-        reference = {"stain_matrix": np.asarray(impl.HERef).tolist(),
-                     "max_concentrations": np.asarray(impl.maxCRef).tolist()}
-    else:
-        impl = NumpyReinhardNormalizer()
-        impl.fit(mosaic)
-        reference = {"lab_means": np.asarray(impl.target_means, dtype=float).tolist(),
-                     "lab_stds": np.asarray(impl.target_stds, dtype=float).tolist()}
+    impl = _torchstain(method)
+    impl.fit(mosaic, **({"Io": LIGHT, "beta": BETA} if method == "macenko" else {}))
+    reference = {key: np.asarray(getattr(impl, attribute), dtype=float).tolist()
+                 for key, attribute in _STATE[method][1].items()}
     if not all(np.isfinite(v).all() for v in map(np.asarray, reference.values())):
         raise ConfigError(f"the {method} stain reference fitted on {len(chosen)} training images is not finite")
     return {"method": method, **reference, "images": len(chosen), "seed": seed}

@@ -32,6 +32,12 @@ from histoflow.modeling.variants import TrainConfig, make_train_config
 
 OOF_ARTIFACT = "cv/oof_predictions.csv"
 FOLDS_ARTIFACT = "cv/folds.csv"
+CV_STEP = "cv"  # the parent run's histoflow.step tag
+
+
+def is_cross_validation(run) -> bool:
+    """Whether an MLflow run is a cross-validation's parent run (its results are the folds' means)."""
+    return run.data.tags.get("histoflow.step") == CV_STEP
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,7 @@ def run(config: CVConfig) -> str:
     name = t.run_name or f"cv-{t.variant}-{t.model_name}-{prepared.dataset.name}"
     with mlflow.start_run(run_name=name) as parent:
         tracking.log_new_params({**t.to_params(), "folds": config.folds, "repeats": config.repeats})
-        mlflow.set_tags({"histoflow.step": "cv", "variant": t.variant, "model": t.model_name,
+        mlflow.set_tags({"histoflow.step": CV_STEP, "variant": t.variant, "model": t.model_name,
                          "dataset.name": prepared.dataset.name, "dataset.digest": prepared.dataset.digest,
                          "split_mode": "patient-cv", "split_leaky": "false"})
         tracking.log_environment()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import (
@@ -102,6 +104,16 @@ def evaluate(frame: pd.DataFrame, probabilities: np.ndarray, threshold: float = 
     return metrics
 
 
+def patient_resamples(patients: pd.Series | np.ndarray, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Row indices of each bootstrap resample of the patients: as many patients as there are, drawn with
+    replacement, each with all of its images."""
+    codes, _ = pd.factorize(np.asarray(patients))
+    members = [np.flatnonzero(codes == k) for k in range(codes.max() + 1)]
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        yield np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+
+
 def patient_bootstrap(patients: pd.Series | np.ndarray, y_true: np.ndarray, probabilities: np.ndarray,
                       threshold: float = 0.5, names: tuple[str, ...] = INTERVAL_METRICS, resamples: int = 1000,
                       level: float = 0.95, seed: int = 42) -> dict[str, tuple[float, float]]:
@@ -112,14 +124,10 @@ def patient_bootstrap(patients: pd.Series | np.ndarray, y_true: np.ndarray, prob
     accuracy; such resamples are skipped for those metrics (scipy.stats.bootstrap resamples observations,
     not clusters, hence this loop).
     """
-    codes, _ = pd.factorize(np.asarray(patients))
-    members = [np.flatnonzero(codes == k) for k in range(codes.max() + 1)]
     y_true = np.asarray(y_true, dtype=int)
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {name: [] for name in names}
     positive = np.asarray(probabilities)[:, 1]
-    for _ in range(resamples):
-        rows = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+    for rows in patient_resamples(patients, resamples, seed):
         y, p = y_true[rows], positive[rows]
         both = len(np.unique(y)) == 2
         for name in names:
@@ -152,8 +160,6 @@ def paired_patient_bootstrap(patients: pd.Series | np.ndarray, y_true: np.ndarra
     are told apart by `repeats`, and a metric is the mean over repeats. Returns name -> (difference,
     low, high, p).
     """
-    codes, _ = pd.factorize(np.asarray(patients))
-    members = [np.flatnonzero(codes == k) for k in range(codes.max() + 1)]
     y_true, repeats = np.asarray(y_true, dtype=int), np.asarray(repeats)
     a_p, a_d, b_p, b_d = (np.asarray(v) for v in (*a, *b))
 
@@ -170,10 +176,8 @@ def paired_patient_bootstrap(patients: pd.Series | np.ndarray, y_true: np.ndarra
         return {name: float(np.mean(values)) for name, values in per_repeat.items()}
 
     observed = differences(np.arange(len(y_true)))
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {name: [] for name in observed}
-    for _ in range(resamples):
-        rows = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+    for rows in patient_resamples(patients, resamples, seed):
         for name, value in differences(rows).items():
             draws[name].append(value)
     tail = 100 * (1 - level) / 2

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from histoflow import tracking
+from histoflow.modeling.cross_validation import is_cross_validation
 from histoflow.registry.policy import DEFAULT_POLICY, Aliases, load_policy
 from histoflow.registry.selection import (
     DEFAULT_METRIC,
@@ -62,7 +63,7 @@ def register(experiment: str, metric: str, name: str, aliases: Aliases, include_
     version = mlflow.register_model(uri, name, tags=tags)
     client = MlflowClient()
     m = run.data.metrics
-    cv = "cv_test_accuracy_mean" in m  # a cross-validation's fold ensemble: its results are the folds' means
+    cv = is_cross_validation(run)  # its fold ensemble was registered: its results are the folds' means
     test = {k: m.get(f"cv_test_{k}_mean" if cv else f"test_{k}", float("nan"))
             for k in ("accuracy", "balanced_accuracy", "roc_auc")}
     client.update_model_version(name, version.version, description=(

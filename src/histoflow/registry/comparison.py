@@ -13,7 +13,7 @@ import pandas as pd
 
 from histoflow import tracking
 from histoflow.errors import DataError
-from histoflow.modeling.cross_validation import FOLDS_ARTIFACT, OOF_ARTIFACT
+from histoflow.modeling.cross_validation import CV_STEP, FOLDS_ARTIFACT, OOF_ARTIFACT
 from histoflow.modeling.metrics import paired_patient_bootstrap
 
 
@@ -67,7 +67,7 @@ def summary(experiment: str, dataset: str = "") -> pd.DataFrame:
     runs = _search(experiment, "attributes.status = 'FINISHED' and metrics.test_accuracy >= 0", dataset)
     if not runs.empty and "tags.cv.parent_run_id" in runs:
         runs = runs[runs["tags.cv.parent_run_id"].isna()]
-    cvs = _search(experiment, "attributes.status = 'FINISHED' and tags.`histoflow.step` = 'cv'", dataset)
+    cvs = _search(experiment, f"attributes.status = 'FINISHED' and tags.`histoflow.step` = '{CV_STEP}'", dataset)
     if runs.empty and cvs.empty:
         raise DataError(f"experiment {experiment!r} has no finished training run"
                         + (f" on dataset {dataset!r}" if dataset else ""))

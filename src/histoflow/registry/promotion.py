@@ -20,6 +20,7 @@ from sklearn.metrics import balanced_accuracy_score
 from histoflow import tracking
 from histoflow.data.discovery import discover
 from histoflow.errors import DataError
+from histoflow.modeling.cross_validation import is_cross_validation
 from histoflow.registry.aliases import alias_version
 from histoflow.registry.policy import DEFAULT_POLICY, Policy, load_policy
 from histoflow.registry.selection import DEFAULT_NAME, RegistryError, run_split
@@ -69,7 +70,7 @@ def evaluation_data(version, data_dir: str = "", layout: str = "auto", max_image
         source = f"{dataset.root} (all {len(frame)} images, digest {dataset.digest})"
     else:
         run = mlflow.get_run(version.run_id)
-        if run.data.tags.get("histoflow.step") == "cv":
+        if is_cross_validation(run):
             raise RegistryError(f"version {version.version} averages the fold models of cross-validation run "
                                 f"{version.run_id}: every image of its data was in some fold's training part, so "
                                 "there is no held-out split to evaluate it on; pass -P data_dir=<held-out folder>")

@@ -15,7 +15,7 @@ from histoflow.data.stain import NO_STAIN_NORMALIZATION
 from histoflow.data.step import SPLIT_TABLE
 from histoflow.errors import ConfigError, HistoflowError
 from histoflow.modeling.calibration import Calibration, choose_threshold
-from histoflow.modeling.cross_validation import OOF_ARTIFACT
+from histoflow.modeling.cross_validation import OOF_ARTIFACT, is_cross_validation
 from histoflow.modeling.training_run import CALIBRATION_ARTIFACT, STAIN_ARTIFACT
 from histoflow.serving.classifier import CLASSIFIER_ARTIFACT, log_classifier
 
@@ -81,16 +81,21 @@ def classifier_uri(run) -> str:
                                                        f"name = '{CLASSIFIER_ARTIFACT}'")
     if models:
         return f"models:/{models[0].model_id}"
-    if run.data.tags.get("histoflow.step") == "cv":
+    if is_cross_validation(run):
         return _log_ensemble(run)
-    _, split, classes = run_split(run)
-    example = split.loc[split["split"] == "test", "path"].iloc[0]
+    classes, example = _classes_and_example(run)
     with mlflow.start_run(run_id=run.info.run_id):
         info = log_classifier([keras_artifact(run.info.run_id)], classes, int(run.data.params["image_size"]),
                               example, run_calibration(run), stain_references=[run_stain_reference(run)],
                               tta=run.data.params.get("tta", "none"),
                               metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", "")})
     return info.model_uri
+
+
+def _classes_and_example(run) -> tuple[list[str], str]:
+    """A training run's class names, and one of its test images (the served model's input example)."""
+    _, split, classes = run_split(run)
+    return classes, split.loc[split["split"] == "test", "path"].iloc[0]
 
 
 def _log_ensemble(run) -> str:
@@ -103,8 +108,7 @@ def _log_ensemble(run) -> str:
     calibrations = [run_calibration(r) for r in fold_runs]
     policy = run.data.params.get("threshold_policy", "argmax")
     threshold = choose_threshold(policy, first["label"].to_numpy(), first["probability"].to_numpy())
-    _, split, classes = run_split(fold_runs[0])
-    example = split.loc[split["split"] == "test", "path"].iloc[0]
+    classes, example = _classes_and_example(fold_runs[0])
     with mlflow.start_run(run_id=run.info.run_id):
         info = log_classifier([keras_artifact(r.info.run_id) for r in fold_runs], classes,
                               int(run.data.params["image_size"]), example,
