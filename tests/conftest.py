@@ -202,7 +202,8 @@ def wait_for(url: str, process, timeout: float = 120.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
+            said = process.stderr.read()[-3000:] if process.stderr else ""
+            raise RuntimeError(f"server exited with {process.returncode}: {said}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:

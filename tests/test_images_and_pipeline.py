@@ -1,4 +1,10 @@
 import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,7 +12,7 @@ from PIL import Image
 
 from conftest import BREAKHIS, IDC
 from histoflow.errors import ImageDecodeError
-from histoflow.data.pipeline import make_dataset
+from histoflow.data.pipeline import cache_images, make_dataset
 from histoflow.data.images import decode_image, preprocess_bytes
 
 IDC_FILE = next((IDC / "10253" / "0").glob("*.png"))
@@ -69,3 +75,86 @@ def test_random_augmentation_only_when_training():
     train = next(iter(make_dataset(paths, labels, 64, 4, training=True, augment="random", seed=3)))[0].numpy()
     assert not all(np.allclose(train[0], t) for t in train)
     assert train.min() >= 0.0 and train.max() <= 1.0
+
+
+def _idc_files(n: int) -> list[Path]:
+    return sorted((IDC / "10253").rglob("*.png"))[:n]
+
+
+def _images(ds) -> np.ndarray:
+    return np.concatenate([x.numpy() for x, _ in ds])
+
+
+def test_disk_cache_gives_the_decoded_images_and_is_reused(tmp_path):
+    """Cached and streamed splits are bit for bit the same images, in order; a second pipeline over the
+    same files reads the cache (one file) instead of writing another."""
+    files = [str(f) for f in _idc_files(20)] + [str(BREAKHIS_ORIGINAL)]
+    labels = [0] * 20 + [1]
+    streamed = _images(make_dataset(files, labels, 64, 8))
+    cached = _images(make_dataset(files, labels, 64, 8, cache_dir=tmp_path))
+    assert np.array_equal(streamed, cached)
+    data_files = list(tmp_path.glob("*.u8"))
+    assert len(data_files) == 1 and data_files[0].stat().st_size == 21 * 64 * 64 * 3
+    assert cache_images(files, 64, tmp_path).hit
+    assert np.array_equal(_images(make_dataset(files, labels, 64, 8, cache_dir=tmp_path)), streamed)
+    assert len(list(tmp_path.glob("*.u8"))) == 1
+
+
+def test_cached_training_epochs_cover_every_image_view_once_in_a_new_order(tmp_path):
+    files = [str(f) for f in _idc_files(6)]
+    ds = make_dataset(files, [0, 1, 0, 1, 0, 1], 32, 4, training=True, augment="seed", seed=7, cache_dir=tmp_path)
+    base = _images(make_dataset(files, [0] * 6, 32, 6))
+    views = [v for b in base for v in (b, np.fliplr(np.rot90(b, 1)), np.fliplr(np.rot90(b, 2)))]
+    epochs = [_images(ds), _images(ds)]
+    for epoch in epochs:
+        assert len(epoch) == 18
+        matched = sorted(next(i for i, v in enumerate(views) if np.array_equal(v, img)) for img in epoch)
+        assert matched == list(range(18))  # each copy of each image exactly once
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+
+
+def test_a_changed_folder_never_reads_a_stale_cache(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sources = _idc_files(4)
+    for i, src in enumerate(sources):
+        shutil.copy(src, folder / f"{i}.png")
+    files = [str(folder / f"{i}.png") for i in range(4)]
+    cache = tmp_path / "cache"
+    first = _images(make_dataset(files, [0] * 4, 32, 4, cache_dir=cache))
+    # Rewritten in place (another patch under the same name), added, removed: each is another cache.
+    shutil.copy(BREAKHIS_ORIGINAL, folder / "1.png")
+    os.utime(folder / "1.png", ns=(time.time_ns(), time.time_ns() + 10**9))
+    rewritten = _images(make_dataset(files, [0] * 4, 32, 4, cache_dir=cache))
+    assert np.array_equal(rewritten[[0, 2, 3]], first[[0, 2, 3]]) and not np.array_equal(rewritten[1], first[1])
+    assert np.array_equal(rewritten, _images(make_dataset(files, [0] * 4, 32, 4)))
+    assert len(list(cache.glob("*.u8"))) == 2
+    shutil.copy(sources[0], folder / "4.png")
+    assert len(_images(make_dataset(files + [str(folder / "4.png")], [0] * 5, 32, 4, cache_dir=cache))) == 5
+    assert len(_images(make_dataset(files[:3], [0] * 3, 32, 4, cache_dir=cache))) == 3
+    assert len(list(cache.glob("*.u8"))) == 4
+
+
+FULL_DISK = """
+import resource, sys
+from histoflow.data.pipeline import cache_images
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the disk is full after 100 kB
+try:
+    cache_images(sys.argv[2:], 64, sys.argv[1])
+except Exception as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(3)
+"""
+
+
+def test_a_full_disk_fails_naming_the_folder_and_leaves_nothing_to_trust(tmp_path):
+    files = [str(f) for f in _idc_files(30)]  # 30 x 12 kB at 64 px: past the limit on the 9th image
+    cache = tmp_path / "cache"
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(cache), *files], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert out.stdout.startswith("DataError could not cache the 30 images of")
+    assert str(IDC / "10253") in out.stdout and "image_cache=none" in out.stdout
+    assert list(cache.iterdir()) == []  # no partial file, no manifest
+    # Room again: the next run writes a complete cache.
+    assert not cache_images(files, 64, cache).hit and cache_images(files, 64, cache).hit

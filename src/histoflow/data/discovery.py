@@ -26,6 +26,7 @@ import pandas as pd
 
 from histoflow.errors import DataError, ImageDecodeError
 from histoflow.data.images import IMAGE_EXTENSIONS, decode_image
+from histoflow.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,8 @@ def _check_file(path: str) -> tuple[str, str | None]:
 
 def _validate(frame: pd.DataFrame, workers: int = 8) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(_check_file, frame["path"]))
+        results = list(progress(pool.map(_check_file, frame["path"]), total=len(frame),
+                                desc=f"checking {len(frame)} images", unit="img"))
     hashes = [h for h, _ in results]
     reasons = [r for _, r in results]
     bad = [r is not None for r in reasons]

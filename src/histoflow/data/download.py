@@ -19,6 +19,7 @@ from pathlib import Path
 
 from histoflow.data.discovery import discover
 from histoflow.errors import DataError
+from histoflow.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ def archive_url(name: str) -> str:
     return os.environ.get(f"HISTOFLOW_{name.upper()}_URL") or ARCHIVES[name].url
 
 
+CHUNK_BYTES = 1 << 20
+
+
 def _fetch(url: str, target: Path) -> str:
     """Stream url to target; returns the SHA-256 of what was written."""
     partial = target.with_name(target.name + ".partial")
@@ -65,15 +69,13 @@ def _fetch(url: str, target: Path) -> str:
     try:
         with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
-            done, last = 0, 0.0
-            while chunk := response.read(1 << 20):
+            done = 0
+            chunks = iter(lambda: response.read(CHUNK_BYTES), b"")
+            for chunk in progress(chunks, total=-(-total // CHUNK_BYTES) if total else None,
+                                  desc=f"downloading {url.rsplit('/', 1)[-1]}", unit="MiB"):
                 out.write(chunk)
                 sha.update(chunk)
                 done += len(chunk)
-                if time.monotonic() - last > 5:
-                    last = time.monotonic()
-                    share = f" ({done / total:.0%})" if total else ""
-                    print(f"  {done / 2**20:,.0f} MiB{share}", file=sys.stderr, flush=True)
             if total and done != total:
                 raise DataError(f"download of {url} stopped at {done} of {total} bytes; run it again")
     except (urllib.error.URLError, OSError) as exc:
@@ -91,14 +93,18 @@ def _extract(archive: Path, dest: Path) -> None:
             if bad:
                 raise DataError(f"{archive} is corrupt (first bad member: {bad}); delete it and download again")
             root = dest.resolve()
-            for member in zf.namelist():
+            members = zf.namelist()
+            for member in members:
                 if not (root / member).resolve().is_relative_to(root):
                     raise DataError(f"{archive} has a member outside the target folder: {member}")
-            zf.extractall(dest)
+            for member in progress(members, desc=f"extracting {archive.name}", unit="file"):
+                zf.extract(member, dest)
     elif tarfile.is_tarfile(archive):
         try:
             with tarfile.open(archive) as tf:
-                tf.extractall(dest, filter="data")  # refuses absolute paths, links out, devices
+                members = tf.getmembers()
+                for member in progress(members, desc=f"extracting {archive.name}", unit="file"):
+                    tf.extract(member, dest, filter="data")  # refuses absolute paths, links out, devices
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise DataError(f"{archive} is corrupt or truncated ({exc}); delete it and download again") from None
     else:

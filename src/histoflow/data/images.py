@@ -50,11 +50,12 @@ def read_image(path: str) -> np.ndarray:
         return decode_image(fh.read())
 
 
-def resize_and_scale(image, image_size: int):
-    """Resize an RGB uint8 image (or batch) to image_size x image_size and scale to [0, 1] float32.
+def resize(image, image_size: int):
+    """Resize an RGB uint8 image (or batch) to image_size x image_size, as uint8.
 
     The aspect ratio is not kept: BreakHis' own 224x224 copies are squeezed the same way, and
-    histology has no canonical orientation.
+    histology has no canonical orientation. The result is rounded to uint8 so that an image cached on
+    disk after this step is bit for bit what a served image goes through.
     """
     import tensorflow as tf
 
@@ -62,7 +63,19 @@ def resize_and_scale(image, image_size: int):
     resized = tf.image.resize(
         tf.cast(image, tf.float32), (image_size, image_size), method="bilinear", antialias=True
     )
-    return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
+    return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+
+
+def scale(image):
+    """uint8 RGB -> float32 in [0, 1], the models' input."""
+    import tensorflow as tf
+
+    return tf.cast(image, tf.float32) / 255.0
+
+
+def resize_and_scale(image, image_size: int):
+    """Resize an RGB uint8 image (or batch) to image_size x image_size and scale to [0, 1] float32."""
+    return scale(resize(image, image_size))
 
 
 def preprocess_bytes(data: bytes, image_size: int) -> np.ndarray:

@@ -1,13 +1,20 @@
-"""tf.data input pipeline: decode -> RGB -> stain normalisation -> resize -> scale, cache, augment (train
-only), batch, prefetch."""
+"""tf.data input pipeline: decode -> RGB -> stain normalisation -> resize (uint8), from disk or a disk
+cache -> augment (train only) -> scale -> batch -> prefetch.
+
+Nothing grows with the dataset: what is shuffled is image indices, not images, and a split read every
+epoch comes from the uint8 disk cache of histoflow.data.image_cache rather than from memory.
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import tensorflow as tf
 
 from histoflow.errors import ConfigError
-from histoflow.data.images import read_image, resize_and_scale
+from histoflow.data.image_cache import CHUNK, OFF, CachedImages, ensure_cached
+from histoflow.data.images import read_image, resize, scale
 from histoflow.data.stain import StainNormalizer, hed_jitter
 
 # seed: the reports' fixed tripling; random: dihedral + mild colour; hed: dihedral + HED-light stain jitter.
@@ -27,13 +34,45 @@ def _load(path: tf.Tensor, stain: StainNormalizer | None = None) -> tf.Tensor:
     return image
 
 
-def _seed_copies(image: tf.Tensor, label: tf.Tensor) -> tf.data.Dataset:
-    copies = tf.stack([
-        image,
-        tf.image.flip_left_right(tf.image.rot90(image, k=1)),
-        tf.image.flip_left_right(tf.image.rot90(image, k=2)),
-    ])
-    return tf.data.Dataset.from_tensor_slices((copies, tf.stack([label] * SEED_TRIPLING)))
+def _decoded(paths: np.ndarray, image_size: int, stain: StainNormalizer | None) -> tf.data.Dataset:
+    """uint8 images at image_size, decoded from their files in order (in parallel)."""
+    return tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda p: resize(_load(p, stain), image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def cache_images(paths: list[str] | np.ndarray, image_size: int, cache_dir: str | os.PathLike,
+                 stain: StainNormalizer | None = None) -> CachedImages:
+    """The images decoded once into the disk cache (a hit when they are there already)."""
+    paths = np.asarray(paths, dtype=str)
+    reference = stain.reference if stain is not None else {"method": "none"}
+    cached = ensure_cached(
+        paths.tolist(), image_size, cache_dir,
+        lambda ps: _decoded(np.asarray(ps, dtype=str), image_size, stain).batch(CHUNK).as_numpy_iterator(),
+        reference, lambda: stain.fallbacks if stain is not None else 0)
+    if cached.hit and stain is not None:  # the run still reports how many images its reference could not fit
+        stain.fallbacks += cached.fallbacks
+    return cached
+
+
+def _read_by_index(cached: CachedImages | None, paths: np.ndarray, image_size: int,
+                   stain: StainNormalizer | None):
+    """index -> uint8 image: from the cache (a batch of indices per read) or by decoding the file."""
+    if cached is None:
+        return lambda ds: ds.map(lambda i, view, y: (resize(_load(tf.gather(paths, i), stain), image_size), view, y),
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def read(indices: tf.Tensor) -> tf.Tensor:
+        images = tf.numpy_function(cached.read, [indices], tf.uint8, stateful=False)
+        images.set_shape([None, image_size, image_size, 3])
+        return images
+
+    return lambda ds: ds.batch(CHUNK).map(lambda i, view, y: (read(i), view, y),
+                                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+
+
+def _seed_view(image: tf.Tensor, view: tf.Tensor) -> tf.Tensor:
+    """The reports' copy `view` of an image: 0 the original, 1 rot90+flip, 2 rot180+flip."""
+    return tf.cond(view == 0, lambda: image, lambda: tf.image.flip_left_right(tf.image.rot90(image, k=view)))
 
 
 def _dihedral(image: tf.Tensor) -> tf.Tensor:
@@ -42,18 +81,18 @@ def _dihedral(image: tf.Tensor) -> tf.Tensor:
     return tf.image.rot90(image, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
 
 
-def _random_augment(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _random_augment(image: tf.Tensor) -> tf.Tensor:
     image = _dihedral(image)
     # Mild stain/scanner variation only; strong hue shifts would change the H&E appearance.
     image = tf.image.random_brightness(image, 0.05)
     image = tf.image.random_contrast(image, 0.9, 1.1)
     image = tf.image.random_saturation(image, 0.9, 1.1)
     image = tf.image.random_hue(image, 0.02)
-    return tf.clip_by_value(image, 0.0, 1.0), label
+    return tf.clip_by_value(image, 0.0, 1.0)
 
 
-def _hed_augment(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    return hed_jitter(_dihedral(image)), label
+def _hed_augment(image: tf.Tensor) -> tf.Tensor:
+    return hed_jitter(_dihedral(image))
 
 
 def make_dataset(
@@ -66,25 +105,35 @@ def make_dataset(
     seed: int = 42,
     num_classes: int = 2,
     stain: StainNormalizer | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tf.data.Dataset:
     """Batches of (float32 images in [0, 1], one-hot labels); order is kept unless training. `stain`
-    normalises each decoded image to a fitted reference (training, evaluation and serving alike)."""
+    normalises each decoded image to a fitted reference (training, evaluation and serving alike).
+
+    With `cache_dir` (a split read every epoch) the images are decoded once into the disk cache there;
+    without it they are decoded from their files on every pass (a split read once).
+    """
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
     paths = np.asarray(paths, dtype=str)
-    onehot = tf.one_hot(np.asarray(labels, dtype=np.int32), num_classes)
-    ds = tf.data.Dataset.from_tensor_slices((paths, onehot))
-    ds = ds.map(lambda p, y: (resize_and_scale(_load(p, stain), image_size), y),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.cache()
+    cached = None if cache_dir is None or str(cache_dir) in OFF else cache_images(paths, image_size, cache_dir, stain)
+    views = SEED_TRIPLING if training and augment == "seed" else 1
+    n = len(paths) * views
+    # Element k is view k % views of image k // views: the seed scheme's copies are shuffled apart.
+    onehot = tf.one_hot(np.repeat(np.asarray(labels, dtype=np.int32), views), num_classes)
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64) // views,
+                                             np.arange(n, dtype=np.int32) % views, onehot))
     if training:
-        n = augmented_size(len(paths), augment)
-        if augment == "seed":
-            # flat_map hides the size; Keras needs it to count steps without running dry.
-            ds = ds.flat_map(_seed_copies).apply(tf.data.experimental.assert_cardinality(n))
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-        if augment in ("random", "hed"):
-            ds = ds.map(_random_augment if augment == "random" else _hed_augment, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _read_by_index(cached, paths, image_size, stain)(ds)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n))  # unbatch hides the size; Keras counts steps
+    augmenter = {"random": _random_augment, "hed": _hed_augment}.get(augment) if training else None
+
+    def prepare(image, view, y):
+        image = scale(_seed_view(image, view) if views > 1 else image)
+        return (augmenter(image) if augmenter else image), y
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

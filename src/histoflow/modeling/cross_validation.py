@@ -52,6 +52,7 @@ class CVConfig:
         require([(2 <= self.folds <= 20, f"folds must be in 2..20; got {self.folds}"),
                  (1 <= self.repeats <= 20, f"repeats must be in 1..20; got {self.repeats}"),
                  (not self.train.split_table, "cv makes its own folds: it takes no split_table"),
+                 (not self.train.resume, "cv cannot resume: resume one of its fold runs with train"),
                  (self.train.split == "patient", "cv splits by patient: split must be patient")])
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import mlflow
@@ -15,6 +16,9 @@ import mlflow.keras
 import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
+
+from histoflow.modeling import checkpoints
+from histoflow.modeling.checkpoints import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +65,19 @@ def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
     return {int(c): float(w) for c, w in zip(classes, weights)}
 
 
-def callbacks(patience: int, lr_patience: int) -> list[keras.callbacks.Callback]:
+def callbacks(patience: int, lr_patience: int
+              ) -> tuple[keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau]:
     """Model selection on validation loss only; the best epoch's weights are restored."""
-    return [
+    return (
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True,
                                       verbose=1),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=lr_patience,
                                           min_lr=1e-7, verbose=1),
-    ]
+    )
+
+
+def _metric_names(logs: dict) -> dict[str, float]:
+    return {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": v for k, v in logs.items()}
 
 
 class EpochMetrics(mlflow.keras.MlflowCallback):
@@ -82,21 +91,43 @@ class EpochMetrics(mlflow.keras.MlflowCallback):
     ``batched`` the epochs are kept and written in one request by ``flush()``, which the caller also
     calls when a pruner stops fit with an exception; nothing is logged when training begins (a
     trial logs its own parameters, and its head's summary would show the shared padded head).
+
+    With a ``checkpoint`` that restored epochs (a resumed run), training begins by logging those of
+    its epochs that MLflow lacks (the process was killed before they were uploaded), each step once.
     """
 
     def __init__(self, batched: bool = False) -> None:
         super().__init__()
         self.batched = batched
         self.pending: list[mlflow.entities.Metric] = []
+        self.checkpoint: Checkpoint | None = None
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        if not self.batched:
+        if self.checkpoint is not None and self.checkpoint.restored:
+            self._log_missing(self.checkpoint.restored)
+        elif not self.batched:
             super().on_train_begin(logs)
+
+    def _log_missing(self, epochs: list[dict]) -> None:
+        client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+        now = int(time.time() * 1000)
+        logged: dict[str, set[int]] = {}
+        missing = []
+        for entry in epochs:
+            for key, value in _metric_names(entry["logs"]).items():
+                if key not in logged:
+                    logged[key] = {m.step for m in client.get_metric_history(run_id, key)}
+                if entry["epoch"] not in logged[key]:
+                    missing.append(mlflow.entities.Metric(key, float(value), now, entry["epoch"]))
+        if missing:
+            log.info("resumed after epoch %d: logging %d metric values MLflow had not received",
+                     epochs[-1]["epoch"] + 1, len(missing))
+            client.log_batch(run_id, metrics=missing)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not logs:
             return
-        renamed = {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": v for k, v in logs.items()}
+        renamed = _metric_names(logs)
         if self.batched:
             now = int(time.time() * 1000)
             self.pending += [mlflow.entities.Metric(k, float(v), now, epoch) for k, v in renamed.items()]
@@ -119,19 +150,43 @@ class FitResult:
     seconds: float
     best_epoch: int
     epochs_run: int
+    resumed_at: int = 0  # epochs restored from a checkpoint (0: trained from the start)
+
+
+def _result(history: dict[str, list[float]], seconds: float, resumed_at: int = 0) -> FitResult:
+    val_loss = history.get("val_loss", [0.0])
+    return FitResult(history=history, seconds=seconds, best_epoch=int(np.argmin(val_loss)) + 1,
+                     epochs_run=len(val_loss), resumed_at=resumed_at)
+
+
+def _history(epochs: list[dict]) -> dict[str, list[float]]:
+    keys = epochs[0]["logs"].keys() if epochs else []
+    return {k: [float(e["logs"][k]) for e in epochs] for k in keys}
 
 
 def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, epochs: int,
         extra_callbacks: list[keras.callbacks.Callback], class_weight: dict[int, float] | None,
-        patience: int, lr_patience: int) -> FitResult:
+        patience: int, lr_patience: int, checkpoint_dir: Path | None = None) -> FitResult:
+    """model.fit with early stopping on validation loss; with `checkpoint_dir`, every epoch is saved there
+    and a fit that finds a checkpoint continues from its last saved epoch (or, when fit had ended,
+    does not train again)."""
+    if checkpoints.finished_training(checkpoint_dir):
+        done, seconds = checkpoints.load_finished(model, checkpoint_dir)
+        log.info("training had finished before the interruption: its weights are restored, nothing is trained")
+        return _result(_history(done), seconds, resumed_at=len(done))
+    stopper, plateau = callbacks(patience, lr_patience)
+    saver = Checkpoint(checkpoint_dir, stopper, plateau) if checkpoint_dir is not None else None
+    for callback in extra_callbacks:
+        if isinstance(callback, EpochMetrics):
+            callback.checkpoint = saver
     verbose = 1 if sys.stdout.isatty() else 2  # the progress bar on a terminal, one line per epoch in logs
     start = time.perf_counter()
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose, shuffle=False,  # the tf.data pipeline shuffles
                         class_weight=class_weight,
-                        callbacks=callbacks(patience, lr_patience) + extra_callbacks)
-    seconds = time.perf_counter() - start
+                        callbacks=[stopper, plateau, *([saver] if saver else []), *extra_callbacks])
     mlflow.flush_async_logging()
-    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-    val_loss = hist.get("val_loss", [0.0])
-    return FitResult(history=hist, seconds=seconds, best_epoch=int(np.argmin(val_loss)) + 1,
-                     epochs_run=len(val_loss))
+    if saver is None:
+        return _result({k: [float(v) for v in vals] for k, vals in history.history.items()},
+                       time.perf_counter() - start)
+    resumed_at = len(saver.restored) - len(history.history.get("val_loss", []))
+    return _result(_history(saver.restored), saver.elapsed_s, resumed_at)

@@ -19,7 +19,9 @@ from histoflow import tracking
 from histoflow.data.pipeline import augmented_size, make_dataset
 from histoflow.data.stain import StainNormalizer, fit_reference
 from histoflow.data.step import PreparedData, log_data, prepare_data
-from histoflow.modeling import explain, figures, inference, metrics
+from histoflow.config import typed_params
+from histoflow.errors import ConfigError
+from histoflow.modeling import checkpoints, explain, figures, inference, metrics
 from histoflow.modeling.architectures import (
     build_baseline,
     build_cnn_lstm,
@@ -29,7 +31,7 @@ from histoflow.modeling.architectures import (
 )
 from histoflow.modeling.calibration import Calibration, calibration_metrics, fit_calibration
 from histoflow.modeling.fitting import EpochMetrics, class_weights, fit, precision_policy, set_seeds, strategy
-from histoflow.modeling.variants import TrainConfig
+from histoflow.modeling.variants import LOCAL_FIELDS, TrainConfig, variant_fields
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
@@ -59,12 +61,13 @@ def stain_normalizer(config: TrainConfig, prepared: PreparedData) -> StainNormal
 
 def datasets(config: TrainConfig, prepared: PreparedData, stain: StainNormalizer | None = None):
     """The train, validation and test pipelines (augmentation on the training split only)."""
-    def part(name: str, training: bool):
+    def part(name: str, training: bool, cached: bool):
         rows = prepared.rows(name)
         return make_dataset(rows["path"], rows["label"], config.image_size, config.batch_size,
                             training=training, augment=config.augment if training else "none",
-                            seed=config.seed, stain=stain)
-    return part("train", True), part("val", False), part("test", False)
+                            seed=config.seed, stain=stain, cache_dir=config.image_cache if cached else None)
+    # Train and validation are read every epoch: from the disk cache. Test is read once: decoded as it streams.
+    return part("train", True, True), part("val", False, True), part("test", False, False)
 
 
 def log_figure(fig: plt.Figure, path: str) -> None:
@@ -173,14 +176,50 @@ class TrainOutcome:
     calibration: Calibration
 
 
+def _resumable(config: TrainConfig) -> str:
+    """The run to continue: `resume`, or the run `mlflow run --run-id` retries when it left a checkpoint
+    ("" for a new run). A resume that cannot continue fails here, before anything is changed."""
+    retried = os.environ.get("MLFLOW_RUN_ID", "")
+    run_id = config.resume or (retried if checkpoints.has_checkpoint(
+        checkpoints.run_checkpoint_dir(config.checkpoint_dir, retried)) else "")
+    if not run_id:
+        return ""
+    try:
+        previous = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"resume: there is no run {run_id} in {mlflow.get_tracking_uri()}") from None
+    if previous.info.status == "FINISHED" and previous.data.metrics.get("model_size_mb") is not None:
+        raise ConfigError(f"resume: run {run_id} has finished; start a new run instead")
+    logged = {k: v for k, v in previous.data.params.items()
+              if k in variant_fields(config.variant) and k not in LOCAL_FIELDS}
+    given = config.to_params()
+    differ = sorted(k for k, v in typed_params(TrainConfig, logged).items() if k in given and given[k] != v)
+    if "model" in previous.data.params and previous.data.params["model"] != given["model"]:
+        differ.append("model")
+    if differ:
+        raise ConfigError(f"resume: run {run_id} was started with other settings ("
+                          + ", ".join(f"{k}={previous.data.params[k]} there, {given[k]} here" for k in differ)
+                          + "); resume with the same settings or start a new run")
+    if not checkpoints.has_checkpoint(checkpoints.run_checkpoint_dir(config.checkpoint_dir, run_id)):
+        raise ConfigError(f"resume: run {run_id} has no checkpoint in {config.checkpoint_dir} (trained on another "
+                          "machine or folder, or with checkpoint_dir=none); start a new run instead")
+    return run_id
+
+
 def run(config: TrainConfig) -> str:
     """Train and evaluate one variant as one MLflow run; returns the run id."""
     config.validate()
     tracking.configure(config.experiment)  # first: a tracking server that is down fails before any work
+    resumed = _resumable(config)
     prepared = prepare_data(config, config.split_table)
     run_name = config.run_name or f"{config.variant}-{config.model_name}-{prepared.dataset.name}"
-    with mlflow.start_run(run_name=run_name):
+    wrapper = os.environ.get("MLFLOW_RUN_ID", "")
+    if resumed and wrapper and wrapper != resumed:  # `mlflow run -P resume=<id>` made a run of its own
+        mlflow.MlflowClient().set_tag(wrapper, "histoflow.resumed_in", resumed)
+    with mlflow.start_run(run_id=resumed or None, run_name=None if resumed else run_name):
         mlflow.set_tag("histoflow.step", "train")
+        if resumed:
+            print(f"resuming run {resumed} from its checkpoint")
         return train_in_run(config, prepared, run_name).run_id
 
 
@@ -196,14 +235,17 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
         tracking.log_json(stain.reference, STAIN_ARTIFACT)
     train_ds, val_ds, test_ds = datasets(config, prepared, stain)
     model = build(config)
-    mlflow.log_metric("n_params", model.count_params())
     weights = class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight)
+    checkpoint = checkpoints.run_checkpoint_dir(config.checkpoint_dir, mlflow.active_run().info.run_id)
     result = fit(model, train_ds, val_ds, config.epochs, [EpochMetrics()], weights, config.patience,
-                 config.lr_patience)
+                 config.lr_patience, checkpoint)
     n_train = augmented_size(len(prepared.rows("train")), config.augment)
-    mlflow.log_metrics({"train_time_s": result.seconds, "best_epoch": result.best_epoch,
-                        "epochs_run": result.epochs_run,
+    # Logged once training is over, so that a resumed run logs each of these once.
+    mlflow.log_metrics({"n_params": model.count_params(), "train_time_s": result.seconds,
+                        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                         "train_images_per_s": n_train * result.epochs_run / result.seconds})
+    if result.resumed_at:
+        mlflow.set_tag("histoflow.resumed_at_epoch", str(result.resumed_at))
     log_figure(figures.history_figure(result.history, run_name), "evaluation/training_curves.png")
     # Selection happened on validation (early stopping, temperature, threshold); test is evaluated once, here.
     val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
@@ -221,6 +263,7 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     example = next(iter(test_ds))[0].numpy()[:1]
     mlflow.log_metric("model_size_mb", _log_model(model, config, example, dataset.class_names))
     run_id = mlflow.active_run().info.run_id
+    checkpoints.remove(checkpoint)  # the run is complete: nothing left to resume
     print(f"{run_name}: test accuracy {test['accuracy']:.4f}, balanced accuracy {test['balanced_accuracy']:.4f}, "
           f"ROC AUC {test['roc_auc']:.4f} (run {run_id})")
     return TrainOutcome(run_id, validation, test, test_probabilities, calibration)

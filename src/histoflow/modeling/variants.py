@@ -23,6 +23,8 @@ VARIANTS = ("baseline", "augmented", "cnn_lstm", "densenet", "transfer")
 # The variants built on a pretrained backbone: they have the fusion head, and features to cache for tuning.
 BACKBONE_VARIANTS = ("densenet", "transfer")
 CLASS_WEIGHTS = ("none", "balanced")
+# Where this machine keeps a run's files, not what the run does: neither logged nor compared on resume.
+LOCAL_FIELDS = ("image_cache", "checkpoint_dir", "resume")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class TrainConfig(DataConfig, RunTarget):
     bootstrap: int = 1000  # resamples of patients for the test metrics' 95 % intervals; 0 = none
     tta: str = "none"  # test-time augmentation of evaluation and of the served model: none or dihedral8
     gradcam_per_class: int = 3
+    # Decoded training and validation images, uint8 on disk (none: decode them every epoch instead).
+    image_cache: str = ".histoflow-cache/images"
+    # Every epoch saved under <checkpoint_dir>/<run id> until the run ends (none: no checkpoints).
+    checkpoint_dir: str = ".histoflow-cache/checkpoints"
+    resume: str = ""  # the id of a killed training run to continue from its last saved epoch
 
     @property
     def uses_backbone(self) -> bool:
@@ -63,7 +70,8 @@ class TrainConfig(DataConfig, RunTarget):
 
     def to_params(self) -> dict[str, Any]:
         """Parameters as logged to MLflow: those of this variant, and the model's name."""
-        params = {k: v for k, v in asdict(self).items() if k in variant_fields(self.variant)}
+        params = {k: v for k, v in asdict(self).items()
+                  if k in variant_fields(self.variant) and k not in LOCAL_FIELDS}
         if not self.split_table:
             params.pop("split_table")
         return {**params, "model": self.model_name}

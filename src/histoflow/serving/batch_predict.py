@@ -19,6 +19,7 @@ from histoflow.data.discovery import discover
 from histoflow.data.images import IMAGE_EXTENSIONS
 from histoflow.errors import ConfigError, DataError
 from histoflow.modeling.metrics import patient_table
+from histoflow.progress import progress
 from histoflow.serving.requests import INPUT_COLUMN, MAX_IMAGES_PER_REQUEST, encode_file
 
 
@@ -66,7 +67,7 @@ def batch_predict(model_uri: str, data_dir: str, output_dir: str = "outputs", ch
     frame, folder_classes = _images(data_dir)
     model = mlflow.pyfunc.load_model(model_uri)
     parts = []
-    for start in range(0, len(frame), chunk):
+    for start in progress(range(0, len(frame), chunk), desc=f"scoring {len(frame)} images", unit="batch"):
         batch = frame.iloc[start:start + chunk]
         parts.append(model.predict(pd.DataFrame({INPUT_COLUMN: [encode_file(p) for p in batch["path"]]})))
     scored = pd.concat([frame.reset_index(drop=True), pd.concat(parts, ignore_index=True)], axis=1)

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from histoflow.data.pipeline import make_dataset
+from histoflow.progress import progress
 from histoflow.data.splits import SPLITS
 from histoflow.data.step import PreparedData
 from histoflow.modeling.architectures import BACKBONES, build_fusion
@@ -108,11 +109,12 @@ def extractor(config: TrainConfig) -> keras.Model:
     return keras.Model(model.input, taps, name=f"{config.backbone}_taps")
 
 
-def _extract(model: keras.Model, dataset: tf.data.Dataset) -> SplitFeatures:
+def _extract(model: keras.Model, dataset: tf.data.Dataset, split: str) -> SplitFeatures:
     # Labels travel with the images: the training copies are shuffled, so order alone cannot pair them.
     taps: list[list[np.ndarray]] = []
     labels = []
-    for images, onehot in dataset:
+    batches = int(dataset.cardinality())
+    for images, onehot in progress(dataset, total=batches, desc=f"{split} features", unit="batch"):
         # A direct call, not predict_on_batch: each split's last, smaller batch would retrace a graph.
         outputs = model(images, training=False)
         taps.append([np.asarray(o, dtype="float32") for o in outputs])
@@ -131,7 +133,7 @@ def extract(config: TrainConfig, prepared: PreparedData) -> dict[str, SplitFeatu
         dataset = make_dataset(rows["path"], rows["label"], config.image_size, config.batch_size,
                                training=training, augment=CACHED_AUGMENT[config.augment] if training else "none",
                                seed=config.seed, stain=stain)
-        features[split] = _extract(model, dataset)
+        features[split] = _extract(model, dataset, split)
     return features
 
 

@@ -1,0 +1,151 @@
+"""Training that survives a killed process: per-run checkpoints and what a resumed run needs.
+
+Keras's BackupAndRestore saves the weights (optimizer state included) and the epoch after every epoch.
+A run needs more to continue as if never interrupted, so this callback also keeps, in the same folder:
+
+- ``epochs.jsonl``: each finished epoch's logs and the training time so far, written before the weights,
+  so that a resumed run can log the epochs MLflow never received (a kill between the checkpoint and
+  the asynchronous metric upload) and report one training time;
+- ``best.weights.h5``: the weights of the best epoch so far, so that EarlyStopping's best-weights
+  restore and its patience count continue across the interruption (ReduceLROnPlateau's count too);
+- ``final.weights.h5`` and ``done``: the weights fit ended with, so that a run killed later (during
+  evaluation or model logging) resumes there without training again.
+
+The folder is the run's (``<checkpoint_dir>/<run id>``) and is removed when the run has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+HISTORY = "epochs.jsonl"
+BEST = "best.weights.h5"
+FINAL = "final.weights.h5"
+DONE = "done"
+MONITOR = "val_loss"
+OFF = ("", "none")
+
+
+def run_checkpoint_dir(checkpoint_dir: str, run_id: str) -> Path | None:
+    """The run's checkpoint folder (None when checkpoints are off)."""
+    return None if checkpoint_dir in OFF else Path(checkpoint_dir).expanduser() / run_id
+
+
+def has_checkpoint(directory: Path | None) -> bool:
+    return directory is not None and (directory / HISTORY).is_file()
+
+
+def saved_epochs(directory: Path) -> list[dict[str, Any]]:
+    """The finished epochs of a checkpoint folder, in order: {"epoch", "logs", "elapsed_s"}."""
+    path = directory / HISTORY
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:  # a line cut by the kill: that epoch did not finish saving
+            break
+    return entries
+
+
+def _completed_epochs(directory: Path) -> int:
+    """Epochs whose weights were saved (Keras's training metadata)."""
+    meta = directory / "training_metadata.json"
+    try:
+        return int(json.loads(meta.read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _append(path: Path, entry: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class Checkpoint(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore plus the epochs' logs, the best weights and the callbacks' patience counts.
+
+    Place it after EarlyStopping and ReduceLROnPlateau (their on_train_begin resets what this one
+    restores) and before the metric logger (so that an epoch is saved before it is reported).
+    """
+
+    def __init__(self, directory: Path, early_stopping: keras.callbacks.EarlyStopping,
+                 plateau: keras.callbacks.ReduceLROnPlateau) -> None:
+        super().__init__(str(directory), delete_checkpoint=False)
+        self.directory = directory
+        self.early_stopping = early_stopping
+        self.plateau = plateau
+        self.restored: list[dict[str, Any]] = []
+        self._start = time.perf_counter()
+        self._elapsed_before = 0.0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        completed = _completed_epochs(self.directory)
+        self.restored = [e for e in saved_epochs(self.directory) if e["epoch"] < completed]
+        # What a kill left beyond the saved weights is trained again: drop it from the history file.
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / HISTORY).write_text("".join(json.dumps(e) + "\n" for e in self.restored))
+        if self.restored:
+            self._restore_patience()
+            self._elapsed_before = float(self.restored[-1]["elapsed_s"])
+        self._start = time.perf_counter()
+
+    def _restore_patience(self) -> None:
+        losses = [e["logs"].get(MONITOR, np.inf) for e in self.restored]
+        best = int(np.argmin(losses))
+        since_best = len(losses) - 1 - best
+        stopper, plateau = self.early_stopping, self.plateau
+        stopper.best, stopper.best_epoch, stopper.wait = losses[best], best, since_best
+        plateau.best, plateau.wait = losses[best], since_best
+        if stopper.restore_best_weights and (self.directory / BEST).is_file():
+            current = self.model.get_weights()
+            self.model.load_weights(self.directory / BEST)
+            stopper.best_weights = self.model.get_weights()
+            self.model.set_weights(current)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        previous = [e["logs"].get(MONITOR, np.inf) for e in self.restored]
+        if not previous or logs.get(MONITOR, np.inf) < min(previous):
+            self.model.save_weights(self.directory / BEST)
+        entry = {"epoch": epoch, "logs": logs, "elapsed_s": self.elapsed_s}
+        self.restored.append(entry)
+        _append(self.directory / HISTORY, entry)
+        super().on_epoch_end(epoch, logs)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds of training, the interrupted part included."""
+        return self._elapsed_before + time.perf_counter() - self._start
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        # After EarlyStopping's restore (it comes first in the list): the weights fit ends with.
+        self.model.save_weights(self.directory / FINAL)
+        (self.directory / DONE).write_text(json.dumps({"elapsed_s": self.elapsed_s}))
+
+
+def finished_training(directory: Path | None) -> bool:
+    return directory is not None and (directory / DONE).is_file() and (directory / FINAL).is_file()
+
+
+def load_finished(model: keras.Model, directory: Path) -> tuple[list[dict[str, Any]], float]:
+    """The weights fit ended with, its epochs and its training time (a run killed after training)."""
+    model.load_weights(directory / FINAL)
+    return saved_epochs(directory), float(json.loads((directory / DONE).read_text())["elapsed_s"])
+
+
+def remove(directory: Path | None) -> None:
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
