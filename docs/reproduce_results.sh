@@ -49,11 +49,15 @@ if is cv-breakhis; then
   # The same frozen MobileNet at BreaKHis' own 224 px (the images' size): does resolution limit it?
   run --experiment-name results-cv-breakhis $BH -P image_size=224 $CV $MOBILENET
 fi
+# IDC: a fold trains on ~6,500 patches (~10x a BreaKHis fold), so at most 10 epochs (patience 3) at the
+# patches' own 50 px; every row uses the same folds.
 if is cv-idc; then
-  X="--experiment-name results-cv-idc $IDC $CV"
+  X="--experiment-name results-cv-idc $IDC -e cv -P folds=5 -P epochs=10 -P patience=3 -P lr_patience=2 -P gradcam_per_class=1"
   run $X $MOBILENET
+  run $X -P variant=baseline
   run $X $MOBILENET -P stain_norm=macenko
-  for v in baseline cnn_lstm; do run $X -P variant=$v; done
+  run $X $MOBILENET -P augment=hed
+  run $X -P variant=cnn_lstm
 fi
 if is compare; then
   for ds in ${COMPARE:-breakhis idc breakhis-densenet idc-densenet cv-breakhis cv-idc}; do

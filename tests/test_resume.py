@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import BREAKHIS, run_cli
+from conftest import BREAKHIS, free_port, run_cli, wait_for
 from histoflow.errors import ConfigError
 from histoflow.modeling import training_run
 from histoflow.modeling.variants import make_train_config
@@ -91,3 +91,91 @@ def test_a_resume_that_cannot_continue_fails_and_changes_nothing(tracking_uri, t
     after = mlflow.get_run(run_id)
     assert after.data.to_dictionary() == before.data.to_dictionary() and after.info.status == before.info.status
     assert sorted(p.name for p in (checkpoints / run_id).iterdir()) == files
+
+
+def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(f"http://127.0.0.1:{port}/health", process)
+    return process
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def _epochs_saved(checkpoints: Path) -> int:
+    saved = list(checkpoints.glob("*/training_metadata.json"))
+    return json.loads(saved[0].read_text() or "{}").get("epoch", 0) if saved else 0
+
+
+def _assert_each_step_once(uri: str, run_id: str, epochs: int) -> None:
+    client = mlflow.MlflowClient(uri)
+    for key in EPOCH_KEYS:
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(epochs)), key
+    assert len(client.get_metric_history(run_id, "test_roc_auc")) == 1
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_training_goes_on_through_a_tracking_server_outage(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(tmp_path, port)
+    checkpoints = tmp_path / "checkpoints"
+    settings = {**SETTINGS, "checkpoint_dir": str(checkpoints), "image_cache": str(tmp_path / "images")}
+    training = subprocess.Popen([sys.executable, "-m", "histoflow.cli", "train", "--variant", "baseline",
+                                 *_args(settings)], env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while _epochs_saved(checkpoints) < 1 and training.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _stop(server)  # gone after epoch 1 ...
+        time.sleep(20)
+        server = _mlflow_server(tmp_path, port)  # ... and back ~20 s later
+        out, _ = training.communicate(timeout=900)
+        assert training.returncode == 0, out[-3000:]
+        run_id = out.rsplit("(run ", 1)[1].split(")")[0]
+        _assert_each_step_once(uri, run_id, 4)
+    finally:
+        training.kill()
+        _stop(server)
+
+
+@pytest.mark.slow
+def test_a_server_down_for_good_keeps_the_training_and_a_resume_uploads_it(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(tmp_path, port)
+    checkpoints = tmp_path / "checkpoints"
+    settings = {**SETTINGS, "checkpoint_dir": str(checkpoints), "image_cache": str(tmp_path / "images")}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    training = subprocess.Popen([sys.executable, "-m", "histoflow.cli", "train", "--variant", "baseline",
+                                 *_args(settings)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while _epochs_saved(checkpoints) < 1 and training.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _stop(server)
+        _, err = training.communicate(timeout=900)
+    finally:
+        training.kill()
+    assert training.returncode == 2, err[-3000:]
+    run_id = next(checkpoints.iterdir()).name
+    assert f"the tracking server {uri} stopped answering" in err
+    assert f"kept in {checkpoints / run_id}" in err and f"--resume {run_id}" in err
+
+    server = _mlflow_server(tmp_path, port)
+    try:
+        out = run_cli("train", "--variant", "baseline", *_args(settings), "--resume", run_id,
+                      env={"MLFLOW_TRACKING_URI": uri})
+        assert out.returncode == 0, out.stderr[-3000:]
+        _assert_each_step_once(uri, run_id, 4)
+    finally:
+        _stop(server)

@@ -80,6 +80,24 @@ def _metric_names(logs: dict) -> dict[str, float]:
     return {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": v for k, v in logs.items()}
 
 
+def log_missing_epochs(epochs: list[dict]) -> None:
+    """Log to the active run the saved epochs' metrics that it lacks (each step once)."""
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    now = int(time.time() * 1000)
+    logged: dict[str, set[int]] = {}
+    missing = []
+    for entry in epochs:
+        for key, value in _metric_names(entry["logs"]).items():
+            if key not in logged:
+                logged[key] = {m.step for m in client.get_metric_history(run_id, key)}
+            if entry["epoch"] not in logged[key]:
+                missing.append(mlflow.entities.Metric(key, float(value), now, entry["epoch"]))
+    if missing:
+        log.info("resumed after epoch %d: logging %d metric values MLflow had not received",
+                 epochs[-1]["epoch"] + 1, len(missing))
+        client.log_batch(run_id, metrics=missing)
+
+
 class EpochMetrics(mlflow.keras.MlflowCallback):
     """MLflow's Keras callback with train_*/val_* names per epoch.
 
@@ -104,25 +122,9 @@ class EpochMetrics(mlflow.keras.MlflowCallback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self.checkpoint is not None and self.checkpoint.restored:
-            self._log_missing(self.checkpoint.restored)
+            log_missing_epochs(self.checkpoint.restored)
         elif not self.batched:
             super().on_train_begin(logs)
-
-    def _log_missing(self, epochs: list[dict]) -> None:
-        client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
-        now = int(time.time() * 1000)
-        logged: dict[str, set[int]] = {}
-        missing = []
-        for entry in epochs:
-            for key, value in _metric_names(entry["logs"]).items():
-                if key not in logged:
-                    logged[key] = {m.step for m in client.get_metric_history(run_id, key)}
-                if entry["epoch"] not in logged[key]:
-                    missing.append(mlflow.entities.Metric(key, float(value), now, entry["epoch"]))
-        if missing:
-            log.info("resumed after epoch %d: logging %d metric values MLflow had not received",
-                     epochs[-1]["epoch"] + 1, len(missing))
-            client.log_batch(run_id, metrics=missing)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not logs:
@@ -173,6 +175,8 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, 
     if checkpoints.finished_training(checkpoint_dir):
         done, seconds = checkpoints.load_finished(model, checkpoint_dir)
         log.info("training had finished before the interruption: its weights are restored, nothing is trained")
+        if any(isinstance(c, EpochMetrics) for c in extra_callbacks):
+            log_missing_epochs(done)
         return _result(_history(done), seconds, resumed_at=len(done))
     stopper, plateau = callbacks(patience, lr_patience)
     saver = Checkpoint(checkpoint_dir, stopper, plateau) if checkpoint_dir is not None else None

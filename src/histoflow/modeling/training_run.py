@@ -20,7 +20,7 @@ from histoflow.data.pipeline import augmented_size, make_dataset
 from histoflow.data.stain import StainNormalizer, fit_reference
 from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.config import typed_params
-from histoflow.errors import ConfigError
+from histoflow.errors import ConfigError, TrackingError
 from histoflow.modeling import checkpoints, explain, figures, inference, metrics
 from histoflow.modeling.architectures import (
     build_baseline,
@@ -216,11 +216,36 @@ def run(config: TrainConfig) -> str:
     wrapper = os.environ.get("MLFLOW_RUN_ID", "")
     if resumed and wrapper and wrapper != resumed:  # `mlflow run -P resume=<id>` made a run of its own
         mlflow.MlflowClient().set_tag(wrapper, "histoflow.resumed_in", resumed)
-    with mlflow.start_run(run_id=resumed or None, run_name=None if resumed else run_name):
-        mlflow.set_tag("histoflow.step", "train")
-        if resumed:
-            print(f"resuming run {resumed} from its checkpoint")
-        return train_in_run(config, prepared, run_name).run_id
+    run_id = resumed
+    try:
+        with mlflow.start_run(run_id=resumed or None, run_name=None if resumed else run_name) as active:
+            run_id = active.info.run_id
+            mlflow.set_tag("histoflow.step", "train")
+            if resumed:
+                print(f"resuming run {resumed} from its checkpoint")
+            return train_in_run(config, prepared, run_name).run_id
+    except Exception as exc:
+        _explain_outage(config, run_id, exc)
+        raise
+
+
+def _explain_outage(config: TrainConfig, run_id: str, exc: Exception) -> None:
+    """When the tracking server stopped answering for longer than MLflow's retries: where the training
+    is kept and how to finish the run once the server is back (a resume logs what MLflow lacks)."""
+    checkpoint = checkpoints.run_checkpoint_dir(config.checkpoint_dir, run_id) if run_id else None
+    if not checkpoints.has_checkpoint(checkpoint):
+        return
+    try:
+        tracking.check_server(mlflow.get_tracking_uri())
+        return  # the server answers: another failure, reported as it is
+    except TrackingError:
+        pass
+    done = "training finished" if checkpoints.finished_training(checkpoint) else "the epochs trained so far"
+    raise TrackingError(
+        f"the tracking server {mlflow.get_tracking_uri()} stopped answering ({type(exc).__name__}); {done} "
+        f"and their metrics are kept in {checkpoint}. When the server is back, finish run {run_id} with "
+        f"`histoflow train --variant {config.variant} ... --resume {run_id}` (the same settings) or "
+        f"`mlflow run . -e {config.variant} --run-id {run_id} ...`") from exc
 
 
 def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> TrainOutcome:
