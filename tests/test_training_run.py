@@ -70,3 +70,27 @@ def test_mixed_precision_trains_float16_layers_with_a_float32_softmax(tracking_u
     probabilities = model(images)
     assert probabilities.dtype == "float32"
     np.testing.assert_allclose(np.asarray(probabilities).sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_training_run_logs_tensorboard_and_opens_as_model_training(tracking_uri, tmp_path):
+    import tensorflow as tf
+
+    config = make_train_config("baseline", data_dir=str(BREAKHIS), max_images=40, **{**TINY, "epochs": 2},
+                               experiment="board", checkpoint_dir=str(tmp_path / "checkpoints"))
+    run_id = training_run.run(config)
+    run = mlflow.get_run(run_id)
+    assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    board = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=training_run.TENSORBOARD_ARTIFACT,
+                                                     dst_path=str(tmp_path / "board")))
+    steps: dict[str, list[int]] = {}
+    for events in board.rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                steps.setdefault(f"{events.parent.name}/{value.tag}", []).append(event.step)
+    assert sorted(steps["train/epoch_loss"]) == [0, 1] and sorted(steps["validation/epoch_loss"]) == [0, 1]
+    # A kind set by someone else is left alone.
+    client = mlflow.MlflowClient()
+    client.set_experiment_tag(run.info.experiment_id, "mlflow.experimentKind", "finetuning")
+    training_run.run(config)
+    assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "finetuning"

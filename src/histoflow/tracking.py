@@ -112,9 +112,26 @@ def git_dirty(path: str | os.PathLike = ".") -> bool:
         return False
 
 
+# The MLflow UI opens an experiment of this kind on its model-training view (runs, charts), not on the
+# GenAI overview it shows an experiment without the tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def mark_model_training_experiment() -> None:
+    """Tag the active run's experiment as model training, unless its kind was set already."""
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment(mlflow.active_run().info.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+
 def log_environment() -> dict[str, Any]:
-    """Code version and package versions as tags, and the full environment as an artifact."""
+    """Code version and package versions as tags, and the full environment as an artifact (and the
+    experiment marked as model training, for the MLflow UI)."""
     import tensorflow as tf
+
+    mark_model_training_experiment()
 
     versions = package_versions()
     code_dir = Path(__file__).resolve().parent

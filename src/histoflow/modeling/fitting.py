@@ -76,6 +76,13 @@ def callbacks(patience: int, lr_patience: int
     )
 
 
+def tensorboard(log_dir: Path) -> keras.callbacks.TensorBoard:
+    """Keras's TensorBoard callback: epoch scalars and the learning rate; no graph, no profiling (both
+    cost seconds per run for what MLflow already shows)."""
+    return keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False, profile_batch=0,
+                                       update_freq="epoch")
+
+
 def _metric_names(logs: dict) -> dict[str, float]:
     return {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": v for k, v in logs.items()}
 

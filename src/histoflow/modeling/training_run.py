@@ -30,7 +30,15 @@ from histoflow.modeling.architectures import (
     gradcam_layer,
 )
 from histoflow.modeling.calibration import Calibration, calibration_metrics, fit_calibration
-from histoflow.modeling.fitting import EpochMetrics, class_weights, fit, precision_policy, set_seeds, strategy
+from histoflow.modeling.fitting import (
+    EpochMetrics,
+    class_weights,
+    fit,
+    precision_policy,
+    set_seeds,
+    strategy,
+    tensorboard,
+)
 from histoflow.modeling.variants import LOCAL_FIELDS, TrainConfig, variant_fields
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,8 @@ KERAS_ARTIFACT_DIR = "keras"
 CALIBRATION_ARTIFACT = "evaluation/calibration.json"
 # The stain reference fitted on the training split (stain_norm other than none): the served model applies it.
 STAIN_ARTIFACT = "data/stain_reference.json"
+# Keras's TensorBoard logs of the fit (`tensorboard --logdir` on the downloaded folder).
+TENSORBOARD_ARTIFACT = "tensorboard"
 
 
 def build(config: TrainConfig) -> keras.Model:
@@ -262,8 +272,13 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     model = build(config)
     weights = class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight)
     checkpoint = checkpoints.run_checkpoint_dir(config.checkpoint_dir, mlflow.active_run().info.run_id)
-    result = fit(model, train_ds, val_ds, config.epochs, [EpochMetrics()], weights, config.patience,
-                 config.lr_patience, checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        # In the checkpoint, a resumed run's TensorBoard logs continue the interrupted run's.
+        board = (checkpoint or Path(tmp)) / "tensorboard"
+        result = fit(model, train_ds, val_ds, config.epochs, [EpochMetrics(), tensorboard(board)], weights,
+                     config.patience, config.lr_patience, checkpoint)
+        if board.is_dir():
+            mlflow.log_artifacts(str(board), TENSORBOARD_ARTIFACT)
     n_train = augmented_size(len(prepared.rows("train")), config.augment)
     # Logged once training is over, so that a resumed run logs each of these once.
     mlflow.log_metrics({"n_params": model.count_params(), "train_time_s": result.seconds,
