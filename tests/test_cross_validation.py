@@ -83,6 +83,9 @@ def test_cv_run_nests_folds_and_aggregates_them(cv_store):
         assert m[f"cv_test_{name}_std"] == pytest.approx(np.std(values, ddof=1))
         assert m[f"cv_test_{name}_ci_low"] <= m[f"cv_test_{name}_mean"] <= m[f"cv_test_{name}_ci_high"]
     assert "cv_validation_roc_auc_mean" in m and "oof_roc_auc" in m
+    # The cost of the whole cross-validation: compare shows it beside single runs'.
+    assert m["train_time_s"] == pytest.approx(sum(c.data.metrics["train_time_s"] for c in children))
+    assert m["n_params"] == children[0].data.metrics["n_params"] > 0
     oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path=cross_validation.OOF_ARTIFACT))
     split = discover(BREAKHIS, max_images=80, seed=42).frame
     for repeat in (0, 1):
@@ -106,6 +109,7 @@ def test_compare_shows_cross_validations_and_pairs_them(cv_store):
     row = table.set_index("run_id").loc[runs["baseline"]]
     assert row["AUC"] == pytest.approx(mlflow.get_run(runs["baseline"]).data.metrics["cv_test_roc_auc_mean"])
     assert "±" in comparison.to_markdown(table) and row["Split"] == "patient 2-fold CV x2"
+    assert row["Params"] > 0 and row["Train time (s)"] > 0
     # Both are the baseline CNN: the table says what differs between them.
     assert table.set_index("run_id")["Settings"].to_dict() == {runs["baseline"]: "augment=none",
                                                                runs["augmented"]: "augment=seed"}

@@ -124,6 +124,12 @@ def _log_pooled(oof: pd.DataFrame, class_names: list[str]) -> dict[str, float]:
     return {f"oof_{name}": float(np.mean(values)) for name, values in pooled.items()}
 
 
+def _cost(outcomes: list) -> dict[str, float]:
+    """The model's size and the training time of the whole cross-validation (every fold's)."""
+    folds = [mlflow.get_run(o.run_id).data.metrics for o in outcomes]
+    return {"n_params": folds[0]["n_params"], "train_time_s": float(sum(f["train_time_s"] for f in folds))}
+
+
 def run(config: CVConfig) -> str:
     """Cross-validate the variant as a parent run with one nested run per fold; returns the parent's id."""
     config.validate()
@@ -160,7 +166,7 @@ def run(config: CVConfig) -> str:
         table = pd.concat(oof, ignore_index=True)
         tracking.log_table(table, OOF_ARTIFACT)
         summary = summarise(outcomes)
-        mlflow.log_metrics({**summary, **_log_pooled(table, prepared.dataset.class_names)})
+        mlflow.log_metrics({**summary, **_log_pooled(table, prepared.dataset.class_names), **_cost(outcomes)})
         mlflow.set_tag("cv.fold_run_ids", ",".join(o.run_id for o in outcomes))
         auc, std = summary.get("cv_test_roc_auc_mean", float("nan")), summary.get("cv_test_roc_auc_std", float("nan"))
         bal = summary.get("cv_test_balanced_accuracy_mean", float("nan"))
