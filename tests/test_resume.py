@@ -25,26 +25,30 @@ def _args(settings: dict) -> list[str]:
     return [a for k, v in settings.items() for a in (f"--{k}", str(v))]
 
 
+def _epochs_saved(checkpoints: Path) -> int:
+    saved = list(checkpoints.glob("*/training_metadata.json"))
+    return json.loads(saved[0].read_text() or "{}").get("epoch", 0) if saved else 0
+
+
+def _train_until(settings: dict, checkpoints: Path, epochs: int, env: dict, **popen) -> subprocess.Popen:
+    """Start `histoflow train`; return it as soon as `epochs` epochs are saved (failing if it ends first)."""
+    process = subprocess.Popen([sys.executable, "-m", "histoflow.cli", "train", "--variant", "baseline",
+                                *_args(settings)], env={**os.environ, **env}, text=True, **popen)
+    deadline = time.monotonic() + 600
+    while _epochs_saved(checkpoints) < epochs:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"training ended or stalled before epoch {epochs} was saved")
+        time.sleep(0.02)
+    return process
+
+
 def _kill_after_epochs(settings: dict, checkpoints: Path, epochs: int, env: dict) -> str:
     """Start `histoflow train`, SIGKILL it as soon as `epochs` epochs are saved; the run's id."""
-    process = subprocess.Popen([sys.executable, "-m", "histoflow.cli", "train", "--variant", "baseline",
-                                *_args(settings)], env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline:
-            saved = list(checkpoints.glob("*/training_metadata.json"))
-            if saved and json.loads(saved[0].read_text() or "{}").get("epoch", 0) >= epochs:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
-                return saved[0].parent.name
-            if process.poll() is not None:
-                pytest.fail(f"training ended before it was killed: {process.stderr.read()[-3000:]}")
-            time.sleep(0.02)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    pytest.fail("no checkpoint appeared")
+    process = _train_until(settings, checkpoints, epochs, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return next(checkpoints.iterdir()).name
 
 
 @pytest.mark.slow
@@ -107,11 +111,6 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
-def _epochs_saved(checkpoints: Path) -> int:
-    saved = list(checkpoints.glob("*/training_metadata.json"))
-    return json.loads(saved[0].read_text() or "{}").get("epoch", 0) if saved else 0
-
-
 def _assert_each_step_once(uri: str, run_id: str, epochs: int) -> None:
     client = mlflow.MlflowClient(uri)
     for key in EPOCH_KEYS:
@@ -127,13 +126,9 @@ def test_training_goes_on_through_a_tracking_server_outage(tmp_path):
     server = _mlflow_server(tmp_path, port)
     checkpoints = tmp_path / "checkpoints"
     settings = {**SETTINGS, "checkpoint_dir": str(checkpoints), "image_cache": str(tmp_path / "images")}
-    training = subprocess.Popen([sys.executable, "-m", "histoflow.cli", "train", "--variant", "baseline",
-                                 *_args(settings)], env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    training = _train_until(settings, checkpoints, 1, {"MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 600
-        while _epochs_saved(checkpoints) < 1 and training.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
         _stop(server)  # gone after epoch 1 ...
         time.sleep(20)
         server = _mlflow_server(tmp_path, port)  # ... and back ~20 s later
@@ -153,15 +148,9 @@ def test_a_server_down_for_good_keeps_the_training_and_a_resume_uploads_it(tmp_p
     server = _mlflow_server(tmp_path, port)
     checkpoints = tmp_path / "checkpoints"
     settings = {**SETTINGS, "checkpoint_dir": str(checkpoints), "image_cache": str(tmp_path / "images")}
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    training = subprocess.Popen([sys.executable, "-m", "histoflow.cli", "train", "--variant", "baseline",
-                                 *_args(settings)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    training = _train_until(settings, checkpoints, 1, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 600
-        while _epochs_saved(checkpoints) < 1 and training.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
         _stop(server)
         _, err = training.communicate(timeout=900)
     finally:

@@ -20,6 +20,8 @@ T = TypeVar("T")
 
 TRUE = frozenset({"true", "1", "yes", "on"})
 FALSE = frozenset({"false", "0", "no", "off"})
+# A folder setting (image_cache, checkpoint_dir) with one of these values turns that folder off.
+FOLDER_OFF = ("", "none")
 # Dataclass field annotations, as strings (`from __future__ import annotations`), and the types they name.
 KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
 KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}

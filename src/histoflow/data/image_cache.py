@@ -32,7 +32,11 @@ from histoflow.progress import progress
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 CHUNK = 64  # images decoded and written per step
-OFF = ("", "none")  # image_cache values that turn the disk cache off
+
+
+def file_bytes(count: int, image_size: int) -> int:
+    """Bytes of a cache file of `count` images: fixed-size uint8 RGB records."""
+    return count * image_size * image_size * 3
 
 
 def cache_key(paths: Sequence[str], image_size: int, stain_reference: dict[str, Any]) -> str:
@@ -58,7 +62,7 @@ class CachedImages:
 
     @property
     def record_bytes(self) -> int:
-        return self.image_size * self.image_size * 3
+        return file_bytes(1, self.image_size)
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """The images at `indices` (any order, repeats allowed) as one (n, size, size, 3) uint8 array."""
@@ -86,7 +90,7 @@ def _existing(data_path: Path, count: int, image_size: int) -> CachedImages | No
         meta = json.loads(manifest.read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("count") != count or data_path.stat().st_size != count * image_size * image_size * 3:
+    if meta.get("count") != count or data_path.stat().st_size != file_bytes(count, image_size):
         log.warning("ignoring the inconsistent image cache %s", data_path)
         return None
     return CachedImages(data_path, count, image_size, int(meta.get("fallbacks", 0)), hit=True)
@@ -101,7 +105,7 @@ def _write(data_path: Path, batches, count: int, image_size: int, desc: str) -> 
                 out.write(np.ascontiguousarray(batch, dtype=np.uint8).tobytes())
             out.flush()
             os.fsync(out.fileno())
-        if os.path.getsize(tmp) != count * image_size * image_size * 3:
+        if os.path.getsize(tmp) != file_bytes(count, image_size):
             raise DataError(f"image cache for {count} images came out with a wrong size")
         os.replace(tmp, data_path)
     except BaseException:
@@ -133,17 +137,18 @@ def ensure_cached(paths: Sequence[str], image_size: int, cache_dir: str | os.Pat
     desc = f"caching {len(paths)} images at {image_size} px"
     try:
         _write(data_path, batches_of(paths), len(paths), image_size, desc)
+        fallbacks = fallbacks_of() - before
         _write_manifest(data_path, {"count": len(paths), "image_size": image_size, "folder": folder,
                                     "stain": stain_reference.get("method", "none"),
-                                    "fallbacks": fallbacks_of() - before, "version": CACHE_VERSION})
+                                    "fallbacks": fallbacks, "version": CACHE_VERSION})
     except OSError as exc:
         _manifest_path(data_path).unlink(missing_ok=True)
         data_path.unlink(missing_ok=True)
-        need = len(paths) * image_size * image_size * 3 / 2**20
+        need = file_bytes(len(paths), image_size) / 2**20
         raise DataError(
             f"could not cache the {len(paths)} images of {folder} ({need:,.1f} MiB at {image_size} px) in "
             f"{data_path.parent}: {exc.strerror or exc}. Free space there, point image_cache at another "
             "folder, or set image_cache=none to decode the images every epoch instead"
         ) from None
     log.info("cached %d images of %s in %s", len(paths), folder, data_path)
-    return CachedImages(data_path, len(paths), image_size, fallbacks_of() - before, hit=False)
+    return CachedImages(data_path, len(paths), image_size, fallbacks, hit=False)

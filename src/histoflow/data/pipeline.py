@@ -13,7 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 from histoflow.errors import ConfigError
-from histoflow.data.image_cache import CHUNK, OFF, CachedImages, ensure_cached
+from histoflow.config import FOLDER_OFF
+from histoflow.data.image_cache import CHUNK, CachedImages, ensure_cached
 from histoflow.data.images import read_image, resize, scale
 from histoflow.data.stain import StainNormalizer, hed_jitter
 
@@ -23,7 +24,7 @@ SEED_TRIPLING = 3  # the reports' scheme: original, rot90+flip, rot180+flip
 
 
 def _reader(stain: StainNormalizer | None):
-    if stain is None:
+    if stain is None or stain.method == "none":
         return lambda p: read_image(p.decode())
     return lambda p: stain.normalize(read_image(p.decode()), p.decode())[0]
 
@@ -116,7 +117,7 @@ def make_dataset(
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
     paths = np.asarray(paths, dtype=str)
-    cached = None if cache_dir is None or str(cache_dir) in OFF else cache_images(paths, image_size, cache_dir, stain)
+    cached = None if cache_dir is None or str(cache_dir) in FOLDER_OFF else cache_images(paths, image_size, cache_dir, stain)
     views = SEED_TRIPLING if training and augment == "seed" else 1
     n = len(paths) * views
     # Element k is view k % views of image k // views: the seed scheme's copies are shuffled apart.

@@ -26,17 +26,18 @@ from typing import Any
 import keras
 import numpy as np
 
+from histoflow.config import FOLDER_OFF
+
 HISTORY = "epochs.jsonl"
 BEST = "best.weights.h5"
 FINAL = "final.weights.h5"
 DONE = "done"
 MONITOR = "val_loss"
-OFF = ("", "none")
 
 
 def run_checkpoint_dir(checkpoint_dir: str, run_id: str) -> Path | None:
     """The run's checkpoint folder (None when checkpoints are off)."""
-    return None if checkpoint_dir in OFF else Path(checkpoint_dir).expanduser() / run_id
+    return None if checkpoint_dir in FOLDER_OFF else Path(checkpoint_dir).expanduser() / run_id
 
 
 def has_checkpoint(directory: Path | None) -> bool:
