@@ -1,10 +1,14 @@
-"""Serving cost of test-time augmentation and fold ensembles, against the plain served model, in one process.
+"""Serving cost of screening, explanations, test-time augmentation and fold ensembles, against the plain
+served model, in one process.
 
 For each network (the baseline CNN and the MobileNet fusion model, 128 px) it logs the histoflow serving
-pyfunc five ways: one network; one network with Macenko stain normalisation (the reference fitted on
-the request images' folder); one network with dihedral8 test-time augmentation (8 views per image); an
-ensemble of 5 copies of the network (as `cv -P ensemble=true` with 5 folds); and the ensemble with
-test-time augmentation. Each is loaded with mlflow.pyfunc.load_model and called in-process (the scoring
+pyfunc and calls it seven ways: one network (with its quality and OOD screening, as every model trained
+now is served); the same network without screening (as models were served before it existed); one
+network with `explain` (Grad-CAM overlays in the response); with Macenko stain normalisation (the
+reference fitted on the request images' folder); with dihedral8 test-time augmentation (8 views per
+image); an ensemble of 5 copies of the network (as `cv -P ensemble=true` with 5 folds); and the
+ensemble with test-time augmentation. The screening is fitted on the request images themselves (its
+cost does not depend on what it was fitted on). Each is loaded with mlflow.pyfunc.load_model and called in-process (the scoring
 server adds the same constant per request; bench/serve_latency.py measures it) with requests of 1 and
 of 16 real images; latency per request is the median of the repeats, and the ratio to the plain model
 measured in the same run is what to read. Weights do not change the arithmetic, so the networks are
@@ -27,9 +31,12 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from histoflow.data.images import read_image, resize_and_scale  # noqa: E402
+from histoflow.data.quality import measure  # noqa: E402
 from histoflow.data.stain import fit_reference  # noqa: E402
 from histoflow.modeling.architectures import build_baseline, build_fusion  # noqa: E402
 from histoflow.modeling.calibration import Calibration  # noqa: E402
+from histoflow.modeling.screening import feature_model, fit_screening  # noqa: E402
 from histoflow.serving.classifier import log_classifier  # noqa: E402
 from histoflow.serving.requests import encode_file  # noqa: E402
 
@@ -47,17 +54,35 @@ def networks(tmp: Path) -> dict[str, Path]:
     return paths
 
 
-def log_options(path: Path, example: str, stain: dict) -> dict[str, tuple[str, dict]]:
+def screening_file(path: Path, images: list[str]) -> Path:
+    import keras
+
+    decoded = [read_image(p) for p in images]
+    features = feature_model(keras.saving.load_model(path)).predict(
+        np.stack([resize_and_scale(image, SIZE) for image in decoded]), verbose=0)[1]
+    quality = measure(decoded, SIZE)
+    target = path.with_suffix(".screening.npz")
+    fit_screening(features, quality, features, quality).save(target)
+    return target
+
+
+def log_options(path: Path, images: list[str], stain: dict) -> dict[str, tuple[str, dict]]:
     """option -> (model URI, request params)."""
     out = {}
+    example, screened = images[0], screening_file(path, images)
     with mlflow.start_run():
         single = log_classifier([path], ["benign", "malignant"], SIZE, example, Calibration(1.3, 0.5),
-                                name="single").model_uri
+                                screenings=[screened], name="single").model_uri
+        unscreened = log_classifier([path], ["benign", "malignant"], SIZE, example, Calibration(1.3, 0.5),
+                                    name="unscreened").model_uri
         normalised = log_classifier([path], ["benign", "malignant"], SIZE, example, Calibration(1.3, 0.5),
-                                    stain_references=[stain], name="macenko").model_uri
+                                    stain_references=[stain], screenings=[screened], name="macenko").model_uri
         ensemble = log_classifier([path] * MEMBERS, ["benign", "malignant"], SIZE, example, Calibration(1.0, 0.5),
-                                  member_temperatures=[1.3] * MEMBERS, name="ensemble").model_uri
+                                  member_temperatures=[1.3] * MEMBERS, screenings=[screened] * MEMBERS,
+                                  name="ensemble").model_uri
     out["one network"] = (single, {"tta": "none"})
+    out["one network, no screening"] = (unscreened, {"tta": "none"})
+    out["one network, explain"] = (single, {"tta": "none", "explain": True})
     out["one network, Macenko stain"] = (normalised, {"tta": "none"})
     out["one network, dihedral8"] = (single, {"tta": "dihedral8"})
     out[f"{MEMBERS}-fold ensemble"] = (ensemble, {"tta": "none"})
@@ -90,7 +115,7 @@ def main() -> None:
     rows = []
     for network, path in networks(tmp).items():
         reference = {}
-        for option, (uri, params) in log_options(path, images[0], stain).items():
+        for option, (uri, params) in log_options(path, images, stain).items():
             model = mlflow.pyfunc.load_model(uri)
             for n, frame in requests.items():
                 ms = latency_ms(model, frame, params, args.repeats)

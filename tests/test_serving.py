@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from conftest import free_port, wait_for
 from histoflow.data.images import MAX_PIXELS
@@ -104,7 +104,8 @@ def test_served_probabilities_and_labels_are_the_evaluations(classifier, test_im
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     images = pd.DataFrame({"image": [encode_file(p) for p in test_images]})
     out = pyfunc.predict(images)
-    assert list(out.columns) == ["label", "confidence", "probabilities", "threshold", "flags"]
+    assert list(out.columns) == ["label", "model_label", "confidence", "probabilities", "threshold", "flags",
+                                 "quality"]
     probs = np.array([[row["benign"], row["malignant"]] for row in out["probabilities"]])
     # The same images through the training input pipeline, the .keras file and the run's calibration.
     keras_path = next((p for p in _model_files(model_uri) if p.endswith(".keras")))
@@ -122,8 +123,9 @@ def test_served_probabilities_and_labels_are_the_evaluations(classifier, test_im
     assert fitted.threshold_policy == "youden" and fitted.temperature == run.data.metrics["temperature"]
     assert run.data.params["tta"] == "dihedral8"
     np.testing.assert_allclose(probs, fitted.apply(inference.predict(model, dataset, "dihedral8")), atol=1e-5)
-    assert out["label"].tolist() == [["benign", "malignant"][k] for k in (probs[:, 1] >= fitted.threshold).astype(int)]
-    assert (out["threshold"] == fitted.threshold).all() and (out["flags"] == "").all()
+    assert out["model_label"].tolist() == [["benign", "malignant"][k]
+                                           for k in (probs[:, 1] >= fitted.threshold).astype(int)]
+    assert (out["threshold"] == fitted.threshold).all() and not out["flags"].str.contains("stain_fallback").any()
     assert np.allclose(out["confidence"], np.where(probs[:, 1] >= fitted.threshold, probs[:, 1], probs[:, 0]))
     assert pyfunc.metadata.signature.inputs.input_names() == ["image"]
     # A request may switch test-time augmentation off: one view, the same calibration.
@@ -135,6 +137,65 @@ def test_served_probabilities_and_labels_are_the_evaluations(classifier, test_im
         pyfunc.predict(images, params={"tta": "rotate"})
 
 
+def test_explain_returns_the_training_gradcam_overlay(classifier, test_images):
+    """params explain=true adds each image's Grad-CAM overlay: a PNG at the model's input size, the overlay of
+    the same heatmap the training run's figure draws (explain.GradCam on the batch the network saw, for the
+    served label). Without it the response has no such column."""
+    import keras
+
+    from histoflow.data.images import resize_and_scale
+    from histoflow.data.stain import StainNormalizer
+    from histoflow.modeling.architectures import gradcam_layer
+    from histoflow.modeling.explain import GradCam, overlay
+
+    model_uri, _ = classifier
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    images = pd.DataFrame({"image": [encode_file(p) for p in test_images]})
+    plain = pyfunc.predict(images)
+    explained = pyfunc.predict(images, params={"explain": True})
+    assert "gradcam" not in plain and list(explained.columns)[:-1] == list(plain.columns)
+    pd.testing.assert_frame_equal(explained.drop(columns="gradcam"), plain)
+    model = keras.saving.load_model(next(p for p in _model_files(model_uri) if p.endswith(".keras")))
+    reference = pyfunc.unwrap_python_model()._groups
+    stain = next(iter(reference.values()))[0]
+    assert isinstance(stain, StainNormalizer)
+    batch = np.stack([resize_and_scale(stain.normalize(_read(p))[0], 32).numpy() for p in test_images])
+    classes = [["benign", "malignant"].index(label) for label in plain["model_label"]]
+    expected = [overlay(i, h) for i, h in zip(batch, GradCam(model, gradcam_layer(model))(batch, classes))]
+    for got, want in zip(explained["gradcam"], expected):
+        png = np.asarray(Image.open(io.BytesIO(base64.b64decode(got))))
+        assert png.shape == (32, 32, 3) and png.dtype == np.uint8
+        assert np.abs(png.astype(int) - want).max() <= 1
+    assert not np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(explained["gradcam"][0])))),
+                              np.rint(batch[0] * 255).astype(np.uint8))  # a heatmap is drawn on the image
+    with pytest.raises(mlflow.exceptions.MlflowException, match="'explain'.*boolean"):
+        pyfunc.predict(images, params={"explain": "maybe"})  # MLflow checks it against the signature
+
+
+def test_a_model_logged_without_screening_still_serves(use_store, classifier, test_images, caplog):
+    """A model logged before screening existed (no screening file) loads with a warning; its predictions get
+    the tissue check only: no focus, OOD or colour flag, no such scores, never an error."""
+    import logging
+
+    from histoflow.registry.selection import keras_artifact
+    from histoflow.serving.classifier import log_classifier
+
+    _, _, runs = use_store
+    with mlflow.start_run():
+        info = log_classifier([keras_artifact(runs["augmented"])], ["benign", "malignant"], 32, test_images[0])
+    with caplog.at_level(logging.WARNING, logger="histoflow.serving.classifier"):
+        model = mlflow.pyfunc.load_model(info.model_uri)
+    assert "without screening thresholds" in caplog.text
+    blurred = Image.open(test_images[0]).convert("RGB").filter(ImageFilter.GaussianBlur(20))
+    buffer = io.BytesIO()
+    blurred.save(buffer, format="PNG")
+    out = model.predict(pd.DataFrame({"image": [_b64(_png(64, 64, "RGB", (0, 0, 0))), _b64(buffer.getvalue()),
+                                                encode_file(test_images[1])]}))
+    assert out["flags"].tolist() == ["low_tissue", "", ""]
+    assert out["label"].tolist()[1:] == out["model_label"].tolist()[1:] and out["label"][0] == "indeterminate"
+    assert all(set(q) == {"tissue_fraction", "focus"} for q in out["quality"])
+
+
 def _read(path: str) -> np.ndarray:
     from histoflow.data.images import read_image
 
@@ -142,11 +203,14 @@ def _read(path: str) -> np.ndarray:
 
 
 def test_blank_tiles_are_scored_unnormalised_and_flagged(classifier, test_images):
-    """A white or flat grey tile has no stain to normalise: scored as it is, flagged, never NaN."""
+    """A white or flat grey tile has no stain to normalise: scored as it is, flagged (no tissue, and the stain
+    fallback), indeterminate, never NaN."""
     pyfunc = mlflow.pyfunc.load_model(classifier[0])
     blank = [_b64(_png(64, 64, "RGB", colour)) for colour in ((255, 255, 255), (128, 128, 128))]
     out = pyfunc.predict(pd.DataFrame({"image": blank + [encode_file(test_images[0])]}))
-    assert out["flags"].tolist() == ["stain_fallback", "stain_fallback", ""]
+    assert [f.split(",")[0] for f in out["flags"][:2]] == ["low_tissue"] * 2
+    assert out["flags"][:2].str.endswith("stain_fallback").all() and "stain_fallback" not in out["flags"][2]
+    assert (out["label"][:2] == "indeterminate").all()
     assert all(np.isfinite(list(p.values())).all() for p in out["probabilities"])
 
 
@@ -176,6 +240,12 @@ def test_server_endpoints_and_formats(server, classifier, test_images):
         for got, want in zip(predictions, expected.to_dict("records")):
             assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-5)
             assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+            assert got["flags"] == want["flags"] and got["quality"] == pytest.approx(want["quality"], rel=1e-6)
+    explained = requests.post(f"{server}/invocations", json={"inputs": images[:2], "params": {"explain": True}},
+                              timeout=60)
+    assert explained.status_code == 200, explained.text[:300]
+    overlays = [Image.open(io.BytesIO(base64.b64decode(p["gradcam"]))) for p in explained.json()["predictions"]]
+    assert [o.size for o in overlays] == [(32, 32)] * 2
 
 
 def _bad_requests(good: str) -> dict[str, dict]:
@@ -193,6 +263,9 @@ def _bad_requests(good: str) -> dict[str, dict]:
         "malformed JSON": {"data": '{"inputs": [', "headers": {"Content-Type": "application/json"}},
         "wrong content type": {"data": good, "headers": {"Content-Type": "image/png"}},
         "unknown tta": {"json": {"inputs": [good], "params": {"tta": "rotate"}}},
+        "explain over the limit": {"json": {"inputs": [good] * (MAX_IMAGES_PER_REQUEST + 1),
+                                            "params": {"explain": True}}},
+        "explain not boolean": {"json": {"inputs": [good], "params": {"explain": "maybe"}}},
     }
 
 
@@ -203,7 +276,13 @@ EXPECTED_MESSAGES = {
     "empty list": "no images", "wrong JSON key": "exactly one of the input fields",
     "wrong column": "image", "malformed JSON": "valid JSON", "wrong content type": "content types",
     "unknown tta": "params.tta must be one of none, dihedral8",
+    "explain over the limit": f"the limit is {MAX_IMAGES_PER_REQUEST}", "explain not boolean": "explain",
 }
+
+
+# MLflow checks a parameter's type against the signature before the model sees the request, and its
+# scoring server prepends the whole request to the message of its own errors.
+MLFLOW_ECHOES = {"explain not boolean"}
 
 
 @pytest.mark.parametrize("case", list(EXPECTED_MESSAGES))
@@ -212,7 +291,8 @@ def test_bad_request_gets_4xx_and_the_server_keeps_serving(server, test_images, 
     response = requests.post(f"{server}/invocations", timeout=60, **_bad_requests(good)[case])
     assert 400 <= response.status_code < 500, (case, response.status_code, response.text[:300])
     assert EXPECTED_MESSAGES[case] in response.text, (case, response.text[:500])
-    assert len(response.text) < 5000  # the message, not an echo of the payload
+    if case not in MLFLOW_ECHOES:
+        assert len(response.text) < 5000  # the message, not an echo of the payload
     after = requests.post(f"{server}/invocations", json={"inputs": [good]}, timeout=60)
     assert after.status_code == 200 and len(after.json()["predictions"]) == 1
 
@@ -235,8 +315,8 @@ def test_any_size_and_format(server):
     lossless = [predictions[i]["probabilities"]["malignant"] for i in (0, 2, 3)]
     assert max(lossless) - min(lossless) < 1e-5
     for p in predictions:  # the label follows the threshold the response names
-        assert p["label"] == ("malignant" if p["probabilities"]["malignant"] >= p["threshold"] else "benign")
-        assert p["confidence"] == pytest.approx(p["probabilities"][p["label"]])
+        assert p["model_label"] == ("malignant" if p["probabilities"]["malignant"] >= p["threshold"] else "benign")
+        assert p["confidence"] == pytest.approx(p["probabilities"][p["model_label"]])
 
 
 def test_in_process_requests_keep_the_size_limit_per_chunk(classifier):

@@ -31,6 +31,7 @@ HELP = {
     "promote": "move @champion to @challenger if it passes the gate of the promotion policy",
     "rollback": "move @champion back to @previous",
     "predict": "score a folder of images with a registered model",
+    "app": "the pathologist's web page: upload images, see calls, flags and Grad-CAM, download CSV",
     "mlproject": "write the MLproject file from the settings classes (or --check that it is current)",
 }
 

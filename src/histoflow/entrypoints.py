@@ -32,8 +32,9 @@ from histoflow.registry import aliases, comparison, promotion
 from histoflow.registry.aliases import RegisterConfig, RollbackConfig
 from histoflow.registry.comparison import CompareConfig
 from histoflow.registry.promotion import PromoteConfig
-from histoflow.serving import batch_predict
+from histoflow.serving import batch_predict, web_app
 from histoflow.serving.batch_predict import PredictConfig
+from histoflow.serving.web_app import AppConfig
 from histoflow.tracking import RUN_TARGET_FIELDS, RunTarget
 from histoflow.tuning.search_space import FINAL_RUN_ONLY, SEARCHABLE
 from histoflow.tuning.study import STUDY_FIELDS, TuneConfig
@@ -46,6 +47,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "download": (DownloadConfig, download.run), "compare": (CompareConfig, comparison.run),
     "register": (RegisterConfig, aliases.run_register), "promote": (PromoteConfig, promotion.run),
     "rollback": (RollbackConfig, aliases.run_rollback), "predict": (PredictConfig, batch_predict.run),
+    "app": (AppConfig, web_app.run),
 }
 COMMENTS = {
     "cv": "Patient-level cross-validation of a training variant: each fold a nested training run, the parent "
@@ -62,6 +64,8 @@ COMMENTS = {
                "file (registry/gate.yaml) passes.",
     "rollback": "@champion back to @previous.",
     "predict": "Score a folder of images with a registered model.",
+    "app": "The pathologist's web page (Gradio): upload images, see calls, flags and Grad-CAM overlays, "
+           "download CSV; scores with model_uri in-process or through scoring_url.",
 }
 
 

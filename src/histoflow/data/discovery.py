@@ -129,6 +129,16 @@ def detect_layout(paths: list[Path]) -> str:
     return "folders"
 
 
+def patient_from_name(name: str) -> str | None:
+    """The patient a BreaKHis or IDC file name belongs to (None for other names). BreaKHis: the patient
+    folder's name (SOB_<class>_<type>_<year>-<slide>); IDC: the patient number."""
+    if match := BREAKHIS_NAME.match(name):
+        return f"SOB_{match['cls']}_{match['type']}_{match['year']}-{match['slide']}"
+    if match := IDC_NAME.match(name):
+        return match["patient"]
+    return None
+
+
 def _parse_breakhis(root: Path, paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
     rows = []
     for path in paths:
@@ -140,7 +150,7 @@ def _parse_breakhis(root: Path, paths: list[Path]) -> tuple[pd.DataFrame, list[s
         parent = path.parent.parent.name if re.fullmatch(r"\d+X", path.parent.name) else None
         # The patient folder (SOB_B_A_14-22549AB) is the patient; folders sharing year-slide
         # (14-22549AB, 14-22549CD) come from one person and must never be split apart.
-        patient = parent or f"SOB_{match['cls']}_{match['type']}_{match['year']}-{match['slide']}"
+        patient = parent or patient_from_name(path.name)
         slide_number = re.match(r"\d+", match["slide"])
         group = f"{match['year']}-{slide_number.group(0) if slide_number else match['slide']}"
         rows.append({
@@ -162,7 +172,7 @@ def _parse_idc(root: Path, paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
         label = int(match["cls"])
         rows.append({
             "path": str(path), "relpath": str(path.relative_to(root)), "label": label,
-            "patient": match["patient"], "group": match["patient"],
+            "patient": patient_from_name(path.name), "group": match["patient"],
             "subtype": "IDC" if label else "non-IDC", "magnification": None, "source_split": None,
         })
     return pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "class_name"]), ["non-IDC", "IDC"]

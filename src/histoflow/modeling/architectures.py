@@ -255,9 +255,17 @@ def fusion_head(pooled: Sequence[keras.KerasTensor], fusion_width: int, dropout:
     return keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
 
 
-def gradcam_layer(backbone: str | None) -> str:
-    """The convolutional layer Grad-CAM explains: the last conv of the CNN, the deepest tap otherwise."""
-    return BACKBONES[backbone].taps[-1] if backbone else GRADCAM_LAYER_BASELINE
+def gradcam_layer(model: keras.Model) -> str:
+    """The convolutional layer Grad-CAM explains: the CNNs' last conv, a backbone's deepest tap, else the
+    last layer with a spatial (4-D) output. Found on the model itself, so a loaded model needs no settings."""
+    names = [layer.name for layer in model.layers]
+    for name in (GRADCAM_LAYER_BASELINE, *(spec.taps[-1] for spec in BACKBONES.values())):
+        if name in names:
+            return name
+    spatial = [layer.name for layer in model.layers if len(getattr(layer.output, "shape", ())) == 4]
+    if not spatial:
+        raise ConfigError(f"model {model.name} has no convolutional layer for Grad-CAM")
+    return spatial[-1]
 
 
 OPTIMIZERS: dict[str, Callable[[float], keras.optimizers.Optimizer]] = {

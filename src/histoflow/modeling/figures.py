@@ -10,6 +10,8 @@ import numpy as np  # noqa: E402
 from sklearn.calibration import CalibrationDisplay  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
+from histoflow.modeling.explain import overlay  # noqa: E402
+
 
 def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -61,8 +63,7 @@ def gradcam_figure(images: np.ndarray, heatmaps: np.ndarray, captions: list[str]
     for i in range(n):
         axes[0, i].imshow(images[i])
         axes[0, i].set_title(captions[i], fontsize=7)
-        axes[1, i].imshow(images[i])
-        axes[1, i].imshow(heatmaps[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        axes[1, i].imshow(overlay(images[i], heatmaps[i]))
         for ax in axes[:, i]:
             ax.axis("off")
     fig.suptitle("Grad-CAM (bottom: predicted-class activation)")

@@ -21,7 +21,8 @@ from histoflow.data.stain import StainNormalizer, fit_reference
 from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.config import typed_params
 from histoflow.errors import ConfigError, TrackingError
-from histoflow.modeling import checkpoints, explain, figures, inference, metrics
+from histoflow.data.quality import measure_files
+from histoflow.modeling import checkpoints, explain, figures, inference, metrics, screening
 from histoflow.modeling.architectures import (
     build_baseline,
     build_cnn_lstm,
@@ -48,6 +49,8 @@ KERAS_ARTIFACT_DIR = "keras"
 CALIBRATION_ARTIFACT = "evaluation/calibration.json"
 # The stain reference fitted on the training split (stain_norm other than none): the served model applies it.
 STAIN_ARTIFACT = "data/stain_reference.json"
+# Quality and out-of-distribution checks fitted on training and validation: the served model applies them.
+SCREENING_ARTIFACT = "evaluation/screening.npz"
 # Keras's TensorBoard logs of the fit (`tensorboard --logdir` on the downloaded folder).
 TENSORBOARD_ARTIFACT = "tensorboard"
 
@@ -136,12 +139,40 @@ def _log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, pr
     images = np.concatenate([x for x, _ in make_dataset(picked["path"], picked["label"], config.image_size,
                                                          len(picked), stain=stain).as_numpy_iterator()])
     predicted = calibration.decide(probabilities[chosen])
-    layer = gradcam_layer(config.backbone if config.uses_backbone else None)
-    heatmaps = np.stack([explain.gradcam(model, images[i:i + 1], layer, int(predicted[i]))[0]
-                         for i in range(len(chosen))])
+    heatmaps = explain.GradCam(model, gradcam_layer(model))(images, predicted)
     captions = [f"true {class_names[labels[c]]}\npred {class_names[p]} {probabilities[c, p]:.2f}"
                 for c, p in zip(chosen, predicted)]
     log_figure(figures.gradcam_figure(images, heatmaps, captions), "evaluation/gradcam.png")
+
+
+def _fit_screening(model: keras.Model, config: TrainConfig, prepared: PreparedData, stain: StainNormalizer,
+                   val_ds, test_ds) -> None:
+    """Fit the served model's quality and OOD checks (training features, validation percentiles), log them,
+    and how many validation and test images they flag (the test share is what users should expect)."""
+    train = prepared.rows("train")
+    if len(train) > screening.MAX_FIT_IMAGES:
+        train = train.sample(n=screening.MAX_FIT_IMAGES, random_state=config.seed)
+    extractor = screening.feature_model(model)
+
+    def features(dataset) -> np.ndarray:
+        return extractor.predict(dataset, verbose=0)[1]
+
+    def quality(part: str) -> np.ndarray:
+        return measure_files(prepared.rows(part)["path"].tolist(), config.image_size)
+
+    train_features = features(make_dataset(train["path"], train["label"], config.image_size, config.batch_size,
+                                           stain=stain))
+    train_quality = measure_files(train["path"].tolist(), config.image_size)
+    val_features, val_quality = features(val_ds), quality("val")
+    fitted = screening.fit_screening(train_features, train_quality, val_features, val_quality)
+    mlflow.log_metrics({"ood_threshold": fitted.features.threshold, "colour_threshold": fitted.colour.threshold,
+                        "focus_threshold": fitted.min_focus,
+                        "validation_flagged_share": screening.flagged_share(val_quality, val_features, fitted),
+                        "test_flagged_share": screening.flagged_share(quality("test"), features(test_ds), fitted)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(SCREENING_ARTIFACT).name
+        fitted.save(path)
+        mlflow.log_artifact(str(path), str(Path(SCREENING_ARTIFACT).parent))
 
 
 class _KerasFlavor:
@@ -299,6 +330,7 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     if stain.method != "none":  # images of all three splits left unchanged (too little tissue to normalise)
         mlflow.log_metric("stain_fallback_images", stain.fallbacks)
     _log_intervals(config, test_rows, test_probabilities, calibration.threshold)
+    _fit_screening(model, config, prepared, stain, val_ds, test_ds)
     _log_gradcam(model, config, test_rows, test_probabilities, calibration, dataset.class_names, stain)
     example = next(iter(test_ds))[0].numpy()[:1]
     mlflow.log_metric("model_size_mb", _log_model(model, config, example, dataset.class_names))

@@ -24,6 +24,7 @@ from histoflow.modeling.cross_validation import is_cross_validation
 from histoflow.registry.aliases import alias_version
 from histoflow.registry.policy import DEFAULT_POLICY, Policy, load_policy
 from histoflow.registry.selection import DEFAULT_NAME, RegistryError, run_split
+from histoflow.serving.classifier import model_decision
 from histoflow.serving.requests import INPUT_COLUMN, encode_file
 
 GATED = ("balanced_accuracy", "recall_score", "precision_score", "accuracy_score", "f1_score")
@@ -99,8 +100,9 @@ def _check_classes(name: str, versions: dict[str, object], evaluation: list[str]
 def _evaluate(uri: str, data: pd.DataFrame, positive: str):
     model = mlflow.pyfunc.load_model(uri)
     # MLflow's classifier evaluator wants one label column; the served model also returns probabilities.
+    # The gate judges the model's decision (model_label): "indeterminate" flags an input, not a class.
     return mlflow.models.evaluate(
-        lambda frame: model.predict(frame)["label"], data, targets="target", model_type="classifier",
+        lambda frame: model_decision(model.predict(frame)), data, targets="target", model_type="classifier",
         evaluators="default", extra_metrics=[BALANCED_ACCURACY],
         evaluator_config={"pos_label": positive, "log_model_explainability": False},
     )

@@ -16,7 +16,7 @@ from histoflow.data.step import SPLIT_TABLE
 from histoflow.errors import ConfigError, HistoflowError
 from histoflow.modeling.calibration import Calibration, choose_threshold
 from histoflow.modeling.cross_validation import OOF_ARTIFACT, is_cross_validation
-from histoflow.modeling.training_run import CALIBRATION_ARTIFACT, STAIN_ARTIFACT
+from histoflow.modeling.training_run import CALIBRATION_ARTIFACT, SCREENING_ARTIFACT, STAIN_ARTIFACT
 from histoflow.serving.classifier import CLASSIFIER_ARTIFACT, log_classifier
 
 DEFAULT_NAME = "histoflow"
@@ -87,7 +87,7 @@ def classifier_uri(run) -> str:
     with mlflow.start_run(run_id=run.info.run_id):
         info = log_classifier([keras_artifact(run.info.run_id)], classes, int(run.data.params["image_size"]),
                               example, run_calibration(run), stain_references=[run_stain_reference(run)],
-                              tta=run.data.params.get("tta", "none"),
+                              tta=run.data.params.get("tta", "none"), screenings=[run_screening(run)],
                               metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", "")})
     return info.model_uri
 
@@ -116,6 +116,7 @@ def _log_ensemble(run) -> str:
                               member_temperatures=[c.temperature for c in calibrations],
                               stain_references=[run_stain_reference(r) for r in fold_runs],
                               tta=run.data.params.get("tta", "none"),
+                              screenings=[run_screening(r) for r in fold_runs],
                               metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", ""),
                                         "fold_run_ids": [r.info.run_id for r in fold_runs]})
     mlflow.MlflowClient().set_tag(run.info.run_id, "cv.ensemble_model", info.model_uri)
@@ -131,6 +132,13 @@ def run_stain_reference(run) -> dict:
     if not _has_artifact(run, STAIN_ARTIFACT):
         return dict(NO_STAIN_NORMALIZATION)
     return mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{STAIN_ARTIFACT}")
+
+
+def run_screening(run) -> str | None:
+    """The local path of a training run's screening file (None for runs logged before screening existed)."""
+    if not _has_artifact(run, SCREENING_ARTIFACT):
+        return None
+    return mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=SCREENING_ARTIFACT)
 
 
 def run_calibration(run) -> Calibration:

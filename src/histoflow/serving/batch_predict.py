@@ -1,6 +1,7 @@
 """The `predict` entry point: score every image of a folder with a registered model, as a run.
 
-Writes predictions.csv (path, label, confidence, one probability column per class) and, where the
+Writes predictions.csv (path, the served model's columns: label, model_label, confidence, threshold,
+flags, one probability column per class, the quality measures) and, where the
 folder's layout gives patients, patients.csv with the patient-level call made by the same rule as
 evaluation (histoflow.modeling.metrics.patient_table).
 """
@@ -19,7 +20,9 @@ from histoflow.data.discovery import discover
 from histoflow.data.images import IMAGE_EXTENSIONS
 from histoflow.errors import ConfigError, DataError
 from histoflow.modeling.metrics import patient_table
+from histoflow.modeling.screening import INDETERMINATE
 from histoflow.progress import progress
+from histoflow.serving.classifier import model_decision
 from histoflow.serving.requests import INPUT_COLUMN, MAX_IMAGES_PER_REQUEST, encode_file
 
 
@@ -75,6 +78,9 @@ def batch_predict(model_uri: str, data_dir: str, output_dir: str = "outputs", ch
     for name in classes:
         scored[f"p_{name}"] = [p[name] for p in scored["probabilities"]]
     scored = scored.drop(columns=["probabilities"])
+    if "quality" in scored:  # models logged before screening existed have no quality measures
+        scored = pd.concat([scored.drop(columns=["quality"]), pd.DataFrame(scored["quality"].tolist(),
+                                                                            index=scored.index)], axis=1)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     scored.to_csv(out / "predictions.csv", index=False)
@@ -82,12 +88,13 @@ def batch_predict(model_uri: str, data_dir: str, output_dir: str = "outputs", ch
         mlflow.set_tag("histoflow.step", "predict")
         tracking.log_new_params({"model_uri": model_uri, "data_dir": str(data_dir), "images": len(scored)})
         mlflow.log_artifact(str(out / "predictions.csv"))
+        mlflow.log_metric("flagged_share", float((scored["label"] == INDETERMINATE).mean()))
         if "patient" in scored:
             patients = _patients(scored, classes, folder_classes)
             patients.to_csv(out / "patients.csv", index=False)
             mlflow.log_artifact(str(out / "patients.csv"))
             if folder_classes == classes:  # labelled with the model's own classes: its accuracy
-                mlflow.log_metrics({"accuracy": float((scored["label"] == scored["true_label"]).mean()),
+                mlflow.log_metrics({"accuracy": float((model_decision(scored) == scored["true_label"]).mean()),
                                     "patient_accuracy": float((patients["label"] == patients["true_label"]).mean())})
     print(f"scored {len(scored)} images -> {out / 'predictions.csv'}")
     return scored

@@ -15,7 +15,10 @@ threshold).
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +27,15 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, Map, ParamSchema, ParamSpec, Schema
 
+from PIL import Image
+
 from histoflow.data.images import MAX_PIXELS, resize_and_scale
+from histoflow.data.quality import COLOUR, FOCUS, TISSUE, measure
 from histoflow.data.stain import FALLBACK_FLAG, NO_STAIN_NORMALIZATION, StainNormalizer, check_method
 from histoflow.errors import ConfigError
 from histoflow.modeling.calibration import Calibration, apply_temperature
 from histoflow.modeling.inference import TTA_MODES
+from histoflow.modeling.screening import INDETERMINATE, NO_DISTANCE, UNFITTED, Screening, flags
 from histoflow.tracking import pinned_requirements
 from histoflow.serving.requests import (
     INPUT_COLUMN,
@@ -45,32 +52,82 @@ from histoflow.serving.requests import (
 CLASSIFIER_ARTIFACT = "classifier"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 
+# Output columns; "gradcam" only when the request asks for explanations.
+OUTPUT_COLUMNS = ("label", "model_label", "confidence", "probabilities", "threshold", "flags", "quality")
+log = logging.getLogger(__name__)
+
+
 def signature(tta: str = "none") -> ModelSignature:
-    """Base64 image files in; label, confidence, probabilities, the threshold applied and flags out. The
-    request parameter `tta` (none or dihedral8) overrides the model's own test-time augmentation."""
+    """Base64 image files in; the decision, probabilities, threshold, flags and quality measures out.
+    Request parameters: `tta` (none or dihedral8) overrides the model's test-time augmentation; `explain`
+    adds each image's Grad-CAM overlay (base64 PNG, column gradcam)."""
     return ModelSignature(
         inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("string", "model_label"), ColSpec("double", "confidence"),
                         ColSpec(Map("double"), "probabilities"), ColSpec("double", "threshold"),
-                        ColSpec("string", "flags")]),
-        params=ParamSchema([ParamSpec("tta", "string", tta)]),
+                        ColSpec("string", "flags"), ColSpec(Map("double"), "quality"),
+                        ColSpec("string", "gradcam", required=False)]),
+        params=ParamSchema([ParamSpec("tta", "string", tta), ParamSpec("explain", "boolean", False)]),
     )
 
 
-class ImageClassifier(PythonModel):
-    """Image files in, one row per image out: label, confidence, probabilities (class -> p), threshold, flags.
+class _Network:
+    """One member network, compiled: probabilities (plain or over the 8 dihedral views) with the penultimate
+    features of the plain view in the same forward pass; its temperature and screening; Grad-CAM on demand."""
 
-    The probabilities are calibrated (the temperature fitted on the run's validation split) and the label
-    is the positive class when its probability reaches the threshold chosen there; the response names the
-    threshold applied. Models logged before calibration existed have neither: T = 1, threshold 0.5.
-    `flags` is "" or "stain_fallback" (too little tissue to normalise the stain: scored unchanged).
-    """
-
-    def load_context(self, context) -> None:
+    def __init__(self, path: str, temperature: float, screening: Screening, batch_spec) -> None:
         import keras
         import tensorflow as tf
 
         from histoflow.modeling.inference import average_views, dihedral_views
+        from histoflow.modeling.screening import feature_model
+
+        self.model = keras.saving.load_model(path, compile=False)
+        both = feature_model(self.model)
+
+        def plain(x):
+            probabilities, features = both(x, training=False)
+            return probabilities, features
+
+        def views(x):
+            # The first of the 8 views is the image itself: its features come with the same batch.
+            probabilities, features = both(dihedral_views(x), training=False)
+            return average_views(probabilities), features[:tf.shape(x)[0]]
+
+        self.infer = {mode: tf.function(f, input_signature=[batch_spec], autograph=False)
+                      for mode, f in (("none", plain), ("dihedral8", views))}
+        self.temperature, self.screening = temperature, screening
+        self._gradcam = None
+
+    def gradcam(self, batch, classes: np.ndarray) -> np.ndarray:
+        if self._gradcam is None:  # built on the first explain request: plain requests never pay for it
+            from histoflow.modeling.architectures import gradcam_layer
+            from histoflow.modeling.explain import GradCam
+
+            self._gradcam = GradCam(self.model, gradcam_layer(self.model))
+        return self._gradcam(batch, classes)
+
+
+class ImageClassifier(PythonModel):
+    """Image files in, one row per image out.
+
+    - `probabilities` (class -> p): calibrated (the temperature fitted on the run's validation split);
+    - `model_label`: the positive class when its probability reaches `threshold` (chosen there), else the other;
+    - `confidence`: the probability of model_label;
+    - `flags`: comma-separated checks the image fails (histoflow.modeling.screening: low_tissue,
+      out_of_focus, out_of_distribution, unusual_colour), and stain_fallback (too little tissue to
+      normalise the stain: scored unchanged; informative only);
+    - `label`: model_label, or "indeterminate" when a check failed: the probabilities are kept, but the
+      answer is not to be trusted;
+    - `quality`: tissue_fraction, focus, ood_score and colour_score (distances / thresholds, flagged above
+      1; the scores are absent for models logged before screening existed, which get only low_tissue);
+    - `gradcam` (only with params explain=true): the Grad-CAM overlay of model_label, a base64 PNG at the
+      model's input size, on the image as the network saw it (stain-normalised; TTA plays no part).
+    Models logged before calibration existed have neither: T = 1, threshold 0.5.
+    """
+
+    def load_context(self, context) -> None:
+        import tensorflow as tf
 
         config = context.model_config or {}
         self.class_names: list[str] = list(config["class_names"])
@@ -81,65 +138,111 @@ class ImageClassifier(PythonModel):
         members = config.get("members") or [{"temperature": self.calibration.temperature}]
         paths = [context.artifacts[f"keras_model_{i}"] for i in range(len(members))] if "members" in config \
             else [context.artifacts["keras_model"]]
+        screenings = [Screening.load(context.artifacts[f"screening_{i}"]) if f"screening_{i}" in context.artifacts
+                      else UNFITTED for i in range(len(paths))]
+        if any(s is UNFITTED for s in screenings):
+            log.warning("this model was logged without screening thresholds: its predictions get no "
+                        "out_of_focus, out_of_distribution or unusual_colour flag (a run trained by this "
+                        "version of histoflow has them)")
+        # The ensemble's checks: each network's distance scores, averaged; its quality thresholds' median.
+        self._screenings = screenings
+        self.screening = Screening(float(np.median([s.min_tissue for s in screenings])),
+                                   float(np.median([s.min_focus for s in screenings])), NO_DISTANCE, NO_DISTANCE)
         size = self.image_size
         batch_spec = tf.TensorSpec([None, size, size, 3], tf.float32)
-        # Members that share a stain reference share one normalised batch: {reference: (normalizer, members)}.
-        self._groups: dict[str, tuple[StainNormalizer, list]] = {}
-        for path, member in zip(paths, members):
-            model = keras.saving.load_model(path, compile=False)
-            plain = tf.function(lambda x, m=model: m(x, training=False), input_signature=[batch_spec],
-                                autograph=False)
-            views = tf.function(lambda x, m=model: average_views(m(dihedral_views(x), training=False)),
-                                input_signature=[batch_spec], autograph=False)
+        # Members that share a stain reference share one normalised batch: {reference: (normalizer, networks)}.
+        self._groups: dict[str, tuple[StainNormalizer, list[_Network]]] = {}
+        for path, member, screening in zip(paths, members, screenings):
             reference = member.get("stain") or NO_STAIN_NORMALIZATION
             key = json.dumps(reference, sort_keys=True)
             if key not in self._groups:
                 self._groups[key] = (StainNormalizer(reference), [])
-            self._groups[key][1].append(({"none": plain, "dihedral8": views}, float(member["temperature"])))
+            self._groups[key][1].append(_Network(path, float(member["temperature"]), screening, batch_spec))
         # The training preprocessing, compiled once for any image size (graph calls beat eager ops here).
         self._prepare = tf.function(lambda image: resize_and_scale(image, size), autograph=False,
                                     input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
         # Trace now, so the first request does not pay for it (cold start = load + one tiny image).
         tiny = tf.stack([self._prepare(np.zeros((8, 8, 3), np.uint8))])
-        for _, members in self._groups.values():
-            for infer, _ in members:
-                infer[self.tta](tiny)
+        for _, networks in self._groups.values():
+            for network in networks:
+                network.infer[self.tta](tiny)
 
-    def probabilities(self, images: list[np.ndarray], tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated class probabilities (each member's, with its stain reference and temperature,
-        averaged), and which images fell back to their unnormalised stain."""
+    def score(self, images: list[np.ndarray], tta: str = "none") -> dict[str, np.ndarray]:
+        """Calibrated class probabilities (each member's, with its stain reference and temperature, averaged),
+        the mean OOD score, which images fell back to their unnormalised stain, and the batches the networks saw."""
         import tensorflow as tf
 
-        outputs, fallback = [], np.zeros(len(images), dtype=bool)
-        for stain, members in self._groups.values():
+        outputs, ood, fallback, batches = [], [], np.zeros(len(images), dtype=bool), []
+        for stain, networks in self._groups.values():
             normalized = [stain.normalize(image) for image in images]
             fallback |= [fell_back for _, fell_back in normalized]
             batch = tf.stack([self._prepare(image) for image, _ in normalized])
-            outputs += [apply_temperature(infer[tta](batch).numpy(), t) for infer, t in members]
-        return np.mean(outputs, axis=0), fallback
+            batches.append((batch, networks))
+            for network in networks:
+                probabilities, features = network.infer[tta](batch)
+                outputs.append(apply_temperature(probabilities.numpy(), network.temperature))
+                ood.append(network.screening.features.scores(features.numpy()))
+        return {"probabilities": np.mean(outputs, axis=0), "ood": np.mean(ood, axis=0), "fallback": fallback,
+                "batches": batches}
+
+    def explain(self, batches: list, classes: np.ndarray) -> list[str]:
+        """Base64 PNGs: each image's Grad-CAM of its class (averaged over the members) over the image."""
+        from histoflow.modeling.explain import overlay
+
+        heatmaps = np.mean([network.gradcam(batch, classes) for batch, networks in batches for network in networks],
+                           axis=0)
+        shown = batches[0][0].numpy()
+        return [_png_base64(overlay(image, heatmap)) for image, heatmap in zip(shown, heatmaps)]
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        tta = (params or {}).get("tta") or self.tta
+        params = params or {}
+        tta = params.get("tta") or self.tta
         if tta not in TTA_MODES:
             raise RequestError(f"params.tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
+        explain = bool(params.get("explain", False))  # MLflow has checked its type against the signature
         items = request_items(model_input, MAX_IMAGES_PER_REQUEST if in_scoring_server() else None)
-        chunks, fallbacks = [], []
+        parts = []
         for start in range(0, len(items), MAX_IMAGES_PER_REQUEST):
             part = items[start:start + MAX_IMAGES_PER_REQUEST]
             check_size(part, start)
-            probabilities, fallback = self.probabilities([decode_item(start + i, item) for i, item in enumerate(part)],
-                                                         tta)
-            chunks.append(probabilities)
-            fallbacks.append(fallback)
-        probabilities = np.concatenate(chunks)
+            parts.append(self._predict_chunk([decode_item(start + i, item) for i, item in enumerate(part)], tta,
+                                             explain))
+        return pd.concat(parts, ignore_index=True)
+
+    def _predict_chunk(self, images: list[np.ndarray], tta: str, explain: bool) -> pd.DataFrame:
+        scored = self.score(images, tta)
+        probabilities = scored["probabilities"]
         decided = self.calibration.decide(probabilities)
-        return pd.DataFrame({
-            "label": [self.class_names[k] for k in decided],
+        quality = measure(images, self.image_size)
+        colour = np.mean([s.colour.scores(quality[:, COLOUR]) for s in self._screenings], axis=0)
+        failed = flags(quality, scored["ood"], colour, self.screening)
+        model_labels = [self.class_names[k] for k in decided]
+        frame = pd.DataFrame({
+            "label": [INDETERMINATE if f else label for f, label in zip(failed, model_labels)],
+            "model_label": model_labels,
             "confidence": probabilities[np.arange(len(decided)), decided].astype(float),
             "probabilities": [dict(zip(self.class_names, map(float, row))) for row in probabilities],
             "threshold": np.full(len(decided), self.calibration.threshold, dtype=float),
-            "flags": np.where(np.concatenate(fallbacks), FALLBACK_FLAG, ""),
+            "flags": [",".join(f + ([FALLBACK_FLAG] if fell_back else []))
+                      for f, fell_back in zip(failed, scored["fallback"])],
+            "quality": [{"tissue_fraction": float(row[TISSUE]), "focus": float(row[FOCUS]),
+                         **{name: float(v) for name, v in (("ood_score", ood), ("colour_score", c)) if np.isfinite(v)}}
+                        for row, ood, c in zip(quality, scored["ood"], colour)],
         })
+        if explain:
+            frame["gradcam"] = self.explain(scored["batches"], decided)
+        return frame
+
+
+def model_decision(predictions: pd.DataFrame) -> pd.Series:
+    """The model's label per image: model_label, or label for models logged before screening existed."""
+    return predictions["model_label" if "model_label" in predictions else "label"]
+
+
+def _png_base64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 SERVING_PACKAGES = ("mlflow", "keras", "pillow", "pandas", "numpy", "torchstain")  # what the model code imports
@@ -148,12 +251,14 @@ SERVING_PACKAGES = ("mlflow", "keras", "pillow", "pandas", "numpy", "torchstain"
 def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_size: int,
                    example_image: str | Path, calibration: Calibration = Calibration(),
                    member_temperatures: list[float] | None = None, stain_references: list[dict] | None = None,
-                   tta: str = "none", metadata: dict | None = None, name: str = CLASSIFIER_ARTIFACT):
+                   tta: str = "none", screenings: list[str | Path | None] | None = None,
+                   metadata: dict | None = None, name: str = CLASSIFIER_ARTIFACT):
     """Log the serving pyfunc into the active run; returns MLflow's ModelInfo.
 
     One network (a training run's): its temperature and threshold are `calibration`'s. Several (an
     ensemble): `member_temperatures` holds each one's, and `calibration` the ensemble's threshold.
-    `stain_references`: each network's stain reference (default: none).
+    `stain_references`: each network's stain reference (default: none). `screenings`: each network's
+    screening .npz (histoflow.modeling.screening; None: that network gets no focus or OOD checks).
     """
     import mlflow
 
@@ -163,16 +268,18 @@ def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_
         raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
     temperatures = member_temperatures or [calibration.temperature]
     stains = stain_references or [NO_STAIN_NORMALIZATION] * len(keras_paths)
-    if not len(temperatures) == len(stains) == len(keras_paths):
-        raise ConfigError(f"{len(keras_paths)} networks but {len(temperatures)} temperatures and "
-                          f"{len(stains)} stain references")
+    checks = screenings or [None] * len(keras_paths)
+    if not len(temperatures) == len(stains) == len(checks) == len(keras_paths):
+        raise ConfigError(f"{len(keras_paths)} networks but {len(temperatures)} temperatures, "
+                          f"{len(stains)} stain references and {len(checks)} screenings")
     for reference in stains:
         check_method(reference.get("method", "none"))
     example = pd.DataFrame({INPUT_COLUMN: [encode_file(example_image)]})
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(MODEL_CODE),
-        artifacts={f"keras_model_{i}": str(path) for i, path in enumerate(keras_paths)},
+        artifacts={**{f"keras_model_{i}": str(path) for i, path in enumerate(keras_paths)},
+                   **{f"screening_{i}": str(path) for i, path in enumerate(checks) if path}},
         model_config={"class_names": list(class_names), "image_size": int(image_size),
                       "calibration": calibration.to_dict(),
                       "members": [{"temperature": t, "stain": ref} for t, ref in zip(temperatures, stains)],
@@ -186,6 +293,7 @@ def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_
                   "stain_norm": sorted({ref.get("method", "none") for ref in stains}),
                   "input": f"base64 image files (PNG, JPEG, TIFF, BMP), column {INPUT_COLUMN!r}, at most "
                            f"{MAX_IMAGES_PER_REQUEST} and {MAX_REQUEST_CHARS:,} base64 characters per request, "
-                           f"{MAX_PIXELS:,} pixels per image; params: tta (none or dihedral8)",
+                           f"{MAX_PIXELS:,} pixels per image; params: tta (none or dihedral8), explain (true: "
+                           "Grad-CAM overlays)",
                   **(metadata or {})},
     )
