@@ -8,6 +8,7 @@ evaluation (histoflow.modeling.metrics.patient_table).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from histoflow import tracking
-from histoflow.data.discovery import discover
+from histoflow.data.discovery import discover, patient_from_name
 from histoflow.data.images import IMAGE_EXTENSIONS
 from histoflow.errors import ConfigError, DataError
 from histoflow.modeling.metrics import patient_table
@@ -26,15 +27,24 @@ from histoflow.serving.classifier import model_decision
 from histoflow.serving.requests import INPUT_COLUMN, MAX_IMAGES_PER_REQUEST, encode_file
 
 
+ENGINES = ("local", "spark")
+
+
 @dataclass(frozen=True)
 class PredictConfig:
-    data_dir: str = field(default="", metadata={"required": True})  # the folder to score
+    data_dir: str = field(default="", metadata={"required": True})  # the folder (spark: or .parquet table)
     model_uri: str = "models:/histoflow@champion"
     output_dir: str = "outputs/predictions"
+    engine: str = "local"  # local: in this process; spark: mlflow.pyfunc.spark_udf (histoflow.serving.spark_scoring)
+    spark_master: str = ""  # spark: local[*], a cluster's master URL; default SPARK_MASTER, else local[*]
 
     def validate(self) -> None:
         if not self.data_dir.strip():
             raise ConfigError("data_dir is required: the folder of images to score")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        if self.data_dir.rstrip("/").endswith(".parquet") and self.engine != "spark":
+            raise ConfigError("a Parquet table of images is scored with engine=spark")
 
 
 def _images(data_dir: str) -> tuple[pd.DataFrame, list[str]]:
@@ -64,16 +74,41 @@ def _patients(scored: pd.DataFrame, model_classes: list[str], folder_classes: li
     return table.rename(columns={"mean_p": f"mean_p_{positive}", "predicted": "label"})
 
 
-def batch_predict(model_uri: str, data_dir: str, output_dir: str = "outputs", chunk: int = MAX_IMAGES_PER_REQUEST
-                  ) -> pd.DataFrame:
-    """Score every image under data_dir; CSV per image and, where patients are known, per patient."""
-    frame, folder_classes = _images(data_dir)
+def _score_here(model_uri: str, paths: list[str], chunk: int) -> pd.DataFrame:
     model = mlflow.pyfunc.load_model(model_uri)
     parts = []
-    for start in progress(range(0, len(frame), chunk), desc=f"scoring {len(frame)} images", unit="batch"):
-        batch = frame.iloc[start:start + chunk]
-        parts.append(model.predict(pd.DataFrame({INPUT_COLUMN: [encode_file(p) for p in batch["path"]]})))
-    scored = pd.concat([frame.reset_index(drop=True), pd.concat(parts, ignore_index=True)], axis=1)
+    for start in progress(range(0, len(paths), chunk), desc=f"scoring {len(paths)} images", unit="batch"):
+        parts.append(model.predict(pd.DataFrame({INPUT_COLUMN: [encode_file(p) for p in paths[start:start + chunk]]})))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _scored_on_spark(model_uri: str, data_dir: str, spark_master: str) -> tuple[pd.DataFrame, list[str]]:
+    """The images (with patients and labels where the folder's layout gives them) and their served columns,
+    scored on Spark. A folder is discovered here first, so that unreadable files are left out as in-process."""
+    from histoflow.serving.spark_scoring import score_on_spark
+
+    if data_dir.rstrip("/").endswith(".parquet"):
+        served = score_on_spark(model_uri, data_dir, None, spark_master)
+        frame = served[["path"]].copy()
+        patients = [patient_from_name(Path(p).name) for p in frame["path"]]
+        if all(patients):
+            frame["patient"] = patients
+        return pd.concat([frame, served.drop(columns=["path"])], axis=1), []
+    frame, folder_classes = _images(data_dir)
+    frame = frame.assign(path=[os.path.abspath(p) for p in frame["path"]]).reset_index(drop=True)
+    served = score_on_spark(model_uri, data_dir, frame["path"].tolist(), spark_master).set_index("path")
+    return pd.concat([frame, served.loc[frame["path"]].reset_index(drop=True)], axis=1), folder_classes
+
+
+def batch_predict(model_uri: str, data_dir: str, output_dir: str = "outputs", chunk: int = MAX_IMAGES_PER_REQUEST,
+                  engine: str = "local", spark_master: str = "") -> pd.DataFrame:
+    """Score every image under data_dir; CSV per image and, where patients are known, per patient."""
+    if engine == "spark":
+        scored, folder_classes = _scored_on_spark(model_uri, data_dir, spark_master)
+    else:
+        frame, folder_classes = _images(data_dir)
+        scored = pd.concat([frame.reset_index(drop=True), _score_here(model_uri, frame["path"].tolist(), chunk)],
+                           axis=1)
     classes = list(scored["probabilities"].iloc[0])
     for name in classes:
         scored[f"p_{name}"] = [p[name] for p in scored["probabilities"]]
@@ -86,7 +121,8 @@ def batch_predict(model_uri: str, data_dir: str, output_dir: str = "outputs", ch
     scored.to_csv(out / "predictions.csv", index=False)
     with mlflow.start_run(run_name="predict", nested=mlflow.active_run() is not None):
         mlflow.set_tag("histoflow.step", "predict")
-        tracking.log_new_params({"model_uri": model_uri, "data_dir": str(data_dir), "images": len(scored)})
+        tracking.log_new_params({"model_uri": model_uri, "data_dir": str(data_dir), "images": len(scored),
+                                 "engine": engine})
         mlflow.log_artifact(str(out / "predictions.csv"))
         mlflow.log_metric("flagged_share", float((scored["label"] == INDETERMINATE).mean()))
         if "patient" in scored:
@@ -103,4 +139,5 @@ def batch_predict(model_uri: str, data_dir: str, output_dir: str = "outputs", ch
 def run(config: PredictConfig) -> pd.DataFrame:
     config.validate()
     tracking.configure()
-    return batch_predict(config.model_uri, config.data_dir, config.output_dir)
+    return batch_predict(config.model_uri, config.data_dir, config.output_dir, engine=config.engine,
+                         spark_master=config.spark_master)
