@@ -190,3 +190,35 @@ def test_page_in_a_real_browser(page, browser, classifier, uploads):
     link = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#download a[href]"))
     csv = pd.read_csv(io.StringIO(requests.get(link[0].get_attribute("href"), timeout=30).text))
     assert csv["file"].tolist() == [p.name for p in files] and csv["label"].iloc[2] == "error"
+
+
+def test_training_runs_open_in_the_mlflow_ui_model_training_view(browser, tiny_store):
+    """The address a run prints (tracking.ui_link) opens the run in the MLflow UI's model-training view,
+    in a real browser against a real `mlflow server`; without it MLflow 3.17 opens experiments in GenAI."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from histoflow.tracking import ui_link
+
+    _, uri, runs = tiny_store
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
+                                "127.0.0.1", "--port", str(port), "--workers", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{server}/health", process, timeout=120)
+        mlflow.set_tracking_uri(server)
+        run = mlflow.get_run(runs["baseline"])
+        link = ui_link(run.info.experiment_id, run.info.run_id)
+        assert link.startswith(f"{server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+        browser.get(link)
+        WebDriverWait(browser, 60).until(lambda d: "Model metrics" in d.find_element(By.TAG_NAME, "body").text)
+        page = browser.find_element(By.TAG_NAME, "body").text
+        assert run.info.run_name in page and "Model registry" in page and "Agent versions" not in page
+        browser.get(f"{server}/#/experiments/{run.info.experiment_id}")
+        WebDriverWait(browser, 60).until(lambda d: "workflowType=genai" in d.current_url)
+    finally:
+        mlflow.set_tracking_uri(uri)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

@@ -45,3 +45,17 @@ def test_the_same_dataset_logged_by_simultaneous_runs_is_linked_to_every_run(pos
         inputs = client.get_run(run_id).inputs.dataset_inputs
         assert sorted(i.dataset.name for i in inputs) == [f"{dataset.name}:{c}" for c in ("test", "train", "val")]
         assert {i.dataset.digest for i in inputs} == {f"{dataset.digest}-{c}"[:36] for c in ("train", "val", "test")}
+
+
+def test_ui_link_opens_the_model_training_view(tracking_uri):
+    """A local store: the command to start the UI and the page; a server: the address itself (a browser opens
+    it in tests/test_app.py)."""
+    local = tracking.ui_link("3", "abc")
+    assert local == (f"`mlflow ui --backend-store-uri {tracking_uri}`, then "
+                     "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    mlflow.set_tracking_uri("http://mlflow.example.org:5000/")
+    try:
+        assert tracking.ui_link("3", "abc") == \
+            "http://mlflow.example.org:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    finally:
+        mlflow.set_tracking_uri(tracking_uri)

@@ -126,6 +126,18 @@ def mark_model_training_experiment() -> None:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
 
+def ui_link(experiment_id: str, run_id: str) -> str:
+    """Where to see a run in the MLflow UI's model-training view: a URL for an HTTP tracking server, else the
+    `mlflow ui` command and the page to open. MLflow 3.17's UI opens experiments in its GenAI view,
+    whatever the experiment's kind tag says, unless the address asks for workflowType=machine_learning
+    (or the user switches to "Model training", which the browser then remembers)."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+
+
 def log_environment() -> dict[str, Any]:
     """Code version and package versions as tags, and the full environment as an artifact (and the
     experiment marked as model training, for the MLflow UI)."""

@@ -172,4 +172,5 @@ def run(config: CVConfig) -> str:
         bal = summary.get("cv_test_balanced_accuracy_mean", float("nan"))
         print(f"cv {name}: test ROC AUC {auc:.4f} +- {std:.4f}, balanced accuracy {bal:.4f} over "
               f"{len(outcomes)} folds (run {parent.info.run_id})")
+        print(f"  in the MLflow UI: {tracking.ui_link(parent.info.experiment_id, parent.info.run_id)}")
         return parent.info.run_id

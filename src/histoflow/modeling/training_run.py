@@ -338,4 +338,5 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     checkpoints.remove(checkpoint)  # the run is complete: nothing left to resume
     print(f"{run_name}: test accuracy {test['accuracy']:.4f}, balanced accuracy {test['balanced_accuracy']:.4f}, "
           f"ROC AUC {test['roc_auc']:.4f} (run {run_id})")
+    print(f"  in the MLflow UI: {tracking.ui_link(mlflow.active_run().info.experiment_id, run_id)}")
     return TrainOutcome(run_id, validation, test, test_probabilities, calibration)

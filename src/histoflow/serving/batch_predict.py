@@ -63,11 +63,13 @@ def _images(data_dir: str) -> tuple[pd.DataFrame, list[str]]:
 
 
 def _patients(scored: pd.DataFrame, model_classes: list[str], folder_classes: list[str]) -> pd.DataFrame:
-    """Per patient: the model's call from the mean positive probability and, from the folder's labels, the
-    patient's own label (in the folder's class names, which may be other than the model's)."""
+    """Per patient: the model's call from the mean positive probability at the model's threshold (as
+    evaluation decides) and, from the folder's labels, the patient's own label (in the folder's class names,
+    which may be other than the model's)."""
     positive = model_classes[-1]
     truth = (scored["true_label"] == folder_classes[-1]).astype(int) if folder_classes else None
-    table = patient_table(scored["patient"], scored[f"p_{positive}"], truth)
+    threshold = float(scored["threshold"].iloc[0]) if "threshold" in scored else 0.5  # older models: argmax
+    table = patient_table(scored["patient"], scored[f"p_{positive}"], truth, threshold)
     table["predicted"] = np.where(table["predicted"] == 1, positive, model_classes[0])
     if truth is not None:
         table["true_label"] = np.where(table.pop("label") == 1, folder_classes[-1], folder_classes[0])
