@@ -17,6 +17,8 @@ photograph, a fluorescence image or another stain fills others.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from PIL import Image
 from scipy import ndimage
@@ -58,18 +60,15 @@ def colour_histogram(image: np.ndarray) -> np.ndarray:
     return np.sqrt(counts / counts.sum())
 
 
-def measure_one(image: np.ndarray, size: int) -> np.ndarray:
-    """tissue fraction, focus, then the colour histogram."""
-    return np.concatenate([[tissue_fraction(image), focus(image, size)], colour_histogram(image)])
-
-
-def measure(images: list[np.ndarray], size: int) -> np.ndarray:
-    """(n, 2 + COLOUR_BINS^3): measure_one of each image."""
-    return np.array([measure_one(image, size) for image in images], dtype=np.float64).reshape(-1, 2 + COLOUR_BINS ** 3)
+def measure(images: Iterable[np.ndarray], size: int) -> np.ndarray:
+    """(n, 2 + COLOUR_BINS^3): tissue fraction, focus, then the colour histogram of each image (an iterable:
+    a generator of images is measured one at a time, never all in memory)."""
+    rows = [np.concatenate([[tissue_fraction(image), focus(image, size)], colour_histogram(image)])
+            for image in images]
+    return np.array(rows, dtype=np.float64).reshape(-1, 2 + COLOUR_BINS ** 3)
 
 
 def measure_files(paths: list[str], size: int) -> np.ndarray:
-    """measure() of image files, read one at a time (never all in memory)."""
-    rows = [measure_one(read_image(path), size)
-            for path in progress(paths, desc="measuring image quality", unit="image")]
-    return np.array(rows, dtype=np.float64).reshape(-1, 2 + COLOUR_BINS ** 3)
+    """measure() of image files, read one at a time."""
+    return measure((read_image(path) for path in progress(paths, desc="measuring image quality", unit="image")),
+                   size)

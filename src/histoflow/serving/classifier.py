@@ -52,8 +52,6 @@ from histoflow.serving.requests import (
 CLASSIFIER_ARTIFACT = "classifier"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 
-# Output columns; "gradcam" only when the request asks for explanations.
-OUTPUT_COLUMNS = ("label", "model_label", "confidence", "probabilities", "threshold", "flags", "quality")
 log = logging.getLogger(__name__)
 
 
@@ -86,8 +84,7 @@ class _Network:
         both = feature_model(self.model)
 
         def plain(x):
-            probabilities, features = both(x, training=False)
-            return probabilities, features
+            return both(x, training=False)
 
         def views(x):
             # The first of the 8 views is the image itself: its features come with the same batch.
