@@ -98,8 +98,23 @@ def test_through_a_scoring_server_and_when_it_is_down(classifier, tiny_store, up
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn workers
         process.wait(timeout=30)
+    _wait_until_down(f"{url}/ping")
     down = score_files([uploads["image0"]], remote_scorer(f"{url}/invocations")).table
     assert down["label"].tolist() == ["error"] and "cannot be reached" in down["problem"][0]
+
+
+def _wait_until_down(url: str, timeout: float = 60.0) -> None:
+    """The uvicorn workers outlive the `mlflow models serve` process by a moment: wait until nothing answers."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=2)
+        except requests.ConnectionError:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{url} still answers {timeout:.0f} s after the server was stopped")
 
 
 def _serve_the_app_image_command(scoring_url: str) -> None:
