@@ -114,7 +114,7 @@ def test_train_tune_and_promote_through_the_team_server(team_server, postgres_ur
     image = base64.b64encode(next(BREAKHIS.rglob("*.png")).read_bytes()).decode()
     out = champion.predict(pd.DataFrame({"image": [image]}))
     probabilities = out["probabilities"][0]
-    assert out["label"][0] in probabilities and np.isclose(sum(probabilities.values()), 1.0, atol=1e-4)
+    assert out["model_label"][0] in probabilities and np.isclose(sum(probabilities.values()), 1.0, atol=1e-4)
 
 
 def test_server_health_and_host_check(team_server):
