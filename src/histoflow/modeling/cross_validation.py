@@ -25,7 +25,7 @@ from histoflow import tracking
 from histoflow.config import require, typed_params
 from histoflow.data.splits import cv_folds
 from histoflow.data.step import prepare_data
-from histoflow.modeling import figures, metrics
+from histoflow.modeling import distributed, figures, metrics
 from histoflow.modeling.calibration import calibration_metrics
 from histoflow.modeling.training_run import TrainOutcome, log_figure, train_in_run
 from histoflow.modeling.variants import TrainConfig, make_train_config
@@ -133,6 +133,7 @@ def _cost(outcomes: list) -> dict[str, float]:
 def run(config: CVConfig) -> str:
     """Cross-validate the variant as a parent run with one nested run per fold; returns the parent's id."""
     config.validate()
+    distributed.refuse_cluster("cv")
     t = config.train
     tracking.configure(t.experiment)
     prepared = prepare_data(t)

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-from histoflow.modeling import checkpoints
+from histoflow.modeling import checkpoints, distributed
 from histoflow.modeling.checkpoints import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,10 @@ def set_seeds(seed: int) -> None:
 
 
 def strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy over all GPUs when there are several; the default strategy otherwise."""
+    """MultiWorkerMirroredStrategy when `TF_CONFIG` describes several workers; else MirroredStrategy over
+    all GPUs when there are several; the default strategy otherwise."""
+    if distributed.cluster() is not None:
+        return distributed.multi_worker_strategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
@@ -178,7 +181,15 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, 
         patience: int, lr_patience: int, checkpoint_dir: Path | None = None) -> FitResult:
     """model.fit with early stopping on validation loss; with `checkpoint_dir`, every epoch is saved there
     and a fit that finds a checkpoint continues from its last saved epoch (or, when fit had ended,
-    does not train again)."""
+    does not train again). Under MultiWorkerMirroredStrategy (`TF_CONFIG`), the custom distributed loop
+    trains instead, with the same callbacks and no checkpoint."""
+    if distributed.cluster() is not None:
+        start = time.perf_counter()
+        history = distributed.fit(model, strategy(), train_ds, val_ds, epochs,
+                                  [*callbacks(patience, lr_patience), *extra_callbacks], class_weight)
+        if mlflow.active_run() is not None:
+            mlflow.flush_async_logging()
+        return _result(history, time.perf_counter() - start)
     if checkpoints.finished_training(checkpoint_dir):
         done, seconds = checkpoints.load_finished(model, checkpoint_dir)
         log.info("training had finished before the interruption: its weights are restored, nothing is trained")

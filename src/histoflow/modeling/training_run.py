@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from mlflow.models import Model, infer_signature
 
 from histoflow import tracking
@@ -22,7 +23,7 @@ from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.config import typed_params
 from histoflow.errors import ConfigError, TrackingError
 from histoflow.data.quality import measure_files
-from histoflow.modeling import checkpoints, explain, figures, inference, metrics, screening
+from histoflow.modeling import checkpoints, distributed, explain, figures, inference, metrics, screening
 from histoflow.modeling.architectures import (
     build_baseline,
     build_cnn_lstm,
@@ -55,8 +56,9 @@ SCREENING_ARTIFACT = "evaluation/screening.npz"
 TENSORBOARD_ARTIFACT = "tensorboard"
 
 
-def build(config: TrainConfig) -> keras.Model:
-    with strategy().scope(), precision_policy(config.mixed_precision):
+def build(config: TrainConfig, within: tf.distribute.Strategy | None = None) -> keras.Model:
+    """The compiled model of `config`, its variables placed by `within` (default: `fitting.strategy()`)."""
+    with (within or strategy()).scope(), precision_policy(config.mixed_precision):
         if config.uses_backbone:
             model = build_fusion(config.backbone, config.image_size, config.weights, config.fusion_width,
                                  config.dropout, config.alpha, config.unfrozen_blocks, config.head_batchnorm)
@@ -206,6 +208,14 @@ def _log_model(model: keras.Model, config: TrainConfig, example: np.ndarray, cla
     return size_mb
 
 
+def _leave_cluster(config: TrainConfig, model: keras.Model, workers: int) -> keras.Model:
+    """The chief's trained model as a local copy: evaluation, screening and saving run on the chief alone,
+    which the distributed model cannot (each of its steps waits for every worker)."""
+    mlflow.set_tags({"histoflow.distributed": f"MultiWorkerMirroredStrategy, {workers} workers",
+                     "histoflow.weights_sha256": distributed.weights_digest(model)})
+    return distributed.local_copy(model, build(config, tf.distribute.get_strategy()))
+
+
 @dataclass(frozen=True)
 class TrainOutcome:
     """What a training run leaves besides its logging: its id, metrics and the held-out predictions."""
@@ -250,7 +260,12 @@ def _resumable(config: TrainConfig) -> str:
 def run(config: TrainConfig) -> str:
     """Train and evaluate one variant as one MLflow run; returns the run id."""
     config.validate()
+    cluster = distributed.cluster()
+    if cluster is not None and not cluster.is_chief:
+        return train_worker(config, cluster)
     tracking.configure(config.experiment)  # first: a tracking server that is down fails before any work
+    if cluster is not None:
+        _join_cluster(config, cluster)
     resumed = _resumable(config)
     prepared = prepare_data(config, config.split_table)
     run_name = config.run_name or f"{config.variant}-{config.model_name}-{prepared.dataset.name}"
@@ -264,10 +279,42 @@ def run(config: TrainConfig) -> str:
             mlflow.set_tag("histoflow.step", "train")
             if resumed:
                 print(f"resuming run {resumed} from its checkpoint")
-            return train_in_run(config, prepared, run_name).run_id
+            run_id = train_in_run(config, prepared, run_name).run_id
+        if cluster is not None:
+            distributed.barrier()  # the other workers have waited for the run to end
+        return run_id
     except Exception as exc:
         _explain_outage(config, run_id, exc)
         raise
+
+
+def _join_cluster(config: TrainConfig, cluster: distributed.Cluster) -> None:
+    """Connect to the other workers (before any other TensorFlow operation). A multi-worker run keeps no
+    checkpoints: the workers' weights could not be restored together."""
+    if config.resume:
+        raise ConfigError("resume: a multi-worker run (TF_CONFIG set) keeps no checkpoints, so it cannot be "
+                          "resumed; start it again")
+    print(f"{cluster}: waiting for the other workers", flush=True)
+    distributed.multi_worker_strategy()
+
+
+def train_worker(config: TrainConfig, cluster: distributed.Cluster) -> str:
+    """A worker other than the chief: the chief's data, model and training steps, in step with it; it logs
+    nothing and saves nothing (the chief's MLflow run holds the result). Returns an empty run id."""
+    if os.environ.get("MLFLOW_RUN_ID"):
+        log.warning("%s was started by `mlflow run`, which opened a run of its own: start workers other than "
+                    "the chief with `histoflow train` (docs/scaling.md)", cluster)
+    _join_cluster(config, cluster)
+    prepared = prepare_data(config, config.split_table)
+    set_seeds(config.seed)
+    train_ds, val_ds, _ = datasets(config, prepared, stain_normalizer(config, prepared))
+    model = build(config)
+    fit(model, train_ds, val_ds, config.epochs, [], class_weights(prepared.rows("train")["label"].to_numpy(),
+        config.class_weight), config.patience, config.lr_patience)
+    print(f"{cluster}: training finished; weights sha256 {distributed.weights_digest(model)}; waiting for the "
+          "chief to evaluate and log the run", flush=True)
+    distributed.barrier()
+    return ""
 
 
 def _explain_outage(config: TrainConfig, run_id: str, exc: Exception) -> None:
@@ -302,7 +349,9 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     train_ds, val_ds, test_ds = datasets(config, prepared, stain)
     model = build(config)
     weights = class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight)
-    checkpoint = checkpoints.run_checkpoint_dir(config.checkpoint_dir, mlflow.active_run().info.run_id)
+    cluster = distributed.cluster()
+    checkpoint = None if cluster else checkpoints.run_checkpoint_dir(config.checkpoint_dir,
+                                                                     mlflow.active_run().info.run_id)
     with tempfile.TemporaryDirectory() as tmp:
         # In the checkpoint, a resumed run's TensorBoard logs continue the interrupted run's.
         board = (checkpoint or Path(tmp)) / "tensorboard"
@@ -310,6 +359,8 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
                      config.patience, config.lr_patience, checkpoint)
         if board.is_dir():
             mlflow.log_artifacts(str(board), TENSORBOARD_ARTIFACT)
+    if cluster:
+        model = _leave_cluster(config, model, len(cluster.workers))
     n_train = augmented_size(len(prepared.rows("train")), config.augment)
     # Logged once training is over, so that a resumed run logs each of these once.
     mlflow.log_metrics({"n_params": model.count_params(), "train_time_s": result.seconds,

@@ -34,7 +34,7 @@ from histoflow import tracking
 from histoflow.config import require, typed_params
 from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.errors import ConfigError
-from histoflow.modeling import training_run
+from histoflow.modeling import distributed, training_run
 from histoflow.modeling.fitting import EpochMetrics, class_weights, fit
 from histoflow.modeling.variants import BACKBONE_VARIANTS, TrainConfig, make_train_config
 from histoflow.tuning import workers
@@ -286,6 +286,7 @@ def _final_run(config: TuneConfig, best: FrozenTrial, study_name: str, parent_ru
 
 def run(config: TuneConfig) -> TuneResult:
     """Run (or resume) the study as an MLflow parent run, then train the best parameters in full."""
+    distributed.refuse_cluster("tune")
     tracking.configure(config.train.experiment)  # first: a tracking server that is down fails before any work
     prepared = prepare_data(config.train, config.train.split_table)
     digest = prepared.dataset.digest
