@@ -163,3 +163,14 @@ def test_the_fold_ensemble_is_registered_and_served(cv_store, tmp_path):
         promote("cv-ensemble", load_policy())
     with pytest.raises(ConfigError, match="cv_validation_\\*_mean"):
         best_run("cv", "cv_validation_roc_auc_std")
+
+
+def test_pooled_patient_calls_use_each_folds_threshold(tracking_uri):
+    # Patient a (fold 0, threshold 0.2) is malignant at a mean probability of 0.3; patient b (fold 1,
+    # threshold 0.5) benign at 0.4: both calls are right only at their own fold's threshold.
+    oof = pd.DataFrame({"patient": ["a", "a", "b", "b"], "label": [1, 1, 0, 0], "probability": [0.25, 0.35, 0.3, 0.5],
+                        "repeat": 0, "fold": [0, 0, 1, 1], "threshold": [0.2, 0.2, 0.5, 0.5]})
+    oof["predicted"] = (oof["probability"] >= oof["threshold"]).astype(int)
+    with mlflow.start_run():
+        pooled = cross_validation._log_pooled(oof, ["benign", "malignant"])
+    assert pooled["oof_patient_accuracy"] == 1.0

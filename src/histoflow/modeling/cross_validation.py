@@ -108,7 +108,10 @@ def _log_pooled(oof: pd.DataFrame, class_names: list[str]) -> dict[str, float]:
         # Each fold decided with its own threshold: the pooled decisions are those, not one new cut.
         scores = {**metrics.decision_metrics(y, decided), "roc_auc": float(roc_auc_score(y, p)),
                   **calibration_metrics(y, p)}
-        per_patient = metrics.patient_table(part["patient"], p, y)
+        # Each patient is in one fold per repeat: its call uses that fold's threshold, like its images'.
+        per_patient = pd.concat([metrics.patient_table(f["patient"], f["probability"].to_numpy(), f["label"].to_numpy(),
+                                                       float(f["threshold"].iloc[0]))
+                                 for _, f in part.groupby("fold")], ignore_index=True)
         scores["patient_accuracy"] = float((per_patient["label"] == per_patient["predicted"]).mean())
         for name, value in scores.items():
             pooled.setdefault(name, []).append(value)

@@ -90,6 +90,8 @@ def local_copy(model: keras.Model, local: keras.Model) -> keras.Model:
     """`local` (the same architecture, built outside the strategy) with `model`'s weights and optimizer state."""
     local.set_weights(model.get_weights())
     local.optimizer.build(local.trainable_variables)
+    # Same optimizer, same variables in the same order; otherwise (not seen) the saved model keeps the
+    # trained weights and a fresh optimizer state, which only matters to someone who trains it further.
     if len(local.optimizer.variables) == len(model.optimizer.variables):
         for target, source in zip(local.optimizer.variables, model.optimizer.variables):
             target.assign(source.value)
@@ -140,7 +142,8 @@ class _Steps:
             predictions = self.model(x, training=True)
             losses = keras.losses.categorical_crossentropy(y, predictions) * weights
             loss = tf.reduce_sum(losses) / tf.maximum(count, 1.0)
-        gradients = tape.gradient(loss, self.model.trainable_variables)
+            scaled = self.model.optimizer.scale_loss(loss)  # mixed precision: the LossScaleOptimizer's scale
+        gradients = tape.gradient(scaled, self.model.trainable_variables)
         # The optimizer sums the replicas' gradients: each is already divided by the global count.
         self.model.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         self._update(self.train_metrics, y, predictions, losses)
