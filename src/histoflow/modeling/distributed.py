@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from histoflow.errors import ConfigError
 
+
 @dataclass(frozen=True)
 class Cluster:
     """This process's place in the cluster `TF_CONFIG` describes."""

@@ -85,6 +85,22 @@ def datasets(config: TrainConfig, prepared: PreparedData, stain: StainNormalizer
     return part("train", True, True), part("val", False, True), part("test", False, False)
 
 
+@dataclass(frozen=True)
+class _TrainingSetup:
+    """What fit needs, made the same way by the run (or the chief) and by every other worker."""
+
+    stain: StainNormalizer
+    datasets: tuple  # train, validation, test pipelines
+    model: keras.Model
+    class_weight: dict[int, float] | None
+
+
+def _training_setup(config: TrainConfig, prepared: PreparedData) -> _TrainingSetup:
+    stain = stain_normalizer(config, prepared)
+    return _TrainingSetup(stain, datasets(config, prepared, stain), build(config),
+                         class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight))
+
+
 def log_figure(fig: plt.Figure, path: str) -> None:
     mlflow.log_figure(fig, path)
     plt.close(fig)
@@ -307,11 +323,10 @@ def train_worker(config: TrainConfig, cluster: distributed.Cluster) -> str:
     _join_cluster(config, cluster)
     prepared = prepare_data(config, config.split_table)
     set_seeds(config.seed)
-    train_ds, val_ds, _ = datasets(config, prepared, stain_normalizer(config, prepared))
-    model = build(config)
-    fit(model, train_ds, val_ds, config.epochs, [], class_weights(prepared.rows("train")["label"].to_numpy(),
-        config.class_weight), config.patience, config.lr_patience)
-    print(f"{cluster}: training finished; weights sha256 {distributed.weights_digest(model)}; waiting for the "
+    setup = _training_setup(config, prepared)
+    train_ds, val_ds, _ = setup.datasets
+    fit(setup.model, train_ds, val_ds, config.epochs, [], setup.class_weight, config.patience, config.lr_patience)
+    print(f"{cluster}: training finished; weights sha256 {distributed.weights_digest(setup.model)}; waiting for the "
           "chief to evaluate and log the run", flush=True)
     distributed.barrier()
     return ""
@@ -343,12 +358,11 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     tracking.log_new_params(config.to_params())
     mlflow.set_tags({"variant": config.variant, "model": config.model_name})
     log_data(prepared)
-    stain = stain_normalizer(config, prepared)
+    setup = _training_setup(config, prepared)
+    stain, model, weights = setup.stain, setup.model, setup.class_weight
+    train_ds, val_ds, test_ds = setup.datasets
     if stain.method != "none":
         tracking.log_json(stain.reference, STAIN_ARTIFACT)
-    train_ds, val_ds, test_ds = datasets(config, prepared, stain)
-    model = build(config)
-    weights = class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight)
     cluster = distributed.cluster()
     checkpoint = None if cluster else checkpoints.run_checkpoint_dir(config.checkpoint_dir,
                                                                      mlflow.active_run().info.run_id)

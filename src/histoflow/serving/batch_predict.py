@@ -25,6 +25,7 @@ from histoflow.modeling.screening import INDETERMINATE
 from histoflow.progress import progress
 from histoflow.serving.classifier import model_decision
 from histoflow.serving.requests import INPUT_COLUMN, MAX_IMAGES_PER_REQUEST, encode_file
+from histoflow.serving.spark_scoring import is_parquet_table
 
 
 ENGINES = ("local", "spark")
@@ -43,7 +44,7 @@ class PredictConfig:
             raise ConfigError("data_dir is required: the folder of images to score")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
-        if self.data_dir.rstrip("/").endswith(".parquet") and self.engine != "spark":
+        if is_parquet_table(self.data_dir) and self.engine != "spark":
             raise ConfigError("a Parquet table of images is scored with engine=spark")
 
 
@@ -89,7 +90,7 @@ def _scored_on_spark(model_uri: str, data_dir: str, spark_master: str) -> tuple[
     scored on Spark. A folder is discovered here first, so that unreadable files are left out as in-process."""
     from histoflow.serving.spark_scoring import score_on_spark
 
-    if data_dir.rstrip("/").endswith(".parquet"):
+    if is_parquet_table(data_dir):
         served = score_on_spark(model_uri, data_dir, None, spark_master)
         frame = served[["path"]].copy()
         patients = [patient_from_name(Path(p).name) for p in frame["path"]]

@@ -32,6 +32,11 @@ SQL_CONF = {
 FILE_PREFIX = "file:"
 
 
+def is_parquet_table(source: str) -> bool:
+    """A `.parquet` path (a file or Spark's folder of parts) is a table of image bytes, not an image folder."""
+    return source.rstrip("/").endswith(".parquet")
+
+
 def spark_session(master: str = ""):
     """The active session (spark-submit's), or one on `master`, SPARK_MASTER, or local[*]; with SQL_CONF."""
     from pyspark.sql import SparkSession
@@ -64,7 +69,7 @@ def image_table(spark, source: str, paths: list[str] | None = None):
     or every image file under a folder (only `paths` among them, when given)."""
     from pyspark.sql import functions as F
 
-    if source.rstrip("/").endswith(".parquet"):
+    if is_parquet_table(source):
         table = spark.read.parquet(source)
         missing = {"path", "content"} - set(table.columns)
         if missing:
