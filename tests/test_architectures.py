@@ -127,3 +127,17 @@ def test_bad_backbone_parameters():
         build_fusion("mobilenet", 128, weights="none", alpha=0.6)
     with pytest.raises(WeightsError, match="does not exist"):
         build_fusion("mobilenet", 128, weights="/nonexistent/weights.h5")
+
+
+def test_fine_tuning_keeps_the_pretrained_batchnorm_statistics(keras_home):
+    model = compile_model(build_fusion("mobilenet", 64, weights="imagenet", alpha=0.75, unfrozen_blocks=3), 1e-2, "adam")
+    bn, conv = model.get_layer("conv_pw_13_bn"), model.get_layer("conv_pw_13")
+    moving_mean, kernel = bn.moving_mean.numpy().copy(), conv.kernel.numpy().copy()
+    images = np.random.default_rng(0).uniform(0, 1, (8, 64, 64, 3)).astype("float32")
+    model.train_on_batch(images, keras.utils.to_categorical([0, 1] * 4, 2))
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), moving_mean)  # inference mode: ImageNet statistics
+    assert not np.allclose(conv.kernel.numpy(), kernel)
+    assert not bn.trainable and conv.trainable
+    # from scratch there are no statistics to keep: the backbone's BatchNormalization layers learn
+    scratch = build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=3)
+    assert scratch.get_layer("conv_pw_13_bn").trainable

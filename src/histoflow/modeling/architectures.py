@@ -174,7 +174,8 @@ def build_fusion(
 
     unfrozen_blocks: how many of the backbone's stages are trained, counted from the top; the stages
     end at the taps (strides 8, 16, 32): 0 freezes the backbone, 1 trains what follows the second tap,
-    2 what follows the first, 3 (BACKBONE_BLOCKS) the whole backbone.
+    2 what follows the first, 3 (BACKBONE_BLOCKS) the whole backbone. A pretrained backbone's
+    BatchNormalization layers stay frozen, in inference mode, when its stages are fine-tuned.
     """
     if backbone not in BACKBONES:
         raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}; got {backbone!r}")
@@ -205,7 +206,7 @@ def build_fusion(
             f"{keras_cache_dir()} and could not download it ({type(exc).__name__}: {exc}). Copy the "
             "file there, pass weights=/path/to/weights.h5, or use weights=none"
         ) from None
-    _unfreeze(base, spec.taps, unfrozen_blocks)
+    _unfreeze(base, spec.taps, unfrozen_blocks, pretrained=resolved is not None)
     pooled = [keras.layers.GlobalAveragePooling2D(name=f"fusion{i}_gap")(base.get_layer(tap).output)
               for i, tap in enumerate(spec.taps, start=1)]
     return keras.Model(inputs, fusion_head(pooled, fusion_width, dropout, num_classes, batchnorm=head_batchnorm),
@@ -224,14 +225,19 @@ def _upstream(model: keras.Model, name: str) -> set[str]:
     return seen
 
 
-def _unfreeze(base: keras.Model, taps: Sequence[str], unfrozen_blocks: int) -> None:
+def _unfreeze(base: keras.Model, taps: Sequence[str], unfrozen_blocks: int, pretrained: bool) -> None:
     if not 0 <= unfrozen_blocks <= BACKBONE_BLOCKS:
         raise ConfigError(f"unfrozen_blocks must be in 0..{BACKBONE_BLOCKS}; got {unfrozen_blocks}")
     base.trainable = unfrozen_blocks > 0
-    if 0 < unfrozen_blocks < BACKBONE_BLOCKS:
-        frozen = _upstream(base, taps[BACKBONE_BLOCKS - 1 - unfrozen_blocks])
-        for layer in base.layers:
-            layer.trainable = layer.name not in frozen
+    frozen = _upstream(base, taps[BACKBONE_BLOCKS - 1 - unfrozen_blocks]) if 0 < unfrozen_blocks < BACKBONE_BLOCKS \
+        else set()
+    for layer in base.layers:
+        # Batch statistics of 64 small patches would overwrite ImageNet's moving averages in the first
+        # epochs of fine-tuning and shift every feature the pretrained filters compute (Keras's
+        # transfer-learning guide); a non-trainable Keras 3 BatchNormalization runs in inference mode.
+        keep_imagenet_statistics = pretrained and isinstance(layer, keras.layers.BatchNormalization)
+        if layer.name in frozen or keep_imagenet_statistics:
+            layer.trainable = False
 
 
 def fusion_head(pooled: Sequence[keras.KerasTensor], fusion_width: int, dropout: float,
