@@ -10,6 +10,7 @@ from histoflow.modeling.architectures import (
     build_cnn_lstm,
     build_fusion,
     compile_model,
+    head_only,
     imagenet_weights_file,
 )
 
@@ -141,3 +142,12 @@ def test_fine_tuning_keeps_the_pretrained_batchnorm_statistics(keras_home):
     # from scratch there are no statistics to keep: the backbone's BatchNormalization layers learn
     scratch = build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=3)
     assert scratch.get_layer("conv_pw_13_bn").trainable
+
+
+def test_head_only_freezes_the_backbone_and_restores_every_flag():
+    model = build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=1)
+    before = {layer.name: layer.trainable for layer in model.layers}
+    with head_only(model):
+        assert _trainable_layers(model) and all(n.startswith(HEAD) for n in _trainable_layers(model))
+    assert {layer.name: layer.trainable for layer in model.layers} == before
+    assert model.get_layer("conv_pw_13").trainable and not model.get_layer("conv_pw_1").trainable

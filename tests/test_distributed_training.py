@@ -69,6 +69,8 @@ def test_a_multi_worker_run_cannot_be_resumed_and_fails_before_connecting(tracki
     monkeypatch.setenv("TF_CONFIG", _tf_config([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"], 0)["TF_CONFIG"])
     with pytest.raises(ConfigError, match="cannot be resumed"):
         training_run.run(make_train_config("baseline", **SETTINGS, resume="0123abcd"))
+    with pytest.raises(ConfigError, match="a multi-worker run has no head warm-up"):
+        training_run.run(make_train_config("transfer", **SETTINGS, unfrozen_blocks=1, warmup_epochs=2))
     assert distributed.multi_worker_strategy.cache_info().currsize == 0  # no strategy, no connection attempt
     assert mlflow.search_runs(search_all_experiments=True).empty
 

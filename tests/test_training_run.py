@@ -1,6 +1,7 @@
-"""The training run: a data step's split table handed on; mixed precision."""
+"""The training run: a data step's split table handed on; mixed precision; the head warm-up."""
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import keras
@@ -13,7 +14,7 @@ from conftest import BREAKHIS, IDC, idc_patient_dirs
 from histoflow.data import step
 from histoflow.data.pipeline import make_dataset
 from histoflow.errors import ConfigError, DataError
-from histoflow.modeling import training_run
+from histoflow.modeling import checkpoints, training_run
 from histoflow.modeling.variants import make_train_config
 
 TINY = {"epochs": 1, "image_size": 32, "batch_size": 16, "gradcam_per_class": 1}
@@ -94,3 +95,44 @@ def test_a_training_run_logs_tensorboard_and_opens_as_model_training(tracking_ur
     client.set_experiment_tag(run.info.experiment_id, "mlflow.experimentKind", "finetuning")
     training_run.run(config)
     assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "finetuning"
+
+
+@pytest.mark.slow
+def test_a_warm_up_trains_the_head_alone_then_the_unfrozen_stages_train(tracking_uri, tmp_path):
+    config = make_train_config("transfer", data_dir=str(BREAKHIS), max_images=40, **TINY, unfrozen_blocks=1,
+                               warmup_epochs=2, warmup_learning_rate=3e-3, learning_rate=1e-4, patience=5)
+    prepared = step.prepare_data(config)
+    setup = training_run._training_setup(config, prepared)
+    model, (train_ds, val_ds, _) = setup.model, setup.datasets
+
+    def kernel(name: str, of: keras.Model = model) -> np.ndarray:
+        return of.get_layer(name).kernel.numpy().copy()
+
+    backbone, head = kernel("conv_pw_13"), kernel("fusion1_dense")
+    folder = tmp_path / "checkpoint"
+    with mlflow.start_run() as run:
+        warm = training_run.warm_up_head(config, model, train_ds, val_ds, None, folder)
+    np.testing.assert_array_equal(kernel("conv_pw_13"), backbone)  # the pretrained stage waited
+    assert not np.allclose(kernel("fusion1_dense"), head)
+    assert warm.epochs_run == 2 and checkpoints.has_checkpoint(folder) and not (folder / checkpoints.HISTORY).exists()
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "warmup_val_loss")
+    assert sorted(m.step for m in history) == [0, 1]
+    # Compiled again for the fine-tuning: its learning rate, and the unfrozen stage trains now.
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4) and model.get_layer("conv_pw_13").trainable
+    warmed = kernel("fusion1_dense")
+    model.fit(train_ds, epochs=1, verbose=0)
+    assert not np.allclose(kernel("conv_pw_13"), backbone)
+
+    # A resumed run whose warm-up had finished takes its weights and trains no warm-up epoch again.
+    fresh = training_run._training_setup(config, prepared).model
+    with mlflow.start_run():
+        again = training_run.warm_up_head(config, fresh, train_ds, val_ds, None, folder)
+    np.testing.assert_array_equal(kernel("fusion1_dense", fresh), warmed)
+    assert again.resumed_at == 2
+
+    # As a run: both phases' epochs, and the warm-up's summary.
+    run = mlflow.get_run(training_run.run(replace(config, checkpoint_dir=str(tmp_path / "runs"))))
+    assert (run.data.params["warmup_epochs"], run.data.params["unfrozen_blocks"]) == ("2", "1")
+    assert run.data.metrics["warmup_epochs_run"] == 2 and run.data.metrics["epochs_run"] == 1
+    assert run.data.metrics["train_time_s"] > run.data.metrics["warmup_time_s"] > 0
+    assert "warmup_train_loss" in run.data.metrics and "train_loss" in run.data.metrics

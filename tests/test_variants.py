@@ -45,6 +45,9 @@ def test_string_parameters_are_coerced():
     ({"calibration": "platt"}, "calibration must be one of temperature, none"),
     ({"bootstrap": "10"}, "bootstrap must be 0"),
     ({"tta": "flip"}, "tta must be one of none, dihedral8"),
+    ({"warmup_epochs": "-1"}, "warmup_epochs must be >= 0"),
+    ({"warmup_epochs": "2", "unfrozen_blocks": "0"}, "warmup_epochs needs unfrozen_blocks > 0"),
+    ({"warmup_learning_rate": "0"}, "warmup_learning_rate must be in"),
 ])
 def test_bad_parameters_are_rejected_with_a_message(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -55,6 +58,8 @@ def test_the_cnn_variants_take_no_backbone_settings():
     assert "fusion_width" not in variant_fields("baseline") and "fusion_width" in variant_fields("densenet")
     with pytest.raises(ConfigError, match="weights, fusion_width: the baseline variant has no backbone"):
         make_train_config("baseline", weights="none", fusion_width="32")
+    with pytest.raises(ConfigError, match="warmup_epochs: the cnn_lstm variant has no backbone"):
+        make_train_config("cnn_lstm", warmup_epochs="2")
     assert "backbone" not in make_train_config("augmented").to_params()
     assert make_train_config("transfer").to_params()["model"] == "mobilenet_fusion"
     with pytest.raises(ConfigError, match="variant must be one of"):

@@ -7,12 +7,13 @@ served model need no custom code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -238,6 +239,25 @@ def _unfreeze(base: keras.Model, taps: Sequence[str], unfrozen_blocks: int, pret
         keep_imagenet_statistics = pretrained and isinstance(layer, keras.layers.BatchNormalization)
         if layer.name in frozen or keep_imagenet_statistics:
             layer.trainable = False
+
+
+# Name prefixes of fusion_head's layers: what a warm-up trains while the backbone stays frozen.
+HEAD_LAYERS = ("fusion", "head_", "probabilities")
+
+
+@contextlib.contextmanager
+def head_only(model: keras.Model) -> Iterator[keras.Model]:
+    """Inside, only the fusion head is trainable (compile the model inside for that to take effect); every
+    layer's trainable flag is restored when it ends, so a compile after it trains the configured stages."""
+    flags = {layer.name: layer.trainable for layer in model.layers}
+    for layer in model.layers:
+        if not layer.name.startswith(HEAD_LAYERS):
+            layer.trainable = False
+    try:
+        yield model
+    finally:
+        for layer in model.layers:
+            layer.trainable = flags[layer.name]
 
 
 def fusion_head(pooled: Sequence[keras.KerasTensor], fusion_width: int, dropout: float,

@@ -11,7 +11,8 @@ A run needs more to continue as if never interrupted, so this callback also keep
 - ``final.weights.h5`` and ``done``: the weights fit ended with, so that a run killed later (during
   evaluation or model logging) resumes there without training again.
 
-The folder is the run's (``<checkpoint_dir>/<run id>``) and is removed when the run has finished.
+The folder is the run's (``<checkpoint_dir>/<run id>``) and is removed when the run has finished; a
+head warm-up (``warmup_epochs``) keeps the same files for its own fit in the subfolder ``warmup``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ BEST = "best.weights.h5"
 FINAL = "final.weights.h5"
 DONE = "done"
 MONITOR = "val_loss"
+WARMUP = "warmup"
 
 
 def run_checkpoint_dir(checkpoint_dir: str, run_id: str) -> Path | None:
@@ -41,7 +43,8 @@ def run_checkpoint_dir(checkpoint_dir: str, run_id: str) -> Path | None:
 
 
 def has_checkpoint(directory: Path | None) -> bool:
-    return directory is not None and (directory / HISTORY).is_file()
+    """Whether a run has saved an epoch: of its fit or, killed before that began, of its warm-up."""
+    return directory is not None and any((d / HISTORY).is_file() for d in (directory, directory / WARMUP))
 
 
 def saved_epochs(directory: Path) -> list[dict[str, Any]]:

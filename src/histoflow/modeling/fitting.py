@@ -86,18 +86,18 @@ def tensorboard(log_dir: Path) -> keras.callbacks.TensorBoard:
                                        update_freq="epoch")
 
 
-def _metric_names(logs: dict) -> dict[str, float]:
-    return {k if k.startswith("val_") or k == "learning_rate" else f"train_{k}": v for k, v in logs.items()}
+def _metric_names(logs: dict, prefix: str = "") -> dict[str, float]:
+    return {prefix + (k if k.startswith("val_") or k == "learning_rate" else f"train_{k}"): v for k, v in logs.items()}
 
 
-def log_missing_epochs(epochs: list[dict]) -> None:
+def log_missing_epochs(epochs: list[dict], prefix: str = "") -> None:
     """Log to the active run the saved epochs' metrics that it lacks (each step once)."""
     client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
     now = int(time.time() * 1000)
     logged: dict[str, set[int]] = {}
     missing = []
     for entry in epochs:
-        for key, value in _metric_names(entry["logs"]).items():
+        for key, value in _metric_names(entry["logs"], prefix).items():
             if key not in logged:
                 logged[key] = {m.step for m in client.get_metric_history(run_id, key)}
             if entry["epoch"] not in logged[key]:
@@ -122,24 +122,26 @@ class EpochMetrics(mlflow.keras.MlflowCallback):
 
     With a ``checkpoint`` that restored epochs (a resumed run), training begins by logging those of
     its epochs that MLflow lacks (the process was killed before they were uploaded), each step once.
+    A ``prefix`` names another phase's metrics (``warmup_train_loss``, ...).
     """
 
-    def __init__(self, batched: bool = False) -> None:
+    def __init__(self, batched: bool = False, prefix: str = "") -> None:
         super().__init__()
         self.batched = batched
+        self.prefix = prefix
         self.pending: list[mlflow.entities.Metric] = []
         self.checkpoint: Checkpoint | None = None
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self.checkpoint is not None and self.checkpoint.restored:
-            log_missing_epochs(self.checkpoint.restored)
+            log_missing_epochs(self.checkpoint.restored, self.prefix)
         elif not self.batched:
             super().on_train_begin(logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not logs:
             return
-        renamed = _metric_names(logs)
+        renamed = _metric_names(logs, self.prefix)
         if self.batched:
             now = int(time.time() * 1000)
             self.pending += [mlflow.entities.Metric(k, float(v), now, epoch) for k, v in renamed.items()]
@@ -193,8 +195,8 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, 
     if checkpoints.finished_training(checkpoint_dir):
         done, seconds = checkpoints.load_finished(model, checkpoint_dir)
         log.info("training had finished before the interruption: its weights are restored, nothing is trained")
-        if any(isinstance(c, EpochMetrics) for c in extra_callbacks):
-            log_missing_epochs(done)
+        for logger in (c for c in extra_callbacks if isinstance(c, EpochMetrics)):
+            log_missing_epochs(done, logger.prefix)
         return _result(_history(done), seconds, resumed_at=len(done))
     stopper, plateau = callbacks(patience, lr_patience)
     saver = Checkpoint(checkpoint_dir, stopper, plateau) if checkpoint_dir is not None else None

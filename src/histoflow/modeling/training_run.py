@@ -30,10 +30,12 @@ from histoflow.modeling.architectures import (
     build_fusion,
     compile_model,
     gradcam_layer,
+    head_only,
 )
 from histoflow.modeling.calibration import Calibration, calibration_metrics, fit_calibration
 from histoflow.modeling.fitting import (
     EpochMetrics,
+    FitResult,
     class_weights,
     fit,
     precision_policy,
@@ -99,6 +101,25 @@ def _training_setup(config: TrainConfig, prepared: PreparedData) -> _TrainingSet
     stain = stain_normalizer(config, prepared)
     return _TrainingSetup(stain, datasets(config, prepared, stain), build(config),
                          class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight))
+
+
+def warm_up_head(config: TrainConfig, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset,
+                 class_weight: dict[int, float] | None, checkpoint: Path | None) -> FitResult | None:
+    """`warmup_epochs` of the head alone on the frozen backbone (early stopping as in the fit), then the
+    model compiled again for fine-tuning its unfrozen stages at `learning_rate`; None without a warm-up.
+    Its epochs are logged as warmup_train_loss, warmup_val_loss, ... and checkpointed in the run's folder."""
+    if not config.warmup_epochs:
+        return None
+    with head_only(model), model.distribute_strategy.scope():
+        compile_model(model, config.warmup_learning_rate, config.optimizer)
+        print(f"warm-up: {config.warmup_epochs} epochs of the head alone at {config.warmup_learning_rate:g}", flush=True)
+        result = fit(model, train_ds, val_ds, config.warmup_epochs, [EpochMetrics(prefix="warmup_")], class_weight,
+                     config.patience, config.lr_patience, checkpoint and checkpoint / checkpoints.WARMUP)
+    with model.distribute_strategy.scope():  # a new optimizer: its state belonged to the head alone
+        compile_model(model, config.learning_rate, config.optimizer)
+    print(f"warm-up done (best epoch {result.best_epoch}): fine-tuning {config.unfrozen_blocks} backbone stages "
+          f"at {config.learning_rate:g}", flush=True)
+    return result
 
 
 def log_figure(fig: plt.Figure, path: str) -> None:
@@ -310,6 +331,9 @@ def _join_cluster(config: TrainConfig, cluster: distributed.Cluster) -> None:
     if config.resume:
         raise ConfigError("resume: a multi-worker run (TF_CONFIG set) keeps no checkpoints, so it cannot be "
                           "resumed; start it again")
+    if config.warmup_epochs:
+        raise ConfigError("warmup_epochs: a multi-worker run has no head warm-up; warm up on one machine, or "
+                          "train with warmup_epochs=0")
     print(f"{cluster}: waiting for the other workers", flush=True)
     distributed.multi_worker_strategy()
 
@@ -369,6 +393,7 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     with tempfile.TemporaryDirectory() as tmp:
         # In the checkpoint, a resumed run's TensorBoard logs continue the interrupted run's.
         board = (checkpoint or Path(tmp)) / "tensorboard"
+        warm = warm_up_head(config, model, train_ds, val_ds, weights, checkpoint)
         result = fit(model, train_ds, val_ds, config.epochs, [EpochMetrics(), tensorboard(board)], weights,
                      config.patience, config.lr_patience, checkpoint)
         if board.is_dir():
@@ -376,10 +401,15 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     if cluster:
         model = _leave_cluster(config, model, len(cluster.workers))
     n_train = augmented_size(len(prepared.rows("train")), config.augment)
+    seconds = result.seconds + (warm.seconds if warm else 0.0)
+    epochs_run = result.epochs_run + (warm.epochs_run if warm else 0)
     # Logged once training is over, so that a resumed run logs each of these once.
-    mlflow.log_metrics({"n_params": model.count_params(), "train_time_s": result.seconds,
+    mlflow.log_metrics({"n_params": model.count_params(), "train_time_s": seconds,
                         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                        "train_images_per_s": n_train * result.epochs_run / result.seconds})
+                        "train_images_per_s": n_train * epochs_run / seconds})
+    if warm:
+        mlflow.log_metrics({"warmup_best_epoch": warm.best_epoch, "warmup_epochs_run": warm.epochs_run,
+                            "warmup_time_s": warm.seconds})
     if result.resumed_at:
         mlflow.set_tag("histoflow.resumed_at_epoch", str(result.resumed_at))
     log_figure(figures.history_figure(result.history, run_name), "evaluation/training_curves.png")

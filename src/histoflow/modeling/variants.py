@@ -38,6 +38,11 @@ class TrainConfig(DataConfig, RunTarget):
     weights: str = "imagenet"
     alpha: float = 1.0
     unfrozen_blocks: int = BACKBONE_BLOCKS  # backbone stages trained, from the top: 0 = frozen, 3 = all
+    # Epochs that train the head alone (backbone frozen, at warmup_learning_rate) before the unfrozen
+    # stages are fine-tuned with it at learning_rate for up to `epochs` more: a random head's first
+    # gradients would otherwise flow into the pretrained filters.
+    warmup_epochs: int = 0
+    warmup_learning_rate: float = 1e-3
     fusion_width: int = 64
     head_batchnorm: bool = True
     dropout: float = 0.45
@@ -92,6 +97,10 @@ class TrainConfig(DataConfig, RunTarget):
             (0 <= self.unfrozen_blocks <= BACKBONE_BLOCKS, f"unfrozen_blocks must be in 0..{BACKBONE_BLOCKS}"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (0.0 < self.learning_rate < 1.0, "learning_rate must be in (0, 1)"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (self.warmup_epochs == 0 or self.unfrozen_blocks > 0,
+             "warmup_epochs needs unfrozen_blocks > 0: with a frozen backbone every epoch trains the head alone"),
+            (0.0 < self.warmup_learning_rate < 1.0, "warmup_learning_rate must be in (0, 1)"),
             (1 <= self.fusion_width <= 4096, "fusion_width must be in 1..4096"),
             (1 <= self.batch_size <= 4096, "batch_size must be in 1..4096"),
             (self.epochs >= 1, "epochs must be >= 1"),
@@ -110,7 +119,8 @@ class TrainConfig(DataConfig, RunTarget):
 # The models of the variants without a backbone.
 CNN_MODELS = {"baseline": "baseline_cnn", "augmented": "baseline_cnn", "cnn_lstm": "cnn_lstm"}
 # What only a model with a backbone has: the CNN variants neither take nor log these.
-BACKBONE_FIELDS = ("backbone", "weights", "alpha", "unfrozen_blocks", "fusion_width", "head_batchnorm")
+BACKBONE_FIELDS = ("backbone", "weights", "alpha", "unfrozen_blocks", "warmup_epochs", "warmup_learning_rate",
+                   "fusion_width", "head_batchnorm")
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     # The reports' CNN: Adam 1e-3, Dropout 0.5, no augmentation.
     "baseline": {"augment": "none", "learning_rate": 1e-3, "dropout": 0.5},
