@@ -61,6 +61,15 @@ if is cv-idc; then
   run $X -P variant=cnn_lstm
   # The best setting, longer and at the Youden threshold (HED was still improving at 10 epochs).
   run ${X/epochs=10 -P patience=3/epochs=20 -P patience=4} $MOBILENET -P augment=hed -P threshold_policy=youden
+  run $X -P variant=augmented
+  # Fine-tuning the backbone (its BatchNorm statistics kept): all stages and the top one from a random head
+  # at 1e-4, and all stages after
+  # 10 epochs of the head alone (warm-up at 1e-3, as the frozen rows train it) at 1e-5.
+  FT="-P variant=transfer -P backbone=mobilenet -P alpha=0.75 -P weights=imagenet -P unfrozen_blocks=3 -P augment=hed"
+  Y="${X/epochs=10 -P patience=3/epochs=20 -P patience=4} -P threshold_policy=youden"
+  run $Y $FT -P learning_rate=1e-4
+  run $Y ${FT/unfrozen_blocks=3/unfrozen_blocks=1} -P learning_rate=1e-4
+  run ${Y/epochs=20/epochs=10} $FT -P warmup_epochs=10 -P warmup_learning_rate=1e-3 -P learning_rate=1e-5
 fi
 # Threshold policies and dihedral TTA replayed on what the IDC cross-validations logged (no training: the
 # fold networks are the logged ones). Run with the code version of those runs (their git commit).
