@@ -6,6 +6,7 @@ import pytest
 from histoflow.errors import ConfigError, WeightsError
 from histoflow.modeling.architectures import (
     BACKBONES,
+    HEAD_LAYERS,
     build_baseline,
     build_cnn_lstm,
     build_fusion,
@@ -59,16 +60,13 @@ def test_every_backbone_has_its_three_taps(name):
     assert widths[0] > widths[-1]  # three scales, finest first
 
 
-HEAD = ("fusion", "head", "probabilities")
-
-
 def _trainable_layers(model) -> set[str]:
     return {w.path.split("/")[0] for w in model.trainable_weights}
 
 
 def test_unfrozen_blocks_trains_the_backbone_from_the_top():
     frozen = build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=0)
-    assert _trainable_layers(frozen) and all(n.startswith(HEAD) for n in _trainable_layers(frozen))
+    assert _trainable_layers(frozen) and all(n.startswith(HEAD_LAYERS) for n in _trainable_layers(frozen))
     # MobileNet's taps: conv_pw_5_relu (stride 8), conv_pw_11_relu (16), conv_pw_13_relu (32).
     last = _trainable_layers(build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=1)) - \
         _trainable_layers(frozen)
@@ -86,7 +84,7 @@ def test_unfrozen_blocks_trains_the_backbone_from_the_top():
 def test_head_without_batchnorm_and_each_optimizer():
     model = build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=0, head_batchnorm=False)
     names = {layer.name for layer in model.layers}
-    assert "fusion1_dense" in names and not any(n.endswith("_bn") and n.startswith(HEAD) for n in names)
+    assert "fusion1_dense" in names and not any(n.endswith("_bn") and n.startswith(HEAD_LAYERS) for n in names)
     for name, cls in {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW,
                       "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}.items():
         compiled = compile_model(build_baseline(32), 3e-4, name)
@@ -148,6 +146,6 @@ def test_head_only_freezes_the_backbone_and_restores_every_flag():
     model = build_fusion("mobilenet", 64, weights="none", alpha=0.5, unfrozen_blocks=1)
     before = {layer.name: layer.trainable for layer in model.layers}
     with head_only(model):
-        assert _trainable_layers(model) and all(n.startswith(HEAD) for n in _trainable_layers(model))
+        assert _trainable_layers(model) and all(n.startswith(HEAD_LAYERS) for n in _trainable_layers(model))
     assert {layer.name: layer.trainable for layer in model.layers} == before
     assert model.get_layer("conv_pw_13").trainable and not model.get_layer("conv_pw_1").trainable

@@ -136,3 +136,5 @@ def test_a_warm_up_trains_the_head_alone_then_the_unfrozen_stages_train(tracking
     assert run.data.metrics["warmup_epochs_run"] == 2 and run.data.metrics["epochs_run"] == 1
     assert run.data.metrics["train_time_s"] > run.data.metrics["warmup_time_s"] > 0
     assert "warmup_train_loss" in run.data.metrics and "train_loss" in run.data.metrics
+    # The run's optimizer parameters are the fine-tuning's, not the warm-up's.
+    assert float(run.data.params["optimizer_learning_rate"]) == pytest.approx(1e-4)

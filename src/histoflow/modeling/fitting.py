@@ -122,7 +122,9 @@ class EpochMetrics(mlflow.keras.MlflowCallback):
 
     With a ``checkpoint`` that restored epochs (a resumed run), training begins by logging those of
     its epochs that MLflow lacks (the process was killed before they were uploaded), each step once.
-    A ``prefix`` names another phase's metrics (``warmup_train_loss``, ...).
+    A ``prefix`` names another phase's metrics (``warmup_train_loss``, ...); such a phase logs only its
+    epochs: the run's optimizer parameters and model summary are its main fit's (a second optimizer's
+    parameters would collide with them, MLflow keeps a parameter's first value).
     """
 
     def __init__(self, batched: bool = False, prefix: str = "") -> None:
@@ -135,7 +137,7 @@ class EpochMetrics(mlflow.keras.MlflowCallback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self.checkpoint is not None and self.checkpoint.restored:
             log_missing_epochs(self.checkpoint.restored, self.prefix)
-        elif not self.batched:
+        elif not self.batched and not self.prefix:
             super().on_train_begin(logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
