@@ -8,8 +8,8 @@ network with `explain` (Grad-CAM overlays in the response); with Macenko stain n
 reference fitted on the request images' folder); with dihedral8 test-time augmentation (8 views per
 image); an ensemble of 5 copies of the network (as `cv -P ensemble=true` with 5 folds); and the
 ensemble with test-time augmentation. The screening is fitted on the request images themselves (its
-cost does not depend on what it was fitted on). Each is loaded with mlflow.pyfunc.load_model and called in-process (the scoring
-server adds the same constant per request; bench/serve_latency.py measures it) with requests of 1 and
+cost does not depend on what it was fitted on). Each is loaded with mlflow.pyfunc.load_model and called in-process
+(the scoring server adds the same constant per request; bench/serve_latency.py measures it) with requests of 1 and
 of 16 real images; latency per request is the median of the repeats, and the ratio to the plain model
 measured in the same run is what to read. Weights do not change the arithmetic, so the networks are
 built untrained (no training in a benchmark about serving).
@@ -71,13 +71,14 @@ def log_options(path: Path, images: list[str], stain: dict) -> dict[str, tuple[s
     out = {}
     example, screened = images[0], screening_file(path, images)
     with mlflow.start_run():
-        single = log_classifier([path], ["benign", "malignant"], SIZE, example, Calibration(1.3, 0.5),
+        single = log_classifier([path], ["benign", "malignant"], SIZE, example, calibration=Calibration(1.3, 0.5),
                                 screenings=[screened], name="single").model_uri
-        unscreened = log_classifier([path], ["benign", "malignant"], SIZE, example, Calibration(1.3, 0.5),
+        unscreened = log_classifier([path], ["benign", "malignant"], SIZE, example, calibration=Calibration(1.3, 0.5),
                                     name="unscreened").model_uri
-        normalised = log_classifier([path], ["benign", "malignant"], SIZE, example, Calibration(1.3, 0.5),
+        normalised = log_classifier([path], ["benign", "malignant"], SIZE, example, calibration=Calibration(1.3, 0.5),
                                     stain_references=[stain], screenings=[screened], name="macenko").model_uri
-        ensemble = log_classifier([path] * MEMBERS, ["benign", "malignant"], SIZE, example, Calibration(1.0, 0.5),
+        ensemble = log_classifier([path] * MEMBERS, ["benign", "malignant"], SIZE, example,
+                                  calibration=Calibration(1.0, 0.5),
                                   member_temperatures=[1.3] * MEMBERS, screenings=[screened] * MEMBERS,
                                   name="ensemble").model_uri
     out["one network"] = (single, {"tta": "none"})

@@ -24,7 +24,6 @@ import numpy as np  # noqa: E402
 
 from histoflow.data.discovery import discover  # noqa: E402
 from histoflow.modeling.architectures import build_baseline  # noqa: E402
-from histoflow.modeling.calibration import Calibration  # noqa: E402
 from histoflow.serving.batch_predict import batch_predict  # noqa: E402
 from histoflow.serving.classifier import log_classifier  # noqa: E402
 
@@ -42,8 +41,7 @@ def main() -> None:
     path = tmp / "baseline.keras"
     build_baseline(args.image_size).save(path)
     with mlflow.start_run():
-        uri = log_classifier([path], dataset.class_names, args.image_size, dataset.frame["path"].iloc[0],
-                             Calibration()).model_uri
+        uri = log_classifier([path], dataset.class_names, args.image_size, dataset.frame["path"].iloc[0]).model_uri
     rows = []
     for engine in ("local", "spark"):
         start = time.perf_counter()

@@ -49,8 +49,8 @@ def measure(config, datasets, n_train: int, tracked: bool, epochs: int) -> float
     if tracked:
         with mlflow.start_run(run_name=f"bench-{config.variant}"):
             # patience > epochs: every epoch runs in both modes.
-            fit(model, train_ds, val_ds, epochs, [EpochMetrics(), timer], None, patience=epochs + 1,
-                lr_patience=epochs + 1)
+            fit(model, train_ds, val_ds, epochs=epochs, extra_callbacks=[EpochMetrics(), timer], class_weight=None,
+                patience=epochs + 1, lr_patience=epochs + 1)
     else:
         model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0, callbacks=[timer])
     return n_train / min(timer.times[1:])  # fastest epoch of this run

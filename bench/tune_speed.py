@@ -63,8 +63,9 @@ def naive_objective(config: tuning.TuneConfig, datasets):
         with mlflow.start_run(run_name=f"naive-{trial.number}", nested=True):
             mlflow.log_params(params)
             try:
-                result = fit(model, train_ds, val_ds, config.trial_epochs,
-                             [epoch_metrics, KerasPruningCallback(trial, METRIC)], None, t.patience, t.lr_patience)
+                result = fit(model, train_ds, val_ds, epochs=config.trial_epochs,
+                             extra_callbacks=[epoch_metrics, KerasPruningCallback(trial, METRIC)], class_weight=None,
+                             patience=t.patience, lr_patience=t.lr_patience)
             finally:
                 epoch_metrics.flush()
         return result.history[METRIC][result.best_epoch - 1]
@@ -106,7 +107,8 @@ def main() -> None:
     dataset, frame = prepared.dataset, prepared.frame
     counts = frame["split"].value_counts()
     print(f"{dataset.name}: {len(frame)} images (train {counts['train']}, val {counts['val']}), "
-          f"{args.image_size} px, {args.backbone}, {args.trial_epochs} epochs per trial, budget {args.budget:.0f} s per mode")
+          f"{args.image_size} px, {args.backbone}, {args.trial_epochs} epochs per trial, "
+          f"budget {args.budget:.0f} s per mode")
 
     rows = []
     with mlflow.start_run(run_name="cached"):

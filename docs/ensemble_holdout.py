@@ -49,7 +49,7 @@ def split(data_dir: str, out: str, folds: int = 5, seed: int = 42) -> None:
     _, held_out = next(splitter.split(frame, frame["label"], frame["group"]))
     part = np.full(len(frame), "dev", dtype=object)
     part[held_out] = "holdout"
-    for (relpath, path), where in zip(frame[["relpath", "path"]].itertuples(index=False), part):
+    for (relpath, path), where in zip(frame[["relpath", "path"]].itertuples(index=False), part, strict=True):
         link = Path(out) / where / relpath
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():

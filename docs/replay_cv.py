@@ -17,7 +17,6 @@ Usage (venv active, MLFLOW_TRACKING_URI pointing at the runs, run where the data
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
 
 import keras
@@ -63,7 +62,7 @@ def replay(parent_id: str, policies: list[str], tta: str = "none") -> tuple[pd.D
                                filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     method = parent.data.params.get("calibration", "temperature")
     rows, pooled = [], {p: [] for p in policies}
-    for fold_id, fold_name in zip(folds.run_id, folds["tags.mlflow.runName"]):
+    for fold_id, fold_name in zip(folds.run_id, folds["tags.mlflow.runName"], strict=True):
         val, test = _table(fold_id, "validation"), _table(fold_id, "test")
         val_raw, test_raw = _raw(fold_id, [val, test], tta)
         for policy in policies:

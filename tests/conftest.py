@@ -1,15 +1,22 @@
-"""Shared fixtures: real data from ../shared, an isolated MLflow store and a seeded Keras cache."""
+"""Shared fixtures: real data from ../shared, an isolated MLflow store and a seeded Keras cache.
+
+Trained models that many test files use are trained once per test run, whichever pytest-xdist worker asks
+first (`build_once`: a file lock in the run's shared temporary folder), and each worker works on its own copy
+of their MLflow store.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +31,7 @@ if not IDC.is_dir() or not BREAKHIS.is_dir():
 
 
 def _seed_keras_home() -> Path:
-    """$KERAS_HOME with the offline MobileNet ImageNet weights in models/, so nothing downloads.
+    """$KERAS_HOME with the offline ImageNet weights in models/, so nothing downloads.
 
     Keras reads KERAS_HOME once, at import, so this runs before any test module imports it; the
     subprocesses (mlflow run) inherit it.
@@ -32,12 +39,93 @@ def _seed_keras_home() -> Path:
     home = Path(tempfile.mkdtemp(prefix="histoflow-keras-home-"))
     (home / "models").mkdir()
     for weights in KERAS_WEIGHTS.glob("*.h5"):
-        shutil.copy(weights, home / "models" / weights.name)
+        (home / "models" / weights.name).symlink_to(weights)
     os.environ["KERAS_HOME"] = str(home)
     return home
 
 
 KERAS_HOME = _seed_keras_home()
+# histoflow's cache (decoded images, checkpoints, features) of this test process and its subprocesses: never the
+# user's, never the working tree.
+os.environ["HISTOFLOW_CACHE"] = tempfile.mkdtemp(prefix="histoflow-cache-")
+
+# The files of the working tree that git does not track (ignored ones included), less what Python and pytest
+# write: taken when the run starts and again when it ends, so that a test that writes into the repository fails
+# the run (a developer's edits of tracked files during the run are not its doing).
+TREE_NOISE = ("__pycache__", ".pytest_cache", ".venv", ".egg-info", ".ruff_cache")
+
+
+def working_tree_state(root: Path = REPO) -> set[str]:
+    """`git status` lines of everything changed, untracked or ignored under `root`."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    return {line for line in out.stdout.splitlines() if not any(noise in line for noise in TREE_NOISE)}
+
+
+def untracked_files(root: Path = REPO) -> set[str]:
+    return {line for line in working_tree_state(root) if line.startswith(("??", "!!"))}
+
+
+def _is_controller(config) -> bool:
+    return not hasattr(config, "workerinput")
+
+
+def pytest_configure(config) -> None:
+    if _is_controller(config) and (REPO / ".git").exists():
+        config.stash[_TREE_KEY] = untracked_files()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if not _is_controller(session.config) or _TREE_KEY not in session.config.stash:
+        return
+    written = untracked_files() - session.config.stash[_TREE_KEY]
+    if written:
+        session.config.get_terminal_writer().line(
+            "the tests wrote into the working tree:\n  " + "\n  ".join(sorted(written)), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_TREE_KEY = pytest.StashKey[set]()
+
+
+# The test files that take longest, longest first: pytest-xdist hands files to its workers in this order, so
+# that no worker is left with a long file at the end (the others, after these, in name order).
+LONGEST_FIRST = ("test_workflow.py", "test_project.py", "test_resume.py", "test_tuning.py", "test_team_server.py",
+                 "test_training_run.py", "test_screening.py", "test_tuning_distributed.py", "test_app.py",
+                 "test_cross_validation.py", "test_serving.py", "test_spark_predict.py", "test_registry.py",
+                 "test_distributed_training.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path.name))
+
+
+def shared_folder(tmp_path_factory) -> Path:
+    """The temporary folder of the whole run: every xdist worker's base folder is inside it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(tmp_path_factory, name: str, build: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """`build(folder)` run once for the whole test run, by the first worker that asks, under a file lock; the
+    others wait and read its result (JSON). A failed build fails every test that asks, with its error."""
+    from filelock import FileLock
+
+    folder = shared_folder(tmp_path_factory) / name
+    result, failure = folder / "result.json", folder / "failure.txt"
+    with FileLock(f"{folder}.lock"):
+        if failure.is_file():
+            pytest.fail(f"building {name} failed in another worker:\n{failure.read_text()}")
+        if not result.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                value = build(folder)
+            except BaseException as exc:
+                failure.write_text(f"{type(exc).__name__}: {exc}")
+                raise
+            result.write_text(json.dumps(value))
+    return folder, json.loads(result.read_text())
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -113,13 +201,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_EMPTY_STORE: list[Path] = []
+
+
+def new_sqlite_database(path: Path) -> None:
+    """An empty MLflow SQLite database at `path`: a copy of one made once per process (MLflow creates and
+    migrates the tables of a new database for ~2 s), its Default experiment's artifacts in `path`'s folder."""
+    import sqlite3
+
+    if not _EMPTY_STORE:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        template = Path(tempfile.mkdtemp(prefix="histoflow-empty-store-")) / "mlflow.db"
+        SqlAlchemyStore(f"sqlite:///{template}", str(template.parent / "mlruns")).engine.dispose()
+        _EMPTY_STORE.append(template)
+    shutil.copy(_EMPTY_STORE[0], path)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (str(path.parent / "mlruns" / "0"),))
+
+
 @contextlib.contextmanager
 def sqlite_store(root: Path) -> Iterator[str]:
-    """MLflow pointed at a SQLite store in `root`, which is also the working folder, until the block ends
-    (for fixtures wider than a test, which cannot use `monkeypatch`); yields the store's URI."""
+    """MLflow pointed at a SQLite store in `root` (a new one unless there is one), which is also the working
+    folder, until the block ends (for fixtures wider than a test, which cannot use `monkeypatch`); yields the
+    store's URI."""
     import mlflow
 
+    if not (root / "mlflow.db").exists():
+        new_sqlite_database(root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.chdir(root)
@@ -128,42 +240,62 @@ def sqlite_store(root: Path) -> Iterator[str]:
         yield uri
     finally:
         mp.undo()
+        mlflow.set_tracking_uri(previous)
+
+
+# The small trained models of the registry, serving, page, container and Spark tests (BreakHis, 60 images, 32 px):
+# the baseline with a Youden threshold, dihedral test-time augmentation and Macenko stain normalisation (so that
+# the served decision is neither the argmax nor a single view of the raw colours), 2 epochs; the augmented CNN
+# and the CNN + LSTM as the reports trained them, 1 epoch. test_project checks their runs as it checks the
+# `mlflow run` ones.
+TINY_SETTINGS = {"data_dir": str(BREAKHIS), "max_images": 60, "image_size": 32, "batch_size": 16,
+                 "gradcam_per_class": 1, "experiment": "tiny", "bootstrap": 200}
+TINY_RUNS = {"baseline": {"epochs": 2, "threshold_policy": "youden", "tta": "dihedral8", "stain_norm": "macenko"},
+             "augmented": {"epochs": 1}, "cnn_lstm": {"epochs": 1}}
+
+
+def _train_tiny_store(folder: Path) -> dict[str, str]:
+    import mlflow
+
+    from histoflow.modeling import training_run
+    from histoflow.modeling.variants import make_train_config
+    from histoflow.registry.selection import classifier_uri
+
+    runs = {}
+    with sqlite_store(folder):
+        for variant, settings in TINY_RUNS.items():
+            runs[variant] = training_run.run(make_train_config(variant, **TINY_SETTINGS, **settings))
+            classifier_uri(mlflow.get_run(runs[variant]))  # the serving model, logged once for every worker
+    forget_experiment()
+    return runs
 
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
-    """A SQLite store with two small trained BreakHis models (baseline and augmented, 32 px, 1 epoch; the
-    baseline with a Youden threshold, dihedral test-time augmentation and Macenko stain normalisation, so
-    that the served decision is neither the argmax nor a single view of the raw colours).
+    """The tiny models' SQLite store: trained once per test run; this worker's own copy of its database (the
+    artifacts stay shared: runs and models added here get artifact folders of their own).
 
-    Session-scoped: the registry, serving and docker tests share it. Returns (root, uri, run ids).
-    """
-    from histoflow.modeling import training_run
-    from histoflow.modeling.variants import make_train_config
-
+    Returns (root, uri, {variant: run id}); root is this worker's folder, also the store's working folder."""
+    folder, runs = build_once(tmp_path_factory, "tiny-store", _train_tiny_store)
     root = tmp_path_factory.mktemp("registry-store")
-    runs = {}
-    with sqlite_store(root) as uri:
-        for variant, policy, tta, stain in (("baseline", "youden", "dihedral8", "macenko"),
-                                            ("augmented", "argmax", "none", "none")):
-            config = make_train_config(variant, data_dir=str(BREAKHIS), max_images=60, epochs=1, image_size=32,
-                                       batch_size=16, gradcam_per_class=1, experiment="tiny",
-                                       threshold_policy=policy, tta=tta, stain_norm=stain, bootstrap=200)
-            runs[variant] = training_run.run(config)
-    forget_experiment()
-    return root, uri, runs
+    shutil.copy(folder / "mlflow.db", root / "mlflow.db")
+    return root, f"sqlite:///{root / 'mlflow.db'}", runs
 
 
 @pytest.fixture
 def use_store(tiny_store, monkeypatch):
+    """The tiny store as the tracking store and `tiny` as the experiment, for one test (the previous tracking
+    URI back afterwards: a module's own store stays its own)."""
     root, uri, runs = tiny_store
     import mlflow
 
+    previous = mlflow.get_tracking_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tiny")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("tiny")
-    return tiny_store
+    yield tiny_store
+    mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture(scope="session")
@@ -193,6 +325,28 @@ def classifier(tiny_store, registered_classifier):
     model_dir = mlflow.artifacts.download_artifacts(registered_classifier, dst_path=str(root / "classifier"))
     _, split, _ = run_split(mlflow.get_run(runs["baseline"]))
     return model_dir, split
+
+
+@pytest.fixture(scope="session")
+def scoring_server(classifier, tiny_store):
+    """`mlflow models serve` of the tiny baseline's serving model, as a user starts it (one worker), for every
+    test of this process that scores over HTTP; its URL."""
+    import signal
+
+    model_dir, _ = classifier
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_dir, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tiny_store[1]}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/ping", process)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn workers
+        process.wait(timeout=30)
 
 
 def wait_for(url: str, process, timeout: float = 120.0) -> None:
@@ -266,9 +420,9 @@ def postgres_url():
     with admin.connect() as connection:
         owned = connection.execute(sqlalchemy.text("SELECT datname FROM pg_database WHERE starts_with(datname, :name)"),
                                    {"name": name}).scalars().all()
-        for database in owned:  # FORCE: a killed worker's connections may linger
-            connection.execute(sqlalchemy.text(f'DROP DATABASE "{database}" WITH (FORCE)'))
     admin.dispose()
+    for database in owned:  # FORCE: a killed worker's connections, or autovacuum's, may linger (superuser only)
+        _postgres_superuser(f'DROP DATABASE "{database}" WITH (FORCE)')
 
 
 def postgres_database(postgres_url: str, suffix: str) -> str:

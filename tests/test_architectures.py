@@ -18,10 +18,10 @@ from histoflow.modeling.architectures import (
 
 def test_baseline_is_the_reports_cnn():
     model = build_baseline(128)
-    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert [c.filters for c in convs] == [32, 64, 128]
     assert all(c.kernel_size == (3, 3) and c.activation.__name__ == "relu" for c in convs)
-    assert sum(isinstance(l, keras.layers.MaxPooling2D) for l in model.layers) == 3
+    assert sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers) == 3
     assert model.get_layer("dense").units == 128 and model.get_layer("dropout").rate == 0.5
     assert model.output.shape[-1] == 2 and model.get_layer("probabilities").activation.__name__ == "softmax"
 
@@ -113,8 +113,24 @@ def test_missing_imagenet_weights_name_the_file_and_cache(keras_home):
         build_fusion("densenet121", 64, weights="imagenet")
     message = str(err.value)
     assert "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
-    assert str(keras_home / "models") in message
+    assert str(keras_home / "models") in message and "could not download" in message
+    assert err.value.__cause__ is not None  # Keras's own error, for the traceback
     assert imagenet_weights_file("mobilenet", 128, 0.75) == "mobilenet_7_5_224_tf_no_top.h5"
+
+
+def test_a_damaged_cached_weights_file_is_not_called_a_failed_download(keras_home):
+    """A file in Keras's cache that does not load (cut short, another model's) is named as such, with its cause;
+    it is not reported as a download that failed."""
+    damaged = keras_home / "models" / imagenet_weights_file("mobilenet", 64, 0.5)
+    damaged.write_bytes(b"\x89HDF\r\n\x1a\n cut short")
+    try:
+        with pytest.raises(WeightsError) as err:
+            build_fusion("mobilenet", 64, weights="imagenet", alpha=0.5)
+    finally:
+        damaged.unlink()
+    message = str(err.value)
+    assert f"cached file {damaged}" in message and "damaged" in message and "download it" not in message.split("(")[0]
+    assert "could not download" not in message and err.value.__cause__ is not None
 
 
 def test_bad_backbone_parameters():
@@ -129,7 +145,8 @@ def test_bad_backbone_parameters():
 
 
 def test_fine_tuning_keeps_the_pretrained_batchnorm_statistics(keras_home):
-    model = compile_model(build_fusion("mobilenet", 64, weights="imagenet", alpha=0.75, unfrozen_blocks=3), 1e-2, "adam")
+    model = compile_model(build_fusion("mobilenet", 64, weights="imagenet", alpha=0.75, unfrozen_blocks=3), 1e-2,
+                          "adam")
     bn, conv = model.get_layer("conv_pw_13_bn"), model.get_layer("conv_pw_13")
     moving_mean, kernel = bn.moving_mean.numpy().copy(), conv.kernel.numpy().copy()
     images = np.random.default_rng(0).uniform(0, 1, (8, 64, 64, 3)).astype("float32")

@@ -60,10 +60,12 @@ def test_intervals_of_rates_stay_within_0_and_1():
 
 @pytest.fixture(scope="module")
 def cv_store(tmp_path_factory):
-    """Two cross-validations on the same folds (2 folds, 2 repeats): the baseline and the augmented CNN."""
+    """Two cross-validations on the same folds (2 folds, 1 repeat): the baseline and the augmented CNN.
+    Repeats are checked without training (test_folds_hold_out_every_patient_once_per_repeat,
+    test_pooled_results_of_several_repeats_are_their_mean)."""
     root = tmp_path_factory.mktemp("cv")
     with sqlite_store(root):
-        yield root, {v: cross_validation.run(cross_validation.make_cv_config(v, **TINY, folds=2, repeats=2,
+        yield root, {v: cross_validation.run(cross_validation.make_cv_config(v, **TINY, folds=2, repeats=1,
                                                                              experiment="cv"))
                      for v in ("baseline", "augmented")}
 
@@ -75,7 +77,7 @@ def test_cv_run_nests_folds_and_aggregates_them(cv_store):
     parent = client.get_run(parent_id)
     children = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     m = parent.data.metrics
     for name in ("accuracy", "roc_auc", "balanced_accuracy", "ece", "ece_uncalibrated"):  # calibration: both
         values = [c.data.metrics[f"test_{name}"] for c in children]
@@ -86,11 +88,11 @@ def test_cv_run_nests_folds_and_aggregates_them(cv_store):
     # The cost of the whole cross-validation: compare shows it beside single runs'.
     assert m["train_time_s"] == pytest.approx(sum(c.data.metrics["train_time_s"] for c in children))
     assert m["n_params"] == children[0].data.metrics["n_params"] > 0
-    oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path=cross_validation.OOF_ARTIFACT))
+    oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id,
+                                                          artifact_path=cross_validation.OOF_ARTIFACT))
     split = discover(BREAKHIS, max_images=80, seed=42).frame
-    for repeat in (0, 1):
-        part = oof[oof["repeat"] == repeat]
-        assert sorted(part["relpath"]) == sorted(split["relpath"])  # each image exactly once per repeat
+    assert set(oof["repeat"]) == {0}
+    assert sorted(oof["relpath"]) == sorted(split["relpath"])  # each image exactly once
     assert oof["probability"].between(0, 1).all()
     assert set(oof["fold_run_id"]) == {c.info.run_id for c in children}
     artifacts = {a.path for a in client.list_artifacts(parent_id, "cv")}
@@ -108,7 +110,7 @@ def test_compare_shows_cross_validations_and_pairs_them(cv_store):
     assert list(table["Kind"]) == ["cv", "cv"]  # the fold runs are parts, not rows
     row = table.set_index("run_id").loc[runs["baseline"]]
     assert row["AUC"] == pytest.approx(mlflow.get_run(runs["baseline"]).data.metrics["cv_test_roc_auc_mean"])
-    assert "±" in comparison.to_markdown(table) and row["Split"] == "patient 2-fold CV x2"
+    assert "±" in comparison.to_markdown(table) and row["Split"] == "patient 2-fold CV x1"
     assert row["Params"] > 0 and row["Train time (s)"] > 0
     # Both are the baseline CNN: the table says what differs between them.
     assert table.set_index("run_id")["Settings"].to_dict() == {runs["baseline"]: "augment=none",
@@ -118,7 +120,7 @@ def test_compare_shows_cross_validations_and_pairs_them(cv_store):
     pair = pairs.iloc[0]
     assert {pair["A"], pair["B"]} == {f"{n} (augment={a})" for n, a in
                                       zip(table.set_index("run_id").loc[[runs["baseline"], runs["augmented"]], "Run"],
-                                          ("none", "seed"))}
+                                          ("none", "seed"), strict=True)}
     for name in ("roc_auc", "balanced_accuracy"):
         assert pair[f"{name} low"] <= pair[f"{name} difference"] <= pair[f"{name} high"]
         assert 0 <= pair[f"{name} p"] <= 1
@@ -174,3 +176,24 @@ def test_pooled_patient_calls_use_each_folds_threshold(tracking_uri):
     with mlflow.start_run():
         pooled = cross_validation._log_pooled(oof, ["benign", "malignant"])
     assert pooled["oof_patient_accuracy"] == 1.0
+
+
+def test_pooled_results_of_several_repeats_are_their_mean(tracking_uri):
+    """Out-of-fold metrics of a repeated cross-validation: each repeat pooled over its folds, then the mean."""
+    rng = np.random.default_rng(3)
+    one = pd.DataFrame({"patient": np.repeat(list("abcdefgh"), 5), "label": np.repeat([0, 1] * 4, 5),
+                        "fold": np.repeat([0, 1] * 4, 5)})
+    repeats = []
+    for repeat in (0, 1):
+        part = one.assign(repeat=repeat, probability=np.clip(one["label"] * 0.3 + rng.random(len(one)) * 0.7, 0, 1),
+                          threshold=0.5)
+        repeats.append(part.assign(predicted=(part["probability"] >= 0.5).astype(int)))
+    with mlflow.start_run():
+        pooled = cross_validation._log_pooled(pd.concat(repeats, ignore_index=True), ["benign", "malignant"])
+        singles = []
+        for part in repeats:
+            with mlflow.start_run(nested=True):
+                singles.append(cross_validation._log_pooled(part, ["benign", "malignant"]))
+    for name in ("oof_roc_auc", "oof_balanced_accuracy", "oof_accuracy", "oof_patient_accuracy", "oof_ece"):
+        assert pooled[name] == pytest.approx(np.mean([s[name] for s in singles])), name
+    assert singles[0]["oof_roc_auc"] != pytest.approx(singles[1]["oof_roc_auc"])  # two different repeats

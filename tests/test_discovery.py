@@ -105,7 +105,7 @@ def test_groups_csv_gives_patients(tmp_path):
         rows.append({"path": f"{cls}/image{i}.png", "group": f.parent.parent.name})
     pd.DataFrame(rows).to_csv(tmp_path / "groups.csv", index=False)
     ds = discover(tmp_path, layout="folders")
-    assert dict(zip(ds.frame["relpath"], ds.frame["patient"])) == {r["path"]: r["group"] for r in rows}
+    assert dict(zip(ds.frame["relpath"], ds.frame["patient"], strict=True)) == {r["path"]: r["group"] for r in rows}
 
 
 def test_corrupt_and_fake_images_are_reported_and_skipped(tmp_path):
@@ -122,7 +122,7 @@ def test_corrupt_and_fake_images_are_reported_and_skipped(tmp_path):
     empty.parent.mkdir(exist_ok=True)
     empty.write_bytes(b"")
     ds = discover(tmp_path)
-    skipped = dict(zip(ds.skipped["relpath"], ds.skipped["reason"]))
+    skipped = dict(zip(ds.skipped["relpath"], ds.skipped["reason"], strict=True))
     assert set(skipped) == {str(p.relative_to(tmp_path)) for p in (victim, fake, empty)}
     assert "truncated" in skipped[str(victim.relative_to(tmp_path))]
     assert "not an image" in skipped[str(fake.relative_to(tmp_path))]

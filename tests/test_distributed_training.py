@@ -59,14 +59,15 @@ def test_the_distributed_loop_takes_the_steps_keras_fit_takes():
     expected = reference.fit(data, validation_data=data, epochs=3, class_weight=weights, verbose=0, shuffle=False)
     model = _small_model(3)
     history = distributed.fit(model, tf.distribute.get_strategy(), data, data, 3, [], weights)
-    for got, want in zip(model.get_weights(), reference.get_weights()):
+    for got, want in zip(model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(history["val_loss"], expected.history["val_loss"], atol=1e-5)
     assert set(history) == {"loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"}
 
 
 def test_a_multi_worker_run_cannot_be_resumed_and_fails_before_connecting(tracking_uri, monkeypatch):
-    monkeypatch.setenv("TF_CONFIG", _tf_config([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"], 0)["TF_CONFIG"])
+    workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    monkeypatch.setenv("TF_CONFIG", _tf_config(workers, 0)["TF_CONFIG"])
     with pytest.raises(ConfigError, match="cannot be resumed"):
         training_run.run(make_train_config("baseline", **SETTINGS, resume="0123abcd"))
     with pytest.raises(ConfigError, match="a multi-worker run has no head warm-up"):
@@ -98,7 +99,8 @@ def test_two_workers_train_one_run_and_end_with_identical_weights(tracking_uri, 
     assert printed, outputs[1][-3000:]
     assert run.data.tags["histoflow.weights_sha256"] == printed.group(1)
     # The model the chief saved is the one both workers trained.
-    keras_dir = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=training_run.KERAS_ARTIFACT_DIR)
+    keras_dir = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                    artifact_path=training_run.KERAS_ARTIFACT_DIR)
     saved = keras.saving.load_model(next(os.path.join(keras_dir, f) for f in os.listdir(keras_dir)), compile=False)
     assert distributed.weights_digest(saved) == printed.group(1)
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
@@ -107,7 +109,8 @@ def test_two_workers_train_one_run_and_end_with_identical_weights(tracking_uri, 
 
 
 def test_cv_and_tune_refuse_a_cluster(monkeypatch):
-    from histoflow.modeling.cross_validation import make_cv_config, run as run_cv
+    from histoflow.modeling.cross_validation import make_cv_config
+    from histoflow.modeling.cross_validation import run as run_cv
     from histoflow.tuning import study
 
     monkeypatch.setenv("TF_CONFIG", _tf_config(["127.0.0.1:1", "127.0.0.1:2"], 0)["TF_CONFIG"])

@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 
-from conftest import BREAKHIS, IDC, idc_patient_dirs, run_cli
+from conftest import BREAKHIS, IDC, idc_patient_dirs
 from histoflow.data.discovery import discover
 from histoflow.data.download import MARKER, download, download_state, ensure_dataset
 from histoflow.errors import DataError
@@ -45,10 +45,11 @@ def _closed_port() -> int:
 
 
 def test_download_entry_point_fetches_verifies_and_extracts(server, tmp_path):
+    from histoflow.cli import main
+
     dest = tmp_path / "breakhis"
-    result = run_cli("download", "--dataset", "breakhis", "--url", f"{server}/BreaKHis_v1.tar.gz",
-                     "--dest", str(dest))
-    assert result.returncode == 0, result.stderr
+    assert main(["download", "--dataset", "breakhis", "--url", f"{server}/BreaKHis_v1.tar.gz",
+                 "--dest", str(dest)]) == 0
     assert not (dest / "BreaKHis_v1.tar.gz").exists()  # the archive is removed after extraction
     ds = discover(dest)
     assert ds.layout == "breakhis" and len(ds.frame) == len(sorted(BREAKHIS.rglob("*.png"))[::25])
@@ -120,3 +121,12 @@ def test_download_never_writes_into_a_folder_of_someone_elses(server, tmp_path):
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     # A folder the user filled by hand (no marker) is used as it is, never downloaded over.
     assert ensure_dataset(mine) == mine
+
+
+def test_the_readme_names_the_archives_download_fetches():
+    from conftest import REPO
+    from histoflow.data.download import ARCHIVES
+
+    readme = (REPO / "README.md").read_text()
+    for archive in ARCHIVES.values():
+        assert f"`{archive.url}`" in readme and archive.homepage in readme

@@ -74,7 +74,6 @@ def test_conda_yaml_describes_the_pyproject_environment():
     """Users with conda get the environment the tests ran in: every runtime requirement, at a version
     pyproject allows."""
     import tomllib
-
     from packaging.requirements import Requirement
     from packaging.version import Version
 
@@ -89,3 +88,27 @@ def test_conda_yaml_describes_the_pyproject_environment():
         assert required.name in pinned, f"conda.yaml lacks {required.name}"
         pins = [s.version for s in pinned[required.name].specifier if s.operator == "=="]
         assert all(Version(v) in required.specifier for v in pins), (required, pinned[required.name])
+
+
+def test_ci_installs_the_pinned_versions_pyproject_allows():
+    """.ci/run installs with constraints.txt: every requirement of the package and its extras is pinned there,
+    at a version pyproject allows, so that a release elsewhere cannot change what a landing is tested with."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    assert "-c constraints.txt" in (REPO / ".ci" / "run").read_text()
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = Version(version.strip())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for line in project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]:
+        required = Requirement(line)
+        if required.marker is not None and not required.marker.evaluate():
+            continue  # another platform's
+        name = canonicalize_name(required.name)
+        assert name in pins, f"constraints.txt lacks {required.name}"
+        assert pins[name] in required.specifier, (required, pins[name])

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import BREAKHIS, IDC
-from histoflow.errors import ImageDecodeError
-from histoflow.data.pipeline import cache_images, make_dataset
 from histoflow.data.images import decode_image, preprocess_bytes
+from histoflow.data.pipeline import cache_images, make_dataset
+from histoflow.errors import ImageDecodeError
 
 IDC_FILE = next((IDC / "10253" / "0").glob("*.png"))
 BREAKHIS_ORIGINAL = next(BREAKHIS.rglob("SOB_B_A-14-22549AB-40-001.png"))
@@ -46,14 +46,14 @@ def test_bad_bytes_raise_clear_errors():
 def test_resize_and_scale_shape_and_range():
     out = preprocess_bytes(IDC_FILE.read_bytes(), 128)
     assert out.shape == (128, 128, 3) and out.dtype == np.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0 and out.std() > 0.01
+    assert out.min() >= 0.0 and out.max() <= 1.0 and out.std() > 0.01
 
 
 def test_pipeline_matches_the_serving_preprocessing():
     """No training/serving skew: the tf.data batch equals preprocess_bytes of the same files."""
     files = [IDC_FILE, BREAKHIS_ORIGINAL]
     batch, labels = next(iter(make_dataset([str(f) for f in files], [0, 1], 96, batch_size=2)))
-    for image, f in zip(batch.numpy(), files):
+    for image, f in zip(batch.numpy(), files, strict=True):
         np.testing.assert_allclose(image, preprocess_bytes(f.read_bytes(), 96), atol=1e-6)
     assert labels.numpy().tolist() == [[1, 0], [0, 1]]
 

@@ -60,7 +60,8 @@ def test_the_validator_rejects_what_kubernetes_would():
 
 def test_deployment_serves_the_image_on_its_port_with_ping_probes_and_one_worker_per_cpu():
     manifests = _by_kind("serve")
-    deployment, service, autoscaler = manifests["Deployment"], manifests["Service"], manifests["HorizontalPodAutoscaler"]
+    deployment, service = manifests["Deployment"], manifests["Service"]
+    autoscaler = manifests["HorizontalPodAutoscaler"]
     pod = deployment["spec"]["template"]
     container = pod["spec"]["containers"][0]
     assert container["ports"][0]["containerPort"] == SERVING_PORT

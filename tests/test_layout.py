@@ -44,3 +44,10 @@ def test_the_cards_folders_hold_what_the_code_reads():
     assert (REPO / DEFAULT_POLICY).is_file() and DEFAULT_POLICY.startswith("registry/")
     for folder in ("tuning", "registry", "docker"):
         assert (REPO / folder / "README.md").is_file()
+
+
+def test_the_code_passes_the_linter():
+    """ruff, configured in pyproject.toml (pycodestyle, pyflakes, import order, bugbear, pyupgrade, simplify)."""
+    result = subprocess.run([str(Path(sys.executable).with_name("ruff")), "check", "--no-cache", "src", "tests",
+                             "bench", "docs"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]

@@ -71,3 +71,32 @@ def test_paired_bootstrap_by_construction():
                                      (np.tile(perfect, 2), np.tile(perfect >= 0.5, 2)),
                                      (np.tile(coin, 2), np.tile(coin >= 0.5, 2)), resamples=50)
     assert twice["roc_auc"][0] == pytest.approx(difference)
+
+
+def test_resampled_metrics_are_scikit_learns_on_the_resampled_rows():
+    """Each resample scored as weights equals scikit-learn on that resample's rows (ties in the scores, resamples
+    of one class, a row drawn several times), so the intervals are those of the rows."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    from histoflow.modeling.metrics import resample_weights, weighted_auc, weighted_decisions
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(12), rng.integers(1, 5, 12))
+    y = np.isin(patients, [0, 5]).astype(int)  # two malignant patients of 12: some resamples hold none
+    p = np.round(rng.random(len(patients)), 1)  # ties
+    weights = resample_weights(patients, 300, seed=1)
+    assert weights.shape == (300, len(patients)) and (weights.sum(axis=1) > 0).all()
+    auc, decided = weighted_auc(y, p, weights), weighted_decisions(y, p >= 0.5, weights)
+    one_class = 0
+    for k, w in enumerate(weights):
+        rows = np.repeat(np.arange(len(y)), w)
+        yr, pr = y[rows], p[rows]
+        assert decided["accuracy"][k] == pytest.approx(accuracy_score(yr, pr >= 0.5))
+        assert decided["f1"][k] == pytest.approx(f1_score(yr, pr >= 0.5, zero_division=0))
+        if len(np.unique(yr)) == 2:
+            assert auc[k] == pytest.approx(roc_auc_score(yr, pr))
+            assert decided["balanced_accuracy"][k] == pytest.approx(balanced_accuracy_score(yr, pr >= 0.5))
+        else:
+            one_class += 1
+            assert np.isnan(auc[k]) and np.isnan(decided["balanced_accuracy"][k])
+    assert one_class > 0  # the case was met

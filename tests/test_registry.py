@@ -222,7 +222,7 @@ def test_batch_predict_gives_each_patient_its_majority_label(use_store, classifi
     assert len(chosen) == 2
     batch_predict(model_uri, str(folder), str(tmp_path / "out"))
     patients = pd.read_csv(tmp_path / "out" / "patients.csv", dtype={"patient": str})
-    assert dict(zip(patients["patient"], patients["true_label"])) == chosen
+    assert dict(zip(patients["patient"], patients["true_label"], strict=True)) == chosen
     scored = pd.read_csv(tmp_path / "out" / "predictions.csv", dtype={"patient": str})
     for row in patients.itertuples():
         mine = scored[scored["patient"] == row.patient]

@@ -1,5 +1,6 @@
 """A training run killed mid-way and resumed: only the missing epochs train, every metric step once."""
 
+import contextlib
 import json
 import os
 import signal
@@ -8,16 +9,19 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import mlflow
 import pytest
 
-from conftest import BREAKHIS, free_port, run_cli, wait_for
+from conftest import BREAKHIS, free_port, new_sqlite_database, wait_for
 from histoflow.errors import ConfigError
 from histoflow.modeling import training_run
 from histoflow.modeling.variants import make_train_config
 
 SETTINGS = {"data_dir": str(BREAKHIS), "max_images": 240, "image_size": 64, "batch_size": 16, "epochs": 4,
             "patience": 10, "lr_patience": 10, "gradcam_per_class": 0, "bootstrap": 0}
+# The outage tests stop the training while the server goes away: their epochs need not be slow.
+OUTAGE_SETTINGS = {**SETTINGS, "max_images": 120, "image_size": 32}
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate")
 
 
@@ -52,18 +56,31 @@ def _kill_after_epochs(settings: dict, checkpoints: Path, epochs: int, env: dict
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_from_its_last_epoch_and_logs_each_step_once(tracking_uri, tmp_path):
+def test_a_killed_run_resumes_from_its_last_epoch_and_only_as_itself(tracking_uri, tmp_path, capfd):
+    """Killed after 2 of 4 epochs: a resume that cannot continue (no such run, other settings, no checkpoint)
+    fails and changes nothing; the resume trains epochs 3 and 4 only, in the same run, each step logged once."""
     checkpoints = tmp_path / "checkpoints"
     settings = {**SETTINGS, "checkpoint_dir": str(checkpoints), "image_cache": str(tmp_path / "images")}
+    with pytest.raises(ConfigError, match="there is no run 0123abcd"):
+        training_run.run(make_train_config("baseline", **settings, resume="0123abcd"))
     run_id = _kill_after_epochs(settings, checkpoints, 2, {"MLFLOW_TRACKING_URI": tracking_uri})
-    assert mlflow.get_run(run_id).info.status == "RUNNING"  # killed: nobody ended it
+    before = mlflow.get_run(run_id)
+    assert before.info.status == "RUNNING"  # killed: nobody ended it
+    files = sorted(p.name for p in (checkpoints / run_id).iterdir())
+    with pytest.raises(ConfigError, match=r"other settings \(learning_rate=0.001 there, 0.01 here\)"):
+        training_run.run(make_train_config("baseline", **settings, learning_rate=0.01, resume=run_id))
+    with pytest.raises(ConfigError, match="has no checkpoint in"):
+        training_run.run(make_train_config("baseline", **{**settings, "checkpoint_dir": str(tmp_path / "x")},
+                                           resume=run_id))
+    after = mlflow.get_run(run_id)
+    assert after.data.to_dictionary() == before.data.to_dictionary() and after.info.status == before.info.status
+    assert sorted(p.name for p in (checkpoints / run_id).iterdir()) == files
 
-    out = run_cli("train", "--variant", "baseline", *_args(settings), "--resume", run_id,
-                  env={"MLFLOW_TRACKING_URI": tracking_uri})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "Epoch 3/4" in out.stdout and "Epoch 4/4" in out.stdout
-    assert "Epoch 1/4" not in out.stdout and "Epoch 2/4" not in out.stdout  # only epochs 3-4 trained
-
+    capfd.readouterr()
+    assert training_run.run(make_train_config("baseline", **settings, resume=run_id)) == run_id
+    out = capfd.readouterr().out
+    assert "Epoch 3/4" in out and "Epoch 4/4" in out
+    assert "Epoch 1/4" not in out and "Epoch 2/4" not in out  # only epochs 3-4 trained
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["histoflow.resumed_at_epoch"] in ("2", "3")
     client = mlflow.MlflowClient()
@@ -77,38 +94,39 @@ def test_a_killed_run_resumes_from_its_last_epoch_and_logs_each_step_once(tracki
     assert not (checkpoints / run_id).exists()  # the finished run's checkpoint is removed
 
 
-@pytest.mark.slow
-def test_a_resume_that_cannot_continue_fails_and_changes_nothing(tracking_uri, tmp_path):
-    checkpoints = tmp_path / "checkpoints"
-    settings = {**SETTINGS, "checkpoint_dir": str(checkpoints), "image_cache": str(tmp_path / "images")}
-    with pytest.raises(ConfigError, match="there is no run 0123abcd"):
-        training_run.run(make_train_config("baseline", **settings, resume="0123abcd"))
-    run_id = _kill_after_epochs(settings, checkpoints, 1, {"MLFLOW_TRACKING_URI": tracking_uri})
-    before = mlflow.get_run(run_id)
-    files = sorted(p.name for p in (checkpoints / run_id).iterdir())
+class _Server:
+    """`mlflow server` on a SQLite store and a local artifact folder, stopped and started again on its port."""
 
-    with pytest.raises(ConfigError, match=r"other settings \(learning_rate=0.001 there, 0.01 here\)"):
-        training_run.run(make_train_config("baseline", **settings, learning_rate=0.01, resume=run_id))
-    with pytest.raises(ConfigError, match="has no checkpoint in"):
-        training_run.run(make_train_config("baseline", **{**settings, "checkpoint_dir": str(tmp_path / "x")},
-                                           resume=run_id))
-    after = mlflow.get_run(run_id)
-    assert after.data.to_dictionary() == before.data.to_dictionary() and after.info.status == before.info.status
-    assert sorted(p.name for p in (checkpoints / run_id).iterdir()) == files
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        new_sqlite_database(root / "server.db")
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
 
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        wait_for(f"{self.uri}/health", self.process)
 
-def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(f"http://127.0.0.1:{port}/health", process)
-    return process
+    def stop(self) -> None:
+        """Gone: the server and its workers. A graceful stop waits for open requests, and a training held with
+        SIGSTOP holds its connection open: after a few seconds the server is killed."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # what is left of it, workers included
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    process.wait(timeout=60)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = _Server(tmp_path_factory.mktemp("server"))
+    server.start()
+    yield server
+    server.stop()
 
 
 def _assert_each_step_once(uri: str, run_id: str, epochs: int) -> None:
@@ -119,52 +137,72 @@ def _assert_each_step_once(uri: str, run_id: str, epochs: int) -> None:
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-@pytest.mark.slow
-def test_training_goes_on_through_a_tracking_server_outage(tmp_path):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(tmp_path, port)
-    checkpoints = tmp_path / "checkpoints"
-    settings = {**SETTINGS, "checkpoint_dir": str(checkpoints), "image_cache": str(tmp_path / "images")}
-    training = _train_until(settings, checkpoints, 1, {"MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    try:
-        _stop(server)  # gone after epoch 1 ...
-        time.sleep(20)
-        server = _mlflow_server(tmp_path, port)  # ... and back ~20 s later
-        out, _ = training.communicate(timeout=900)
-        assert training.returncode == 0, out[-3000:]
-        run_id = out.rsplit("(run ", 1)[1].split(")")[0]
-        _assert_each_step_once(uri, run_id, 4)
-    finally:
-        training.kill()
-        _stop(server)
+def _wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None and time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+# Without retries, MLflow's asynchronous logging gives up on an epoch at once: what it does after minutes of
+# retries in a long outage (7.5 minutes lost every epoch of a run that still ended FINISHED).
+NO_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def _held_after_first_epoch(settings: dict, waits: tuple[str, str], server: _Server, tmp_path: Path):
+    """Two trainings against the server, each held (SIGSTOP) as soon as its first epoch is saved; their
+    checkpoint folders, settings and processes."""
+    held = []
+    for name, wait in zip(("waits", "gives-up"), waits, strict=True):
+        checkpoints = tmp_path / name / "checkpoints"
+        run = {**settings, "checkpoint_dir": str(checkpoints), "image_cache": str(tmp_path / name / "images")}
+        env = {"MLFLOW_TRACKING_URI": server.uri, **NO_RETRIES, "HISTOFLOW_TRACKING_WAIT": wait}
+        training = _train_until(run, checkpoints, 1, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        training.send_signal(signal.SIGSTOP)
+        held.append((checkpoints, run, training))
+    return held
 
 
 @pytest.mark.slow
-def test_a_server_down_for_good_keeps_the_training_and_a_resume_uploads_it(tmp_path):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(tmp_path, port)
-    checkpoints = tmp_path / "checkpoints"
-    settings = {**SETTINGS, "checkpoint_dir": str(checkpoints), "image_cache": str(tmp_path / "images")}
-    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    training = _train_until(settings, checkpoints, 1, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def test_a_tracking_outage_loses_no_metric_and_a_server_down_for_good_keeps_the_training(server, tmp_path,
+                                                                                        monkeypatch):
+    """The server goes away after the first epoch of two trainings and comes back only after both have ended:
+    the one that waits for it (HISTOFLOW_TRACKING_WAIT) uploads the epochs MLflow never received and ends
+    FINISHED with every step once, its training time not counting the wait; the one that gives up first exits
+    with status 2 and keeps its training, which a resume then uploads."""
+    started = time.monotonic()
+    (waits_dir, _, waits), (gives_up_dir, gives_up_settings, gives_up) = _held_after_first_epoch(
+        OUTAGE_SETTINGS, ("300", "3"), server, tmp_path)
     try:
-        _stop(server)
-        _, err = training.communicate(timeout=900)
+        try:
+            server.stop()  # gone while both are held: their next epochs are trained without it
+        finally:
+            for training in (waits, gives_up):
+                training.send_signal(signal.SIGCONT)
+        waits_id, gives_up_id = next(waits_dir.iterdir()).name, next(gives_up_dir.iterdir()).name
+        _wait_for_file(waits_dir / waits_id / "done", waits)
+        trained = time.monotonic() - started  # process start, data, every epoch: more than the training alone
+        _, gave_up = gives_up.communicate(timeout=600)
+        assert gives_up.returncode == 2, gave_up[-3000:]
+        server.start()  # back once both trainings have ended
+        out, err = waits.communicate(timeout=600)
     finally:
-        training.kill()
-    assert training.returncode == 2, err[-3000:]
-    run_id = next(checkpoints.iterdir()).name
-    assert f"the tracking server {uri} stopped answering" in err
-    assert f"kept in {checkpoints / run_id}" in err and f"--resume {run_id}" in err
+        waits.kill()
+        gives_up.kill()
+    assert waits.returncode == 0, err[-3000:]
+    assert f"the tracking server {server.uri} does not answer" in out and "answers again" in out
+    _assert_each_step_once(server.uri, waits_id, 4)
+    assert 0 < mlflow.MlflowClient(server.uri).get_run(waits_id).data.metrics["train_time_s"] < trained
+    assert not (waits_dir / waits_id).exists()
 
-    server = _mlflow_server(tmp_path, port)
-    try:
-        out = run_cli("train", "--variant", "baseline", *_args(settings), "--resume", run_id,
-                      env={"MLFLOW_TRACKING_URI": uri})
-        assert out.returncode == 0, out.stderr[-3000:]
-        _assert_each_step_once(uri, run_id, 4)
-    finally:
-        _stop(server)
+    assert f"the tracking server {server.uri} stopped answering" in gave_up
+    assert f"kept in {gives_up_dir / gives_up_id}" in gave_up and f"--resume {gives_up_id}" in gave_up
+    assert (gives_up_dir / gives_up_id / "done").is_file()  # training had ended: the resume trains nothing
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    mlflow.set_tracking_uri(server.uri)
+    assert training_run.run(make_train_config("baseline", **gives_up_settings, resume=gives_up_id)) == gives_up_id
+    _assert_each_step_once(server.uri, gives_up_id, 4)
+    # The logged model is the trained one, optimizer state included (as an uninterrupted run's).
+    path = mlflow.artifacts.download_artifacts(run_id=gives_up_id, artifact_path="keras/baseline_cnn.keras",
+                                               dst_path=str(tmp_path / "logged"))
+    assert int(keras.saving.load_model(path).optimizer.iterations.numpy()) > 0

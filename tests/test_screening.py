@@ -128,10 +128,10 @@ def screened_model(request, tmp_path_factory):
     from histoflow.modeling.variants import make_train_config
     from histoflow.registry.selection import classifier_uri, run_split
 
-    data, size, epochs = {"idc": (IDC, 50, 2), "breakhis": (BREAKHIS, 64, 3)}[request.param]
+    data, size, epochs, images = {"idc": (IDC, 50, 2, 4000), "breakhis": (BREAKHIS, 64, 2, 0)}[request.param]
     root = tmp_path_factory.mktemp(f"screening-{request.param}")
     with sqlite_store(root):
-        config = make_train_config("baseline", data_dir=str(data), epochs=epochs, image_size=size,
+        config = make_train_config("baseline", data_dir=str(data), max_images=images, epochs=epochs, image_size=size,
                                    gradcam_per_class=0, bootstrap=0, experiment="screening",
                                    image_cache=str(root / "cache"), checkpoint_dir="none")
         run = mlflow.get_run(training_run.run(config))
@@ -171,4 +171,4 @@ def test_blank_blurred_and_photographs_are_flagged(screened_model):
     assert (blurred["label"] == INDETERMINATE).all(), blurred["flags"].value_counts()
     photos = [getattr(skimage.data, n)() for n in PHOTOGRAPHS]
     scored = _score(model, photos)
-    assert (scored["label"] == INDETERMINATE).all(), dict(zip(PHOTOGRAPHS, scored["flags"]))
+    assert (scored["label"] == INDETERMINATE).all(), dict(zip(PHOTOGRAPHS, scored["flags"], strict=True))

@@ -13,7 +13,7 @@ from conftest import BREAKHIS
 from histoflow.errors import ConfigError
 from histoflow.serving.batch_predict import PredictConfig, batch_predict
 
-MASTER = "local[2]"
+MASTER = "local[1]"  # one Python worker: one copy of the model (scoring on Spark is what is checked, not its speed)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import pytest
 
 from conftest import BREAKHIS, IDC
 from histoflow.data.discovery import discover
-from histoflow.errors import DataError
 from histoflow.data.splits import patient_overlap, split_dataset
+from histoflow.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,7 @@ def test_pipeline_normalises_before_resizing_and_jitters_only_training(two_stain
     files = [str(p) for p in sorted(BREAKHIS.rglob("*.png"))[:4]]
     normalizer = StainNormalizer(fit_reference("macenko", files, seed=0))
     batch = next(iter(make_dataset(files, [0, 1, 0, 1], 48, 4, stain=normalizer)))[0].numpy()
-    for image, f in zip(batch, files):
+    for image, f in zip(batch, files, strict=True):
         expected = resize_and_scale(normalizer.normalize(read_image(f))[0], 48).numpy()
         np.testing.assert_allclose(image, expected, atol=1e-6)
     evaluation = next(iter(make_dataset(files, [0, 1, 0, 1], 48, 4, augment="hed", stain=normalizer)))[0].numpy()

@@ -73,13 +73,14 @@ def test_mixed_precision_trains_float16_layers_with_a_float32_softmax(tracking_u
     np.testing.assert_allclose(np.asarray(probabilities).sum(axis=1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.slow
-def test_a_training_run_logs_tensorboard_and_opens_as_model_training(tracking_uri, tmp_path):
+def test_a_training_run_logs_tensorboard_and_opens_as_model_training(use_store, tmp_path):
+    """The tiny baseline (2 epochs): Keras's TensorBoard logs of both epochs as an artifact, and its experiment
+    tagged as model training; an experiment whose kind someone else set keeps it."""
     import tensorflow as tf
 
-    config = make_train_config("baseline", data_dir=str(BREAKHIS), max_images=40, **{**TINY, "epochs": 2},
-                               experiment="board", checkpoint_dir=str(tmp_path / "checkpoints"))
-    run_id = training_run.run(config)
+    from histoflow import tracking
+
+    run_id = use_store[2]["baseline"]
     run = mlflow.get_run(run_id)
     assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     board = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=training_run.TENSORBOARD_ARTIFACT,
@@ -90,11 +91,12 @@ def test_a_training_run_logs_tensorboard_and_opens_as_model_training(tracking_ur
             for value in event.summary.value:
                 steps.setdefault(f"{events.parent.name}/{value.tag}", []).append(event.step)
     assert sorted(steps["train/epoch_loss"]) == [0, 1] and sorted(steps["validation/epoch_loss"]) == [0, 1]
-    # A kind set by someone else is left alone.
+    # A kind set by someone else is left alone by what every run does when it logs its environment.
     client = mlflow.MlflowClient()
-    client.set_experiment_tag(run.info.experiment_id, "mlflow.experimentKind", "finetuning")
-    training_run.run(config)
-    assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "finetuning"
+    experiment = client.create_experiment("fine-tuning", tags={"mlflow.experimentKind": "finetuning"})
+    with mlflow.start_run(experiment_id=experiment):
+        tracking.log_environment()
+    assert mlflow.get_experiment(experiment).tags["mlflow.experimentKind"] == "finetuning"
 
 
 @pytest.mark.slow
@@ -138,3 +140,14 @@ def test_a_warm_up_trains_the_head_alone_then_the_unfrozen_stages_train(tracking
     assert "warmup_train_loss" in run.data.metrics and "train_loss" in run.data.metrics
     # The run's optimizer parameters are the fine-tuning's, not the warm-up's.
     assert float(run.data.params["optimizer_learning_rate"]) == pytest.approx(1e-4)
+    # The fusion model's Grad-CAM figure (its deepest tap explained).
+    assert "evaluation/gradcam.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id,
+                                                                                             "evaluation")}
+
+
+def test_an_unreadable_split_table_says_why_and_keeps_mlflows_error(tracking_uri):
+    from histoflow.data.settings import DataConfig
+
+    with pytest.raises(DataError, match="cannot read runs:/0123456789abcdef/data/split.csv") as err:
+        step.read_split_table("runs:/0123456789abcdef/data/split.csv", DataConfig())
+    assert isinstance(err.value.__cause__, mlflow.exceptions.MlflowException)  # the store's own answer

@@ -3,13 +3,15 @@ cache and the final training run; bad parameters fail with a message."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import IDC, REPO, run_cli
+from conftest import IDC, REPO
 from histoflow.data.pipeline import make_dataset
 from histoflow.data.step import prepare_data
 from histoflow.errors import ConfigError
@@ -34,7 +36,8 @@ RESUMED = [{"learning_rate": 1e-3, **GOOD}, {"learning_rate": 1e-6, **GOOD}]
 
 def _tune(tmp_path, n_trials: int, **settings) -> tuning.TuneResult:
     config = tuning.make_tune_config("transfer", **{**DATA, "n_trials": n_trials, "trial_epochs": 3,
-                                                    "study_name": STUDY, "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+                                                    "study_name": STUDY,
+                                                    "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
                                                     "cache_dir": str(tmp_path / "cache"), **settings})
     return tuning.run(config)
 
@@ -82,11 +85,15 @@ def test_study_runs_nested_trials_prunes_resumes_caches_and_trains_the_best(trac
     assert float(final.data.params["learning_rate"]) == first.best_trial.params["learning_rate"]
     assert 0.0 <= final.data.metrics["test_accuracy"] <= 1.0
     assert client.get_run(first.parent_run_id).data.tags["optuna.final_run_id"] == first.final_run_id
+    # Run again as it is: the study is complete and its final run trained, so neither is done again.
+    again = _tune(tmp_path, n_trials=4)
+    assert again.new_trials == 0 and again.final_run_id == first.final_run_id
 
-    # Same study name and storage: the study resumes (n_trials is its total) on the cached features.
+    # Same study name and storage: the study resumes (n_trials is its total) on the cached features; this time
+    # its trials only (final=false).
     _enqueue(tmp_path, RESUMED)
-    second = _tune(tmp_path, n_trials=6)
-    assert second.new_trials == 2
+    second = _tune(tmp_path, n_trials=6, final="false")
+    assert second.new_trials == 2 and second.final_run_id is None
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.trials) == 6
     assert client.get_run(second.parent_run_id).data.tags["feature_cache"] == "hit"
@@ -99,7 +106,9 @@ def test_study_runs_nested_trials_prunes_resumes_caches_and_trains_the_best(trac
     assert pruned.data.tags["state"] == "pruned" and pruned.info.status == "FINISHED"
     assert "final_val_auc" not in pruned.data.metrics
     assert len(client.get_metric_history(pruned.info.run_id, "val_auc")) < 3
-    assert client.get_run(second.final_run_id).data.tags["optuna.study_name"] == STUDY
+    finals = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
+        f"tags.`optuna.study_name` = '{STUDY}' and tags.`histoflow.step` = 'train'"))
+    assert [r.info.run_id for r in finals] == [first.final_run_id]  # trained once, by the first run of tune
 
 
 def test_head_on_cached_vectors_is_the_full_models_head(keras_home):
@@ -201,10 +210,12 @@ def test_bad_parameters_fail_with_a_message(variant, overrides, message):
         tuning.make_tune_config(variant, **overrides)
 
 
-def test_cli_reports_a_bad_parameter(tmp_path):
-    result = run_cli("tune", "--variant", "transfer", "--sampler", "grid", cwd=tmp_path)
-    assert result.returncode == 2 and "histoflow: error: sampler must be one of" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_cli_reports_a_bad_parameter(capsys):
+    from histoflow.cli import main
+
+    assert main(["tune", "--variant", "transfer", "--sampler", "grid"]) == 2
+    err = capsys.readouterr().err
+    assert "histoflow: error: sampler must be one of" in err and "Traceback" not in err
 
 
 def _space_file(folder, text: str) -> str:
@@ -263,7 +274,8 @@ def test_the_search_space_file_decides_what_the_trials_vary(tracking_uri, keras_
     parent = client.get_run(result.parent_run_id)
     assert parent.data.params["dropout"] == "0.3" and parent.data.params["head_batchnorm"] == "False"
     assert parent.data.tags["optuna.searched"] == "batch_size,fusion_width,learning_rate,optimizer"
-    assert mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/optuna/search_space.yaml") == open(path).read()
+    logged = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/optuna/search_space.yaml")
+    assert logged == Path(path).read_text()
     final = client.get_run(result.final_run_id).data.params
     assert (final["dropout"], final["head_batchnorm"], final["unfrozen_blocks"]) == ("0.3", "False", "1")
     assert final["optimizer"] == result.best_trial.params["optimizer"]

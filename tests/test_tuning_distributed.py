@@ -1,6 +1,7 @@
 """Workers sharing one study on a real PostgreSQL: two `histoflow tune` processes, one SIGKILLed in the
-middle of a trial and then restarted; the study still ends with its trials, each once in MLflow, and
-the dead worker's trial is failed (MLflow run KILLED) and queued again instead of staying RUNNING."""
+middle of a trial and then restarted; the study still ends with its trials, each once in MLflow, the
+dead worker's trial is failed (MLflow run KILLED) and queued again instead of staying RUNNING, and one
+worker only trains the study's final run."""
 
 from __future__ import annotations
 
@@ -119,6 +120,13 @@ def test_workers_share_a_study_and_a_killed_workers_trial_is_failed_and_retried(
             run = by_number[trial.number]
             assert run.info.run_id == trial.user_attrs["mlflow_run_id"] and run.info.status == "FINISHED"
             assert run.data.tags["state"] == tuning.STATE_TAGS[trial.state]
+    # One final run for the study, by the last worker to finish; the other ended after its trials.
+    finals = client.search_runs(experiments,
+                                f"tags.`optuna.study_name` = '{STUDY}' and tags.`histoflow.step` = 'train'")
+    assert len(finals) == 1 and finals[0].info.status == "FINISHED", [r.info.run_id for r in finals]
+    logs = [(tmp_path / f"{name}.log").read_text() for name in ("survivor", "restarted")]
+    assert sum("training it in full" in log for log in logs) == 1
+    assert sum("the last of them trains the final run" in log or "its final run is" in log for log in logs) == 1
     dead = client.get_run(killed.user_attrs["mlflow_run_id"])
     assert dead.info.status == "KILLED" and dead.data.tags["state"] == "failed"
     assert dead.data.tags["optuna.stale"] == "true"

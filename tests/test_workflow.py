@@ -1,4 +1,4 @@
-"""`mlflow run . -e main` end to end on 60 BreaKHis images at 32 px: every step runs as a nested MLflow
+"""The `main` workflow end to end on 60 BreaKHis images at 32 px: every step runs as a nested MLflow
 Projects run, the model is registered and promoted, the comparison ends the run; run again with the
 same parameters, every step is reused."""
 
@@ -11,28 +11,34 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import BREAKHIS, REPO
+from histoflow import workflow
 from histoflow.errors import ConfigError
 from histoflow.workflow import make_workflow_config, step_data_digest
 
 STEPS = ["data", "baseline", "tune", "register", "promote"]
 
 
-def _main(tmp_path) -> tuple[str, list[dict]]:
-    parameters = {"data_dir": str(BREAKHIS), "max_images": 60, "image_size": 32, "batch_size": 16, "epochs": 1,
-                  "variants": "baseline", "tune_variant": "transfer", "n_trials": 2, "trial_epochs": 2,
-                  "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "cache_dir": str(tmp_path / "cache"),
-                  "model_name": "wf", "output_dir": str(tmp_path / "comparison")}
-    submitted = mlflow.projects.run(str(REPO), entry_point="main", parameters=parameters, env_manager="local",
-                                    experiment_name="workflow", synchronous=True)
-    path = mlflow.artifacts.download_artifacts(run_id=submitted.run_id, artifact_path="workflow/steps.json")
+def _parameters(tmp_path) -> dict:
+    return {"data_dir": str(BREAKHIS), "max_images": 60, "image_size": 32, "batch_size": 16, "epochs": 1,
+            "variants": "baseline", "tune_variant": "transfer", "n_trials": 2, "trial_epochs": 2,
+            "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "cache_dir": str(tmp_path / "cache"),
+            "model_name": "wf", "output_dir": str(tmp_path / "comparison")}
+
+
+def _steps(run_id: str) -> list[dict]:
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="workflow/steps.json")
     with open(path) as f:
-        return submitted.run_id, json.load(f)["steps"]
+        return json.load(f)["steps"]
 
 
 @pytest.mark.slow
 def test_main_runs_every_step_once_then_reuses_them(tracking_uri, keras_home, tmp_path):
     client = MlflowClient()
-    main_id, steps = _main(tmp_path)
+    # `main` in-process: its steps are `mlflow run`s of the MLproject's entry points all the same (the MLproject's
+    # main entry is checked against the code in tests/test_entrypoints.py).
+    mlflow.set_experiment("workflow")
+    main_id = workflow.run(make_workflow_config(**_parameters(tmp_path)))["run_id"]
+    steps = _steps(main_id)
     assert [s["name"] for s in steps] == STEPS and not any(s["reused"] for s in steps)
     for step in steps:
         run = client.get_run(step["run_id"])
@@ -61,7 +67,9 @@ def test_main_runs_every_step_once_then_reuses_them(tracking_uri, keras_home, tm
     assert "baseline_cnn" in table and "mobilenet_fusion" in table and "transfer-tuned" in table
     assert "workflow/comparison.md" in [a.path for a in client.list_artifacts(main_id, "workflow")]
 
-    again_id, again = _main(tmp_path)
+    # The same study again: every step reused.
+    again_id = workflow.run(make_workflow_config(**_parameters(tmp_path)))["run_id"]
+    again = _steps(again_id)
     assert all(s["reused"] for s in again), again
     assert [s["run_id"] for s in again] == [s["run_id"] for s in steps]
     assert again_id != main_id

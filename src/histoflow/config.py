@@ -20,8 +20,11 @@ T = TypeVar("T")
 
 TRUE = frozenset({"true", "1", "yes", "on"})
 FALSE = frozenset({"false", "0", "no", "off"})
-# A folder setting (image_cache, checkpoint_dir) with one of these values turns that folder off.
-FOLDER_OFF = ("", "none")
+# A folder setting (image_cache, checkpoint_dir) with this value turns that folder off.
+FOLDER_OFF = "none"
+# A folder setting left at this default is derived: <cache root>/<kind>, never the working folder.
+USER_CACHE = ""
+CACHE_ENV = "HISTOFLOW_CACHE"
 # Dataclass field annotations, as strings (`from __future__ import annotations`), and the types they name.
 KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
 KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -90,6 +93,28 @@ def from_params(cls: type[T], params: dict[str, Any], base: T | None = None, str
 def to_params(settings: Any) -> dict[str, Any]:
     """A settings dataclass as a flat parameter dict (what MLflow logs and MLflow Projects passes)."""
     return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+
+
+def cache_root() -> Path:
+    """Where histoflow keeps what it can make again (decoded images, checkpoints of unfinished runs, backbone
+    features): $HISTOFLOW_CACHE, else the user's cache directory (~/.cache/histoflow on Linux,
+    ~/Library/Caches/histoflow on macOS, %LOCALAPPDATA%\\histoflow\\Cache on Windows). Never the working
+    folder: `mlflow run .` runs in the project itself."""
+    given = os.environ.get(CACHE_ENV, "").strip()
+    if given:
+        return Path(given).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("histoflow", appauthor=False))
+
+
+def local_folder(setting: str, kind: str) -> Path | None:
+    """A folder setting's folder: None when it is off (`none`), `<cache root>/<kind>` when left at its default
+    (""), else the path given."""
+    value = str(setting).strip()
+    if value.lower() == FOLDER_OFF:
+        return None
+    return cache_root() / kind if value == USER_CACHE else Path(value).expanduser()
 
 
 def project_root() -> Path | None:

@@ -10,8 +10,9 @@ placeholder as the value used; it is still accepted with -P, and the run logs th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 

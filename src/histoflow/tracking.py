@@ -11,17 +11,22 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from importlib import metadata
 from dataclasses import dataclass, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 
-from histoflow.errors import TrackingError
+from histoflow.errors import ConfigError, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# How long a finished training waits for an HTTP tracking server that stopped answering before it gives up
+# (its checkpoint kept for --resume); seconds.
+WAIT_ENV = "HISTOFLOW_TRACKING_WAIT"
+DEFAULT_WAIT_S = 600.0
+POLL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,44 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
             f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or unset "
             f"MLFLOW_TRACKING_URI to use the local {DEFAULT_TRACKING_URI}"
         ) from None
+
+
+def server_patience() -> float:
+    """Seconds to wait for a tracking server that stopped answering: $HISTOFLOW_TRACKING_WAIT, default 600."""
+    text = os.environ.get(WAIT_ENV, "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_WAIT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"{WAIT_ENV} must be a number of seconds >= 0; got {text!r}")
+    return seconds
+
+
+def wait_for_server(uri: str, what: str, patience: float | None = None) -> None:
+    """Return once the tracking store answers: at once for a local store or a server that answers; otherwise
+    poll the server every few seconds for up to `patience` seconds (default: server_patience()), saying so,
+    and raise TrackingError when it does not come back. `what` says what waits (printed)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        check_server(uri)
+        return
+    except TrackingError as exc:
+        down = exc
+    patience = server_patience() if patience is None else patience
+    print(f"the tracking server {uri} does not answer ({what}): waiting up to {patience:.0f} s for it "
+          f"({WAIT_ENV} sets how long)", flush=True)
+    start = time.monotonic()
+    while time.monotonic() - start < patience:
+        time.sleep(min(POLL_S, max(0.0, patience - (time.monotonic() - start))))
+        try:
+            check_server(uri)
+        except TrackingError:
+            continue
+        print(f"the tracking server {uri} answers again after {time.monotonic() - start:.0f} s", flush=True)
+        return
+    raise TrackingError(f"the tracking server {uri} did not answer for {patience:.0f} s") from down
 
 
 def configure(experiment: str = "") -> str:

@@ -2,7 +2,8 @@
 
 Three layouts are recognised:
 
-- ``breakhis``: BreaKHis v1, ``.../<benign|malignant>/SOB/<subtype>/<patient>/<mag>X/SOB_<B|M>_<type>-<yy>-<slide>-<mag>-<seq>.png``;
+- ``breakhis``: BreaKHis v1,
+  ``.../<benign|malignant>/SOB/<subtype>/<patient>/<mag>X/SOB_<B|M>_<type>-<yy>-<slide>-<mag>-<seq>.png``;
 - ``idc``: the IDC patches, ``<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png``;
 - ``folders``: ``<class>/<file>`` or ``<train|valid|test>/<class>/<file>``, optionally with a ``groups.csv``.
 
@@ -24,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histoflow.errors import DataError, ImageDecodeError
 from histoflow.data.images import IMAGE_EXTENSIONS, decode_image
+from histoflow.errors import DataError, ImageDecodeError
 from histoflow.progress import progress
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def _read_groups(root: Path) -> dict[str, str]:
     table = pd.read_csv(groups_file, dtype=str)
     if not {"path", "group"} <= set(table.columns):
         raise DataError(f"{groups_file} must have the columns path,group; found {list(table.columns)}")
-    return dict(zip(table["path"], table["group"]))
+    return dict(zip(table["path"], table["group"], strict=True))
 
 
 PARSERS = {"breakhis": _parse_breakhis, "idc": _parse_idc, "folders": _parse_folders}
@@ -261,12 +262,12 @@ def _validate(frame: pd.DataFrame, workers: int = 8) -> tuple[pd.DataFrame, pd.D
     for row in skipped.itertuples():
         log.warning("skipping %s: %s", row.relpath, row.reason)
     keep = [not b for b in bad]
-    return frame[keep].reset_index(drop=True), skipped, [h for h, k in zip(hashes, keep) if k]
+    return frame[keep].reset_index(drop=True), skipped, [h for h, k in zip(hashes, keep, strict=True) if k]
 
 
 def _digest(frame: pd.DataFrame, hashes: list[str]) -> str:
     sha = hashlib.sha256()
-    for rel, label, patient, h in sorted(zip(frame["relpath"], frame["label"], frame["patient"], hashes)):
+    for rel, label, patient, h in sorted(zip(frame["relpath"], frame["label"], frame["patient"], hashes, strict=True)):
         sha.update(f"{rel}\t{label}\t{patient}\t{h}\n".encode())
     return sha.hexdigest()[:16]
 

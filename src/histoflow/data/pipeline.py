@@ -12,11 +12,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from histoflow.errors import ConfigError
-from histoflow.config import FOLDER_OFF
 from histoflow.data.image_cache import CHUNK, CachedImages, ensure_cached
 from histoflow.data.images import read_image, resize, scale
 from histoflow.data.stain import StainNormalizer, hed_jitter
+from histoflow.errors import ConfigError
 
 # seed: the reports' fixed tripling; random: dihedral + mild colour; hed: dihedral + HED-light stain jitter.
 AUGMENTATIONS = ("none", "seed", "random", "hed")
@@ -101,6 +100,7 @@ def make_dataset(
     labels: list[int] | np.ndarray,
     image_size: int,
     batch_size: int,
+    *,
     training: bool = False,
     augment: str = "none",
     seed: int = 42,
@@ -117,7 +117,7 @@ def make_dataset(
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
     paths = np.asarray(paths, dtype=str)
-    cached = None if cache_dir is None or str(cache_dir) in FOLDER_OFF else cache_images(paths, image_size, cache_dir, stain)
+    cached = None if cache_dir is None else cache_images(paths, image_size, cache_dir, stain)
     views = SEED_TRIPLING if training and augment == "seed" else 1
     n = len(paths) * views
     # Element k is view k % views of image k // views: the seed scheme's copies are shuffled apart.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from histoflow.config import require
 from histoflow.data.discovery import LAYOUTS, MAGNIFICATIONS, normalise_magnification
 from histoflow.data.download import ARCHIVES
 from histoflow.data.splits import SPLIT_MODES
-from histoflow.config import require
 
 DEFAULT_DATA_DIR = ARCHIVES["breakhis"].default_dir
 

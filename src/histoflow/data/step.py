@@ -73,7 +73,7 @@ def _local_copy(uri: str) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing run or artifact
-        raise DataError(f"cannot read {uri}: {exc}") from None
+        raise DataError(f"cannot read {uri}: {exc}") from exc
 
 
 def read_split_table(uri: str, settings: DataConfig) -> PreparedData:

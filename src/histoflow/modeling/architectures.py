@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import urllib.error
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -110,6 +111,25 @@ def _resolve_weights(weights: str) -> str | None:
     return str(path)
 
 
+def _explain_imagenet_failure(exc: Exception, backbone: str, image_size: int, alpha: float) -> None:
+    """Raise a WeightsError saying what to do (the cause kept) when building with weights="imagenet" failed
+    because Keras could not download the weights, or could not read its cached file; return otherwise (the
+    failure is another one, raised as it is)."""
+    fetched = re.search(r"/([^/\s]+\.h5)\b", str(exc))
+    name = fetched.group(1) if fetched else imagenet_weights_file(backbone, image_size, alpha)
+    cached = keras_cache_dir() / name
+    if "URL fetch failure" in str(exc) or isinstance(exc, urllib.error.URLError):
+        raise WeightsError(
+            f"could not load ImageNet weights for {backbone}: Keras needs the file {name} in "
+            f"{keras_cache_dir()} and could not download it ({type(exc).__name__}: {exc}). Copy the "
+            "file there, pass weights=/path/to/weights.h5, or use weights=none") from exc
+    if cached.is_file():
+        raise WeightsError(
+            f"could not load ImageNet weights for {backbone} from Keras's cached file {cached} "
+            f"({type(exc).__name__}: {exc}): it is damaged or not this model's; delete it (Keras downloads it "
+            "again), or pass weights=/path/to/weights.h5") from exc
+
+
 def _scaling_layers(scaling: str, x):
     """Map [0, 1] inputs to what the backbone was pretrained on, with serialisable built-in layers."""
     if scaling == "torch":
@@ -200,13 +220,8 @@ def build_fusion(
     except Exception as exc:
         if resolved != "imagenet":
             raise
-        fetched = re.search(r"/([^/\s]+\.h5)\b", str(exc))
-        name = fetched.group(1) if fetched else imagenet_weights_file(backbone, image_size, alpha)
-        raise WeightsError(
-            f"could not load ImageNet weights for {backbone}: Keras needs the file {name} in "
-            f"{keras_cache_dir()} and could not download it ({type(exc).__name__}: {exc}). Copy the "
-            "file there, pass weights=/path/to/weights.h5, or use weights=none"
-        ) from None
+        _explain_imagenet_failure(exc, backbone, image_size, alpha)
+        raise
     _unfreeze(base, spec.taps, unfrozen_blocks, pretrained=resolved is not None)
     pooled = [keras.layers.GlobalAveragePooling2D(name=f"fusion{i}_gap")(base.get_layer(tap).output)
               for i, tap in enumerate(spec.taps, start=1)]

@@ -27,7 +27,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from histoflow.config import FOLDER_OFF
+from histoflow.config import local_folder
 
 HISTORY = "epochs.jsonl"
 BEST = "best.weights.h5"
@@ -39,7 +39,8 @@ WARMUP = "warmup"
 
 def run_checkpoint_dir(checkpoint_dir: str, run_id: str) -> Path | None:
     """The run's checkpoint folder (None when checkpoints are off)."""
-    return None if checkpoint_dir in FOLDER_OFF else Path(checkpoint_dir).expanduser() / run_id
+    folder = local_folder(checkpoint_dir, "checkpoints")
+    return None if folder is None else folder / run_id
 
 
 def has_checkpoint(directory: Path | None) -> bool:
@@ -91,8 +92,8 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
         self.early_stopping = early_stopping
         self.plateau = plateau
         self.restored: list[dict[str, Any]] = []
-        self._start = time.perf_counter()
-        self._elapsed_before = 0.0
+        self._epoch_start = time.perf_counter()
+        self._trained_s = 0.0
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         super().on_train_begin(logs)
@@ -103,8 +104,11 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
         (self.directory / HISTORY).write_text("".join(json.dumps(e) + "\n" for e in self.restored))
         if self.restored:
             self._restore_patience()
-            self._elapsed_before = float(self.restored[-1]["elapsed_s"])
-        self._start = time.perf_counter()
+            self._trained_s = float(self.restored[-1]["elapsed_s"])
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_begin(epoch, logs)
+        self._epoch_start = time.perf_counter()
 
     def _restore_patience(self) -> None:
         losses = [e["logs"].get(MONITOR, np.inf) for e in self.restored]
@@ -120,6 +124,7 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
             self.model.set_weights(current)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._trained_s += time.perf_counter() - self._epoch_start
         logs = {k: float(v) for k, v in (logs or {}).items()}
         previous = [e["logs"].get(MONITOR, np.inf) for e in self.restored]
         if not previous or logs.get(MONITOR, np.inf) < min(previous):
@@ -131,8 +136,9 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
 
     @property
     def elapsed_s(self) -> float:
-        """Seconds of training, the interrupted part included."""
-        return self._elapsed_before + time.perf_counter() - self._start
+        """Seconds spent in epochs (training and validation), the interrupted run's included; not the time
+        between epochs or after the last, where logging may wait for a tracking server."""
+        return self._trained_s
 
     def on_train_end(self, logs: dict | None = None) -> None:
         # After EarlyStopping's restore (it comes first in the list): the weights fit ends with.
@@ -145,7 +151,10 @@ def finished_training(directory: Path | None) -> bool:
 
 
 def load_finished(model: keras.Model, directory: Path) -> tuple[list[dict[str, Any]], float]:
-    """The weights fit ended with, its epochs and its training time (a run killed after training)."""
+    """The weights fit ended with (the optimizer's state too: the logged .keras file carries it, as an
+    uninterrupted run's does), its epochs and its training time (a run killed after training)."""
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)  # an unbuilt optimizer skips its saved variables
     model.load_weights(directory / FINAL)
     return saved_epochs(directory), float(json.loads((directory / DONE).read_text())["elapsed_s"])
 

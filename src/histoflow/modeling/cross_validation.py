@@ -27,7 +27,8 @@ from histoflow.data.splits import cv_folds
 from histoflow.data.step import prepare_data
 from histoflow.modeling import distributed, figures, metrics
 from histoflow.modeling.calibration import calibration_metrics
-from histoflow.modeling.training_run import TrainOutcome, log_figure, train_in_run
+from histoflow.modeling.evaluation import log_figure
+from histoflow.modeling.training_run import TrainOutcome, train_in_run
 from histoflow.modeling.variants import TrainConfig, make_train_config
 
 OOF_ARTIFACT = "cv/oof_predictions.csv"

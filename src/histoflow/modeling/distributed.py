@@ -94,7 +94,7 @@ def local_copy(model: keras.Model, local: keras.Model) -> keras.Model:
     # Same optimizer, same variables in the same order; otherwise (not seen) the saved model keeps the
     # trained weights and a fresh optimizer state, which only matters to someone who trains it further.
     if len(local.optimizer.variables) == len(model.optimizer.variables):
-        for target, source in zip(local.optimizer.variables, model.optimizer.variables):
+        for target, source in zip(local.optimizer.variables, model.optimizer.variables, strict=True):
             target.assign(source.value)
     return local
 
@@ -146,7 +146,7 @@ class _Steps:
             scaled = self.model.optimizer.scale_loss(loss)  # mixed precision: the LossScaleOptimizer's scale
         gradients = tape.gradient(scaled, self.model.trainable_variables)
         # The optimizer sums the replicas' gradients: each is already divided by the global count.
-        self.model.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        self.model.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables, strict=True))
         self._update(self.train_metrics, y, predictions, losses)
 
     def _val_replica(self, x: tf.Tensor, y: tf.Tensor) -> None:
@@ -206,3 +206,16 @@ def fit(model: keras.Model, strategy: tf.distribute.Strategy, train_ds: tf.data.
             break
     callback_list.on_train_end()
     return history.history
+
+
+def join(cluster: Cluster, resume: str, warmup_epochs: int) -> None:
+    """Connect to the other workers (before any other TensorFlow operation). A multi-worker run keeps no
+    checkpoints: the workers' weights could not be restored together."""
+    if resume:
+        raise ConfigError("resume: a multi-worker run (TF_CONFIG set) keeps no checkpoints, so it cannot be "
+                          "resumed; start it again")
+    if warmup_epochs:
+        raise ConfigError("warmup_epochs: a multi-worker run has no head warm-up; warm up on one machine, or "
+                          "train with warmup_epochs=0")
+    print(f"{cluster}: waiting for the other workers", flush=True)
+    multi_worker_strategy()

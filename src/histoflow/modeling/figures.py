@@ -44,7 +44,7 @@ def reliability_figure(y_true: np.ndarray, curves: dict[str, np.ndarray], title:
 def history_figure(history: dict[str, list[float]], title: str) -> plt.Figure:
     names = [m for m in ("loss", "accuracy", "auc") if m in history]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
-    for ax, name in zip(np.atleast_1d(axes), names):
+    for ax, name in zip(np.atleast_1d(axes), names, strict=True):
         epochs = np.arange(1, len(history[name]) + 1)
         ax.plot(epochs, history[name], label="train")
         if f"val_{name}" in history:

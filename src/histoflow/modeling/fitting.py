@@ -17,8 +17,10 @@ import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
+from histoflow import tracking
 from histoflow.modeling import checkpoints, distributed
 from histoflow.modeling.checkpoints import Checkpoint
+from histoflow.progress import LogProgress
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
         return None
     classes = np.unique(labels)
     weights = compute_class_weight("balanced", classes=classes, y=labels)
-    return {int(c): float(w) for c, w in zip(classes, weights)}
+    return {int(c): float(w) for c, w in zip(classes, weights, strict=True)}
 
 
 def callbacks(patience: int, lr_patience: int
@@ -103,9 +105,44 @@ def log_missing_epochs(epochs: list[dict], prefix: str = "") -> None:
             if entry["epoch"] not in logged[key]:
                 missing.append(mlflow.entities.Metric(key, float(value), now, entry["epoch"]))
     if missing:
-        log.info("resumed after epoch %d: logging %d metric values MLflow had not received",
-                 epochs[-1]["epoch"] + 1, len(missing))
+        log.info("logging %d metric values of %d epochs that MLflow had not received", len(missing),
+                 len({m.step for m in missing}))
         client.log_batch(run_id, metrics=missing)
+
+
+def confirm_epochs(epochs: list[dict], loggers: list[EpochMetrics], checkpoint: Path | None) -> None:
+    """Every epoch's metrics in MLflow before training is reported done.
+
+    The epoch loggers log asynchronously, so that a tracking server that stops answering does not stop
+    training; MLflow's queue gives up on what it cannot deliver within its retries (a few minutes), silently.
+    Here, once the queue is flushed, what MLflow has is read back and what it lacks is uploaded, after
+    waiting for the server if it is down (tracking.wait_for_server); a server that does not come back raises
+    TrackingError, with the epochs kept in the checkpoint for `--resume`.
+    """
+    loggers = [logger for logger in loggers if not logger.batched]
+    if not loggers or not epochs:
+        return
+    mlflow.flush_async_logging()
+    tracking.wait_for_server(mlflow.get_tracking_uri(), f"{len(epochs)} epochs trained"
+                             + (f", kept in {checkpoint}" if checkpoint else ""))
+    for logger in loggers:
+        log_missing_epochs(epochs, logger.prefix)
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """In a log (not a terminal): each epoch's start, and a line every ~10 % of its batches.
+
+    Keras's verbose=2 prints a line when an epoch ends, and no "Epoch 1/1" header when there is one epoch:
+    a 20-minute epoch would show nothing for 20 minutes."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        total = self.params.get("epochs", 1)
+        print(f"Epoch {epoch + 1}/{total}", flush=True)
+        self.lines = LogProgress(self.params.get("steps"), f"epoch {epoch + 1}/{total}", "batch",
+                                 emit=lambda line: print(line, flush=True), show_start=False)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.lines.update()
 
 
 class EpochMetrics(mlflow.keras.MlflowCallback):
@@ -180,7 +217,7 @@ def _history(epochs: list[dict]) -> dict[str, list[float]]:
     return {k: [float(e["logs"][k]) for e in epochs] for k in keys}
 
 
-def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, epochs: int,
+def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, *, epochs: int,
         extra_callbacks: list[keras.callbacks.Callback], class_weight: dict[int, float] | None,
         patience: int, lr_patience: int, checkpoint_dir: Path | None = None) -> FitResult:
     """model.fit with early stopping on validation loss; with `checkpoint_dir`, every epoch is saved there
@@ -202,17 +239,23 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, 
         return _result(_history(done), seconds, resumed_at=len(done))
     stopper, plateau = callbacks(patience, lr_patience)
     saver = Checkpoint(checkpoint_dir, stopper, plateau) if checkpoint_dir is not None else None
-    for callback in extra_callbacks:
-        if isinstance(callback, EpochMetrics):
-            callback.checkpoint = saver
-    verbose = 1 if sys.stdout.isatty() else 2  # the progress bar on a terminal, one line per epoch in logs
+    loggers = [c for c in extra_callbacks if isinstance(c, EpochMetrics)]
+    for logger in loggers:
+        logger.checkpoint = saver
+    # The progress bar on a terminal; in a log, Keras's line per epoch and ours every ~10 % of an epoch.
+    terminal = sys.stdout.isatty()
     start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose, shuffle=False,  # the tf.data pipeline shuffles
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=1 if terminal else 2,
+                        shuffle=False,  # the tf.data pipeline shuffles
                         class_weight=class_weight,
-                        callbacks=[stopper, plateau, *([saver] if saver else []), *extra_callbacks])
-    mlflow.flush_async_logging()
+                        callbacks=[stopper, plateau, *([saver] if saver else []), *extra_callbacks,
+                                   *([] if terminal else [EpochProgress()])])
     if saver is None:
-        return _result({k: [float(v) for v in vals] for k, vals in history.history.items()},
-                       time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        epochs_done = [{"epoch": i, "logs": {k: float(v[i]) for k, v in history.history.items()}}
+                       for i in range(len(history.history.get("val_loss", [])))]
+        confirm_epochs(epochs_done, loggers, None)
+        return _result(_history(epochs_done), seconds)
+    confirm_epochs(saver.restored, loggers, checkpoint_dir)
     resumed_at = len(saver.restored) - len(history.history.get("val_loss", []))
     return _result(_history(saver.restored), saver.elapsed_s, resumed_at)

@@ -14,12 +14,12 @@ INDETERMINATE:
   percentile. A network trained for a few epochs maps a photograph of a cat close to tissue; its colours
   are not close to any stain.
 The margins are there because the validation split holds few patients (BreaKHis: 9) and the next
-patient's stain and tissue differ from theirs: without them, 3-4 % of a test split's images (patients no
-threshold saw) were flagged, with them under 1 %, and blank, blurred and photographed inputs still are.
+patient's stain and tissue differ from theirs; what they change on the developer sets' test splits is
+measured in docs/results.md ("Screening margins").
 
 Both distances use the mean and the Ledoit-Wolf shrunk covariance of up to MAX_FIT_IMAGES training images
 (the shrinkage keeps it invertible with fewer images than dimensions). Everything is fitted on the training
-and validation splits and saved as one .npz file with the run (training_run.SCREENING_ARTIFACT); the served
+and validation splits and saved as one .npz file with the run (evaluation.SCREENING_ARTIFACT); the served
 model loads it per network. A model logged before screening existed has no file: its predictions get only
 the low_tissue check (a warning at load), never an error.
 """
@@ -34,7 +34,6 @@ import numpy as np
 from sklearn.covariance import LedoitWolf
 
 from histoflow.data.quality import COLOUR, FOCUS, TISSUE
-
 
 LOW_TISSUE, OUT_OF_FOCUS = "low_tissue", "out_of_focus"
 OUT_OF_DISTRIBUTION, UNUSUAL_COLOUR = "out_of_distribution", "unusual_colour"
@@ -118,7 +117,7 @@ def flags(quality: np.ndarray, ood_scores: np.ndarray, colour_scores: np.ndarray
           ) -> list[list[str]]:
     """Per image, the checks it fails (quality: measure()'s rows; scores NaN where not fitted: no flag)."""
     result = []
-    for row, ood, colour in zip(quality, ood_scores, colour_scores):
+    for row, ood, colour in zip(quality, ood_scores, colour_scores, strict=True):
         failed = []
         if row[TISSUE] < screening.min_tissue:
             failed.append(LOW_TISSUE)

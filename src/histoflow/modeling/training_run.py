@@ -9,30 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
-import pandas as pd
 import tensorflow as tf
-from mlflow.models import Model, infer_signature
+from mlflow.models import Model, ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
 
 from histoflow import tracking
+from histoflow.config import local_folder
 from histoflow.data.pipeline import augmented_size, make_dataset
 from histoflow.data.stain import StainNormalizer, fit_reference
 from histoflow.data.step import PreparedData, log_data, prepare_data
-from histoflow.config import typed_params
-from histoflow.errors import ConfigError, TrackingError
-from histoflow.data.quality import measure_files
-from histoflow.modeling import checkpoints, distributed, explain, figures, inference, metrics, screening
-from histoflow.modeling.architectures import (
-    build_baseline,
-    build_cnn_lstm,
-    build_fusion,
-    compile_model,
-    gradcam_layer,
-    head_only,
-)
-from histoflow.modeling.calibration import Calibration, calibration_metrics, fit_calibration
+from histoflow.modeling import checkpoints, distributed, evaluation, figures, resume
+from histoflow.modeling.architectures import build_baseline, build_cnn_lstm, build_fusion, compile_model, head_only
+from histoflow.modeling.calibration import Calibration
 from histoflow.modeling.fitting import (
     EpochMetrics,
     FitResult,
@@ -43,17 +33,13 @@ from histoflow.modeling.fitting import (
     strategy,
     tensorboard,
 )
-from histoflow.modeling.variants import LOCAL_FIELDS, TrainConfig, variant_fields
+from histoflow.modeling.variants import TrainConfig
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
 KERAS_ARTIFACT_DIR = "keras"
-# Temperature and threshold fitted on validation: the registered serving model applies them.
-CALIBRATION_ARTIFACT = "evaluation/calibration.json"
 # The stain reference fitted on the training split (stain_norm other than none): the served model applies it.
 STAIN_ARTIFACT = "data/stain_reference.json"
-# Quality and out-of-distribution checks fitted on training and validation: the served model applies them.
-SCREENING_ARTIFACT = "evaluation/screening.npz"
 # Keras's TensorBoard logs of the fit (`tensorboard --logdir` on the downloaded folder).
 TENSORBOARD_ARTIFACT = "tensorboard"
 
@@ -82,7 +68,8 @@ def datasets(config: TrainConfig, prepared: PreparedData, stain: StainNormalizer
         rows = prepared.rows(name)
         return make_dataset(rows["path"], rows["label"], config.image_size, config.batch_size,
                             training=training, augment=config.augment if training else "none",
-                            seed=config.seed, stain=stain, cache_dir=config.image_cache if cached else None)
+                            seed=config.seed, stain=stain,
+                            cache_dir=local_folder(config.image_cache, "images") if cached else None)
     # Train and validation are read every epoch: from the disk cache. Test is read once: decoded as it streams.
     return part("train", True, True), part("val", False, True), part("test", False, False)
 
@@ -112,106 +99,17 @@ def warm_up_head(config: TrainConfig, model: keras.Model, train_ds: tf.data.Data
         return None
     with head_only(model), model.distribute_strategy.scope():
         compile_model(model, config.warmup_learning_rate, config.optimizer)
-        print(f"warm-up: {config.warmup_epochs} epochs of the head alone at {config.warmup_learning_rate:g}", flush=True)
-        result = fit(model, train_ds, val_ds, config.warmup_epochs, [EpochMetrics(prefix="warmup_")], class_weight,
-                     config.patience, config.lr_patience, checkpoint and checkpoint / checkpoints.WARMUP)
+        print(f"warm-up: {config.warmup_epochs} epochs of the head alone at {config.warmup_learning_rate:g}",
+              flush=True)
+        result = fit(model, train_ds, val_ds, epochs=config.warmup_epochs,
+                     extra_callbacks=[EpochMetrics(prefix="warmup_")], class_weight=class_weight,
+                     patience=config.patience, lr_patience=config.lr_patience,
+                     checkpoint_dir=checkpoint and checkpoint / checkpoints.WARMUP)
     with model.distribute_strategy.scope():  # a new optimizer: its state belonged to the head alone
         compile_model(model, config.learning_rate, config.optimizer)
     print(f"warm-up done (best epoch {result.best_epoch}): fine-tuning {config.unfrozen_blocks} backbone stages "
           f"at {config.learning_rate:g}", flush=True)
     return result
-
-
-def log_figure(fig: plt.Figure, path: str) -> None:
-    mlflow.log_figure(fig, path)
-    plt.close(fig)
-
-
-def _log_evaluation(split: str, rows: pd.DataFrame, raw: np.ndarray, calibration: Calibration,
-                    class_names: list[str]) -> tuple[dict, np.ndarray]:
-    """Metrics of the served decision (calibrated probabilities, the threshold) with a split prefix
-    (validation_*, test_*), the uncalibrated ECE and Brier score beside them, the confusion matrix
-    (PNG+JSON), ROC and reliability curves, report and predictions. Returns the metrics (the uncalibrated
-    ones too) and the calibrated probabilities."""
-    probabilities = calibration.apply(raw)
-    threshold = calibration.threshold
-    scores = metrics.evaluate(rows, probabilities, threshold)
-    y = rows["label"].to_numpy()
-    raw_calibration = calibration_metrics(y, raw[:, 1])
-    mlflow.log_metrics({**{f"{split}_{k}": v for k, v in scores.items() if np.isfinite(v)},
-                        **{f"{split}_{k}_uncalibrated": v for k, v in raw_calibration.items()}})
-    matrix = metrics.confusion(y, probabilities, threshold)
-    tracking.log_json({"labels": class_names, "matrix": matrix.tolist(), "rows": "true", "columns": "predicted",
-                       "threshold": threshold}, f"evaluation/{split}_confusion_matrix.json")
-    log_figure(figures.confusion_figure(matrix, class_names, f"{split} confusion matrix (threshold {threshold:.3g})"),
-                f"evaluation/{split}_confusion_matrix.png")
-    log_figure(figures.roc_figure(y, probabilities[:, 1], f"{split} ROC"), f"evaluation/{split}_roc_curve.png")
-    log_figure(figures.reliability_figure(y, {"network": raw[:, 1], f"T = {calibration.temperature:.2f}":
-                                               probabilities[:, 1]}, f"{split} reliability"),
-                f"evaluation/{split}_reliability.png")
-    mlflow.log_text(metrics.report_text(y, probabilities, class_names, threshold),
-                    f"evaluation/{split}_classification_report.txt")
-    predictions = rows[["relpath", "patient", "label"]].assign(probability_malignant=probabilities[:, 1],
-                                                               probability_uncalibrated=raw[:, 1])
-    mlflow.log_table(predictions, f"evaluation/{split}_predictions.json")
-    # The uncalibrated ECE and Brier score travel too: a cross-validation reports both, before and after.
-    return {**scores, **{f"{k}_uncalibrated": v for k, v in raw_calibration.items()}}, probabilities
-
-
-def _log_intervals(config: TrainConfig, rows: pd.DataFrame, probabilities: np.ndarray, threshold: float) -> None:
-    if config.bootstrap == 0:
-        return
-    intervals = metrics.patient_bootstrap(rows["patient"], rows["label"].to_numpy(), probabilities, threshold,
-                                          resamples=config.bootstrap, seed=config.seed)
-    mlflow.log_metrics({f"test_{name}_ci_{end}": value for name, (low, high) in intervals.items()
-                        for end, value in (("low", low), ("high", high)) if np.isfinite(value)})
-
-
-def _log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, probabilities: np.ndarray,
-                 calibration: Calibration, class_names: list[str], stain: StainNormalizer) -> None:
-    if config.gradcam_per_class == 0:
-        return
-    labels = rows["label"].to_numpy()
-    chosen = explain.pick_examples(labels, config.gradcam_per_class, config.seed)
-    # Only the chosen images are read again, not the whole test split.
-    picked = rows.iloc[chosen]
-    images = np.concatenate([x for x, _ in make_dataset(picked["path"], picked["label"], config.image_size,
-                                                         len(picked), stain=stain).as_numpy_iterator()])
-    predicted = calibration.decide(probabilities[chosen])
-    heatmaps = explain.GradCam(model, gradcam_layer(model))(images, predicted)
-    captions = [f"true {class_names[labels[c]]}\npred {class_names[p]} {probabilities[c, p]:.2f}"
-                for c, p in zip(chosen, predicted)]
-    log_figure(figures.gradcam_figure(images, heatmaps, captions), "evaluation/gradcam.png")
-
-
-def _fit_screening(model: keras.Model, config: TrainConfig, prepared: PreparedData, stain: StainNormalizer,
-                   val_ds, test_ds) -> None:
-    """Fit the served model's quality and OOD checks (training features, validation percentiles), log them,
-    and how many validation and test images they flag (the test share is what users should expect)."""
-    train = prepared.rows("train")
-    if len(train) > screening.MAX_FIT_IMAGES:
-        train = train.sample(n=screening.MAX_FIT_IMAGES, random_state=config.seed)
-    extractor = screening.feature_model(model)
-
-    def features(dataset) -> np.ndarray:
-        return extractor.predict(dataset, verbose=0)[1]
-
-    def quality(part: str) -> np.ndarray:
-        return measure_files(prepared.rows(part)["path"].tolist(), config.image_size)
-
-    train_features = features(make_dataset(train["path"], train["label"], config.image_size, config.batch_size,
-                                           stain=stain))
-    train_quality = measure_files(train["path"].tolist(), config.image_size)
-    val_features, val_quality = features(val_ds), quality("val")
-    fitted = screening.fit_screening(train_features, train_quality, val_features, val_quality)
-    mlflow.log_metrics({"ood_threshold": fitted.features.threshold, "colour_threshold": fitted.colour.threshold,
-                        "focus_threshold": fitted.min_focus,
-                        "validation_flagged_share": screening.flagged_share(val_quality, val_features, fitted),
-                        "test_flagged_share": screening.flagged_share(quality("test"), features(test_ds), fitted)})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(SCREENING_ARTIFACT).name
-        fitted.save(path)
-        mlflow.log_artifact(str(path), str(Path(SCREENING_ARTIFACT).parent))
 
 
 class _KerasFlavor:
@@ -221,7 +119,8 @@ class _KerasFlavor:
     __name__ = "mlflow.keras"
 
     @staticmethod
-    def save_model(path: str, **kwargs) -> None:
+    def save_model(path: str, validate_serving_input: bool = True, **kwargs) -> None:
+        # validate_serving_input is Model.log's (it reaches the flavor too); mlflow.keras has no such argument.
         os.makedirs(path, exist_ok=True)
         mlflow.keras.save_model(path=path, **kwargs)
 
@@ -233,10 +132,14 @@ def _log_model(model: keras.Model, config: TrainConfig, example: np.ndarray, cla
         model.save(path)
         size_mb = path.stat().st_size / 2**20
         mlflow.log_artifact(str(path), KERAS_ARTIFACT_DIR)
-    signature = infer_signature(example, model.predict(example, verbose=0))
+    # The signature from the shapes (a prediction for it would trace the network for one more input shape), and
+    # no serving check of the example (MLflow would load the model back and predict it: seconds for a DenseNet;
+    # the served classifier of `register` is checked when it is logged).
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.input_shape[1:]))]),
+                              outputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.output_shape[1:]))]))
     Model.log(
         artifact_path=None, name=MODEL_ARTIFACT, flavor=_KerasFlavor, flavor_name="mlflow.keras", model=model,
-        signature=signature, input_example=example,
+        signature=signature, input_example=example, validate_serving_input=False,
         pip_requirements=tracking.pinned_requirements("mlflow", "keras", "numpy"),
         metadata={"class_names": class_names, "image_size": config.image_size, "variant": config.variant,
                   "model": config.model_name, "input": "float32 RGB in [0, 1], resized with "
@@ -264,36 +167,6 @@ class TrainOutcome:
     calibration: Calibration
 
 
-def _resumable(config: TrainConfig) -> str:
-    """The run to continue: `resume`, or the run `mlflow run --run-id` retries when it left a checkpoint
-    ("" for a new run). A resume that cannot continue fails here, before anything is changed."""
-    retried = os.environ.get("MLFLOW_RUN_ID", "")
-    run_id = config.resume or (retried if checkpoints.has_checkpoint(
-        checkpoints.run_checkpoint_dir(config.checkpoint_dir, retried)) else "")
-    if not run_id:
-        return ""
-    try:
-        previous = mlflow.MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise ConfigError(f"resume: there is no run {run_id} in {mlflow.get_tracking_uri()}") from None
-    if previous.info.status == "FINISHED" and previous.data.metrics.get("model_size_mb") is not None:
-        raise ConfigError(f"resume: run {run_id} has finished; start a new run instead")
-    logged = {k: v for k, v in previous.data.params.items()
-              if k in variant_fields(config.variant) and k not in LOCAL_FIELDS}
-    given = config.to_params()
-    differ = sorted(k for k, v in typed_params(TrainConfig, logged).items() if k in given and given[k] != v)
-    if "model" in previous.data.params and previous.data.params["model"] != given["model"]:
-        differ.append("model")
-    if differ:
-        raise ConfigError(f"resume: run {run_id} was started with other settings ("
-                          + ", ".join(f"{k}={previous.data.params[k]} there, {given[k]} here" for k in differ)
-                          + "); resume with the same settings or start a new run")
-    if not checkpoints.has_checkpoint(checkpoints.run_checkpoint_dir(config.checkpoint_dir, run_id)):
-        raise ConfigError(f"resume: run {run_id} has no checkpoint in {config.checkpoint_dir} (trained on another "
-                          "machine or folder, or with checkpoint_dir=none); start a new run instead")
-    return run_id
-
-
 def run(config: TrainConfig) -> str:
     """Train and evaluate one variant as one MLflow run; returns the run id."""
     config.validate()
@@ -302,8 +175,8 @@ def run(config: TrainConfig) -> str:
         return train_worker(config, cluster)
     tracking.configure(config.experiment)  # first: a tracking server that is down fails before any work
     if cluster is not None:
-        _join_cluster(config, cluster)
-    resumed = _resumable(config)
+        distributed.join(cluster, config.resume, config.warmup_epochs)
+    resumed = resume.resumable(config)
     prepared = prepare_data(config, config.split_table)
     run_name = config.run_name or f"{config.variant}-{config.model_name}-{prepared.dataset.name}"
     wrapper = os.environ.get("MLFLOW_RUN_ID", "")
@@ -321,21 +194,8 @@ def run(config: TrainConfig) -> str:
             distributed.barrier()  # the other workers have waited for the run to end
         return run_id
     except Exception as exc:
-        _explain_outage(config, run_id, exc)
+        resume.explain_outage(config, run_id, exc)
         raise
-
-
-def _join_cluster(config: TrainConfig, cluster: distributed.Cluster) -> None:
-    """Connect to the other workers (before any other TensorFlow operation). A multi-worker run keeps no
-    checkpoints: the workers' weights could not be restored together."""
-    if config.resume:
-        raise ConfigError("resume: a multi-worker run (TF_CONFIG set) keeps no checkpoints, so it cannot be "
-                          "resumed; start it again")
-    if config.warmup_epochs:
-        raise ConfigError("warmup_epochs: a multi-worker run has no head warm-up; warm up on one machine, or "
-                          "train with warmup_epochs=0")
-    print(f"{cluster}: waiting for the other workers", flush=True)
-    distributed.multi_worker_strategy()
 
 
 def train_worker(config: TrainConfig, cluster: distributed.Cluster) -> str:
@@ -344,40 +204,22 @@ def train_worker(config: TrainConfig, cluster: distributed.Cluster) -> str:
     if os.environ.get("MLFLOW_RUN_ID"):
         log.warning("%s was started by `mlflow run`, which opened a run of its own: start workers other than "
                     "the chief with `histoflow train` (docs/scaling.md)", cluster)
-    _join_cluster(config, cluster)
+    distributed.join(cluster, config.resume, config.warmup_epochs)
     prepared = prepare_data(config, config.split_table)
     set_seeds(config.seed)
     setup = _training_setup(config, prepared)
     train_ds, val_ds, _ = setup.datasets
-    fit(setup.model, train_ds, val_ds, config.epochs, [], setup.class_weight, config.patience, config.lr_patience)
+    fit(setup.model, train_ds, val_ds, epochs=config.epochs, extra_callbacks=[], class_weight=setup.class_weight,
+        patience=config.patience, lr_patience=config.lr_patience)
     print(f"{cluster}: training finished; weights sha256 {distributed.weights_digest(setup.model)}; waiting for the "
           "chief to evaluate and log the run", flush=True)
     distributed.barrier()
     return ""
 
 
-def _explain_outage(config: TrainConfig, run_id: str, exc: Exception) -> None:
-    """When the tracking server stopped answering for longer than MLflow's retries: where the training
-    is kept and how to finish the run once the server is back (a resume logs what MLflow lacks)."""
-    checkpoint = checkpoints.run_checkpoint_dir(config.checkpoint_dir, run_id) if run_id else None
-    if not checkpoints.has_checkpoint(checkpoint):
-        return
-    try:
-        tracking.check_server(mlflow.get_tracking_uri())
-        return  # the server answers: another failure, reported as it is
-    except TrackingError:
-        pass
-    done = "training finished" if checkpoints.finished_training(checkpoint) else "the epochs trained so far"
-    raise TrackingError(
-        f"the tracking server {mlflow.get_tracking_uri()} stopped answering ({type(exc).__name__}); {done} "
-        f"and their metrics are kept in {checkpoint}. When the server is back, finish run {run_id} with "
-        f"`histoflow train --variant {config.variant} ... --resume {run_id}` (the same settings) or "
-        f"`mlflow run . -e {config.variant} --run-id {run_id} ...`") from exc
-
-
 def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> TrainOutcome:
-    """Train and evaluate in the active run: data, model, fit, calibration, evaluation, intervals, model files."""
-    dataset = prepared.dataset
+    """Train and evaluate in the active run: data, model, fit, evaluation (histoflow.modeling.evaluation), model
+    files."""
     set_seeds(config.seed)
     tracking.log_new_params(config.to_params())
     mlflow.set_tags({"variant": config.variant, "model": config.model_name})
@@ -394,8 +236,9 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
         # In the checkpoint, a resumed run's TensorBoard logs continue the interrupted run's.
         board = (checkpoint or Path(tmp)) / "tensorboard"
         warm = warm_up_head(config, model, train_ds, val_ds, weights, checkpoint)
-        result = fit(model, train_ds, val_ds, config.epochs, [EpochMetrics(), tensorboard(board)], weights,
-                     config.patience, config.lr_patience, checkpoint)
+        result = fit(model, train_ds, val_ds, epochs=config.epochs,
+                     extra_callbacks=[EpochMetrics(), tensorboard(board)], class_weight=weights,
+                     patience=config.patience, lr_patience=config.lr_patience, checkpoint_dir=checkpoint)
         if board.is_dir():
             mlflow.log_artifacts(str(board), TENSORBOARD_ARTIFACT)
     if cluster:
@@ -412,26 +255,14 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
                             "warmup_time_s": warm.seconds})
     if result.resumed_at:
         mlflow.set_tag("histoflow.resumed_at_epoch", str(result.resumed_at))
-    log_figure(figures.history_figure(result.history, run_name), "evaluation/training_curves.png")
-    # Selection happened on validation (early stopping, temperature, threshold); test is evaluated once, here.
-    val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
-    val_raw = inference.predict(model, val_ds, config.tta)
-    calibration = fit_calibration(config.calibration, config.threshold_policy, val_rows["label"].to_numpy(), val_raw)
-    mlflow.log_metrics({"temperature": calibration.temperature, "decision_threshold": calibration.threshold})
-    tracking.log_json({**calibration.to_dict(), "class_names": dataset.class_names}, CALIBRATION_ARTIFACT)
-    validation, _ = _log_evaluation("validation", val_rows, val_raw, calibration, dataset.class_names)
-    test, test_probabilities = _log_evaluation("test", test_rows, inference.predict(model, test_ds, config.tta),
-                                               calibration, dataset.class_names)
-    if stain.method != "none":  # images of all three splits left unchanged (too little tissue to normalise)
-        mlflow.log_metric("stain_fallback_images", stain.fallbacks)
-    _log_intervals(config, test_rows, test_probabilities, calibration.threshold)
-    _fit_screening(model, config, prepared, stain, val_ds, test_ds)
-    _log_gradcam(model, config, test_rows, test_probabilities, calibration, dataset.class_names, stain)
+    evaluation.log_figure(figures.history_figure(result.history, run_name), "evaluation/training_curves.png")
+    evaluated = evaluation.evaluate(model, config, prepared, stain, val_ds, test_ds)
     example = next(iter(test_ds))[0].numpy()[:1]
-    mlflow.log_metric("model_size_mb", _log_model(model, config, example, dataset.class_names))
+    mlflow.log_metric("model_size_mb", _log_model(model, config, example, prepared.dataset.class_names))
     run_id = mlflow.active_run().info.run_id
     checkpoints.remove(checkpoint)  # the run is complete: nothing left to resume
+    test = evaluated.test
     print(f"{run_name}: test accuracy {test['accuracy']:.4f}, balanced accuracy {test['balanced_accuracy']:.4f}, "
           f"ROC AUC {test['roc_auc']:.4f} (run {run_id})")
     print(f"  in the MLflow UI: {tracking.ui_link(mlflow.active_run().info.experiment_id, run_id)}")
-    return TrainOutcome(run_id, validation, test, test_probabilities, calibration)
+    return TrainOutcome(run_id, evaluated.validation, test, evaluated.test_probabilities, evaluated.calibration)

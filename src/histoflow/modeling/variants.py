@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from histoflow.config import require, typed_params
+from histoflow.config import USER_CACHE, require, typed_params
 from histoflow.data.pipeline import AUGMENTATIONS
 from histoflow.data.settings import DataConfig
 from histoflow.data.stain import STAIN_METHODS
@@ -59,10 +59,12 @@ class TrainConfig(DataConfig, RunTarget):
     bootstrap: int = 1000  # resamples of patients for the test metrics' 95 % intervals; 0 = none
     tta: str = "none"  # test-time augmentation of evaluation and of the served model: none or dihedral8
     gradcam_per_class: int = 3
-    # Decoded training and validation images, uint8 on disk (none: decode them every epoch instead).
-    image_cache: str = ".histoflow-cache/images"
-    # Every epoch saved under <checkpoint_dir>/<run id> until the run ends (none: no checkpoints).
-    checkpoint_dir: str = ".histoflow-cache/checkpoints"
+    # Decoded training and validation images, uint8 on disk (none: decode them every epoch instead; "": the
+    # images folder of the user's cache, histoflow.config.cache_root).
+    image_cache: str = USER_CACHE
+    # Every epoch saved under <checkpoint_dir>/<run id> until the run ends (none: no checkpoints; "": the
+    # checkpoints folder of the user's cache).
+    checkpoint_dir: str = USER_CACHE
     resume: str = ""  # the id of a killed training run to continue from its last saved epoch
 
     @property

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from histoflow import tracking
 from histoflow.modeling.cross_validation import is_cross_validation
@@ -44,11 +45,20 @@ class RollbackConfig:
 
 
 def alias_version(name: str, alias: str):
-    """The version the alias points at, or None."""
+    """The version the alias points at, or None when the model does not exist or has no such alias. Any other
+    answer (no permission, a server error) stops the caller with the server's message: taken for "no alias",
+    it would let promote compare a challenger against no champion. (The registered model's aliases are read
+    rather than the alias itself: MLflow answers a missing alias with INVALID_PARAMETER_VALUE, the code of
+    a malformed request too.)"""
+    client = MlflowClient()
     try:
-        return MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+        version = client.get_registered_model(name).aliases.get(alias)
+        return None if version is None else client.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise RegistryError(f"cannot read @{alias} of model {name!r} from {mlflow.get_tracking_uri()}: "
+                            f"{exc.error_code}: {exc.message}") from exc
 
 
 def register(experiment: str, metric: str, name: str, aliases: Aliases, include_leaky: bool = False):

@@ -86,7 +86,7 @@ def summary(experiment: str, dataset: str = "") -> pd.DataFrame:
                    **{f"metrics.cv_{k}_std": f"{v} std" for k, v in METRICS.items()}, **OTHER}
         table = cvs.reindex(columns=["run_id", *columns, "params.folds", "params.repeats"]).rename(columns=columns)
         table["Split"] = [f"patient {f}-fold CV x{r}" for f, r in zip(table.pop("params.folds"),
-                                                                      table.pop("params.repeats"))]
+                                                                      table.pop("params.repeats"), strict=True)]
         parts.append(table.assign(Kind="cv"))
     table = pd.concat(parts, ignore_index=True)
     table["Params"] = table["Params"].astype("Int64")
@@ -107,7 +107,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     for name in METRICS.values():
         low, high, std = (shown.pop(c) if c in shown else pd.Series(float("nan"), index=shown.index)
                           for c in (f"{name} low", f"{name} high", f"{name} std"))
-        shown[name] = [_number(*values) for values in zip(shown[name], low, high, std)]
+        shown[name] = [_number(*values) for values in zip(shown[name], low, high, std, strict=True)]
     shown = shown.rename(columns={name: f"{name} [95% CI] / ± std" for name in WITH_INTERVAL})
     shown["Train time (s)"] = shown["Train time (s)"].map(lambda v: f"{v:.0f}" if pd.notna(v) else "")
     return shown.to_markdown(index=False)
@@ -152,7 +152,7 @@ def paired_markdown(pairs: pd.DataFrame) -> str:
     for name, title in (("roc_auc", "AUC"), ("balanced_accuracy", "Balanced accuracy")):
         shown[f"{title} A - B [95% CI]"] = [f"{d:+.4f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in
                                             zip(pairs[f"{name} difference"], pairs[f"{name} low"],
-                                                pairs[f"{name} high"])]
+                                                pairs[f"{name} high"], strict=True)]
         shown[f"{title} p"] = pairs[f"{name} p"].map(lambda v: f"{v:.3f}")
     return shown.to_markdown(index=False)
 

@@ -16,7 +16,8 @@ from histoflow.data.step import SPLIT_TABLE
 from histoflow.errors import ConfigError, HistoflowError
 from histoflow.modeling.calibration import Calibration, choose_threshold
 from histoflow.modeling.cross_validation import OOF_ARTIFACT, is_cross_validation
-from histoflow.modeling.training_run import CALIBRATION_ARTIFACT, SCREENING_ARTIFACT, STAIN_ARTIFACT
+from histoflow.modeling.evaluation import CALIBRATION_ARTIFACT, SCREENING_ARTIFACT
+from histoflow.modeling.training_run import STAIN_ARTIFACT
 from histoflow.serving.classifier import CLASSIFIER_ARTIFACT, log_classifier
 
 DEFAULT_NAME = "histoflow"
@@ -86,7 +87,7 @@ def classifier_uri(run) -> str:
     classes, example = _classes_and_example(run)
     with mlflow.start_run(run_id=run.info.run_id):
         info = log_classifier([keras_artifact(run.info.run_id)], classes, int(run.data.params["image_size"]),
-                              example, run_calibration(run), stain_references=[run_stain_reference(run)],
+                              example, calibration=run_calibration(run), stain_references=[run_stain_reference(run)],
                               tta=run.data.params.get("tta", "none"), screenings=[run_screening(run)],
                               metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", "")})
     return info.model_uri
@@ -112,7 +113,7 @@ def _log_ensemble(run) -> str:
     with mlflow.start_run(run_id=run.info.run_id):
         info = log_classifier([keras_artifact(r.info.run_id) for r in fold_runs], classes,
                               int(run.data.params["image_size"]), example,
-                              Calibration(1.0, threshold, "temperature per fold model", policy),
+                              calibration=Calibration(1.0, threshold, "temperature per fold model", policy),
                               member_temperatures=[c.temperature for c in calibrations],
                               stain_references=[run_stain_reference(r) for r in fold_runs],
                               tta=run.data.params.get("tta", "none"),

@@ -27,7 +27,6 @@ from histoflow.serving.classifier import model_decision
 from histoflow.serving.requests import INPUT_COLUMN, MAX_IMAGES_PER_REQUEST, encode_file
 from histoflow.serving.spark_scoring import is_parquet_table
 
-
 ENGINES = ("local", "spark")
 
 

@@ -26,7 +26,6 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, Map, ParamSchema, ParamSpec, Schema
-
 from PIL import Image
 
 from histoflow.data.images import MAX_PIXELS, resize_and_scale
@@ -36,7 +35,6 @@ from histoflow.errors import ConfigError
 from histoflow.modeling.calibration import Calibration, apply_temperature
 from histoflow.modeling.inference import TTA_MODES
 from histoflow.modeling.screening import INDETERMINATE, NO_DISTANCE, UNFITTED, Screening, flags
-from histoflow.tracking import pinned_requirements
 from histoflow.serving.requests import (
     INPUT_COLUMN,
     MAX_IMAGES_PER_REQUEST,
@@ -48,6 +46,7 @@ from histoflow.serving.requests import (
     in_scoring_server,
     request_items,
 )
+from histoflow.tracking import pinned_requirements
 
 CLASSIFIER_ARTIFACT = "classifier"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -149,7 +148,7 @@ class ImageClassifier(PythonModel):
         batch_spec = tf.TensorSpec([None, size, size, 3], tf.float32)
         # Members that share a stain reference share one normalised batch: {reference: (normalizer, networks)}.
         self._groups: dict[str, tuple[StainNormalizer, list[_Network]]] = {}
-        for path, member, screening in zip(paths, members, screenings):
+        for path, member, screening in zip(paths, members, screenings, strict=True):
             reference = member.get("stain") or NO_STAIN_NORMALIZATION
             key = json.dumps(reference, sort_keys=True)
             if key not in self._groups:
@@ -189,9 +188,9 @@ class ImageClassifier(PythonModel):
         heatmaps = np.mean([network.gradcam(batch, classes) for batch, networks in batches for network in networks],
                            axis=0)
         shown = batches[0][0].numpy()
-        return [_png_base64(overlay(image, heatmap)) for image, heatmap in zip(shown, heatmaps)]
+        return [_png_base64(overlay(image, heatmap)) for image, heatmap in zip(shown, heatmaps, strict=True)]
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         params = params or {}
         tta = params.get("tta") or self.tta
         if tta not in TTA_MODES:
@@ -215,16 +214,16 @@ class ImageClassifier(PythonModel):
         failed = flags(quality, scored["ood"], colour, self.screening)
         model_labels = [self.class_names[k] for k in decided]
         frame = pd.DataFrame({
-            "label": [INDETERMINATE if f else label for f, label in zip(failed, model_labels)],
+            "label": [INDETERMINATE if f else label for f, label in zip(failed, model_labels, strict=True)],
             "model_label": model_labels,
             "confidence": probabilities[np.arange(len(decided)), decided].astype(float),
-            "probabilities": [dict(zip(self.class_names, map(float, row))) for row in probabilities],
+            "probabilities": [dict(zip(self.class_names, map(float, row), strict=True)) for row in probabilities],
             "threshold": np.full(len(decided), self.calibration.threshold, dtype=float),
             "flags": [",".join(f + ([FALLBACK_FLAG] if fell_back else []))
-                      for f, fell_back in zip(failed, scored["fallback"])],
+                      for f, fell_back in zip(failed, scored["fallback"], strict=True)],
             "quality": [{"tissue_fraction": float(row[TISSUE]), "focus": float(row[FOCUS]),
                          **{name: float(v) for name, v in (("ood_score", ood), ("colour_score", c)) if np.isfinite(v)}}
-                        for row, ood, c in zip(quality, scored["ood"], colour)],
+                        for row, ood, c in zip(quality, scored["ood"], colour, strict=True)],
         })
         if explain:
             frame["gradcam"] = self.explain(scored["batches"], decided)
@@ -246,14 +245,15 @@ SERVING_PACKAGES = ("mlflow", "keras", "pillow", "pandas", "numpy", "torchstain"
 
 
 def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_size: int,
-                   example_image: str | Path, calibration: Calibration = Calibration(),
+                   example_image: str | Path, *, calibration: Calibration | None = None,
                    member_temperatures: list[float] | None = None, stain_references: list[dict] | None = None,
                    tta: str = "none", screenings: list[str | Path | None] | None = None,
                    metadata: dict | None = None, name: str = CLASSIFIER_ARTIFACT):
     """Log the serving pyfunc into the active run; returns MLflow's ModelInfo.
 
-    One network (a training run's): its temperature and threshold are `calibration`'s. Several (an
-    ensemble): `member_temperatures` holds each one's, and `calibration` the ensemble's threshold.
+    One network (a training run's): its temperature and threshold are `calibration`'s (default: temperature 1,
+    threshold 0.5). Several (an ensemble): `member_temperatures` holds each one's, and `calibration` the
+    ensemble's threshold.
     `stain_references`: each network's stain reference (default: none). `screenings`: each network's
     screening .npz (histoflow.modeling.screening; None: that network gets no focus or OOD checks).
     """
@@ -263,6 +263,7 @@ def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_
 
     if tta not in TTA_MODES:
         raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
+    calibration = calibration or Calibration()
     temperatures = member_temperatures or [calibration.temperature]
     stains = stain_references or [NO_STAIN_NORMALIZATION] * len(keras_paths)
     checks = screenings or [None] * len(keras_paths)
@@ -279,7 +280,8 @@ def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_
                    **{f"screening_{i}": str(path) for i, path in enumerate(checks) if path}},
         model_config={"class_names": list(class_names), "image_size": int(image_size),
                       "calibration": calibration.to_dict(),
-                      "members": [{"temperature": t, "stain": ref} for t, ref in zip(temperatures, stains)],
+                      "members": [{"temperature": t, "stain": ref}
+                                  for t, ref in zip(temperatures, stains, strict=True)],
                       "tta": tta},
         code_paths=[str(Path(histoflow.__file__).parent)],
         signature=signature(tta),

@@ -14,9 +14,9 @@ import io
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 from PIL import Image
@@ -140,7 +140,7 @@ def _score_all(paths: list[Path], scorer: Scorer) -> tuple[dict[Path, dict], dic
         chunk = paths[start:start + MAX_IMAGES_PER_REQUEST]
         try:
             out = scorer([base64.b64encode(p.read_bytes()).decode("ascii") for p in chunk])
-            rows.update(zip(chunk, out.to_dict("records")))
+            rows.update(zip(chunk, out.to_dict("records"), strict=True))
         except (ScoringError, MlflowException, HistoflowError) as exc:
             if len(chunk) == 1:
                 problems[chunk[0]] = getattr(exc, "message", str(exc))

@@ -27,13 +27,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from histoflow.config import local_folder
 from histoflow.data.pipeline import make_dataset
-from histoflow.progress import progress
 from histoflow.data.splits import SPLITS
 from histoflow.data.step import PreparedData
 from histoflow.modeling.architectures import BACKBONES, build_fusion
 from histoflow.modeling.training_run import stain_normalizer
 from histoflow.modeling.variants import TrainConfig
+from histoflow.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def _extract(model: keras.Model, dataset: tf.data.Dataset, split: str) -> SplitF
         outputs = model(images, training=False)
         taps.append([np.asarray(o, dtype="float32") for o in outputs])
         labels.append(np.argmax(onehot.numpy(), axis=1))
-    return SplitFeatures(tuple(np.concatenate(t) for t in zip(*taps)), np.concatenate(labels).astype("int32"))
+    return SplitFeatures(tuple(np.concatenate(t) for t in zip(*taps, strict=True)),
+                         np.concatenate(labels).astype("int32"))
 
 
 def extract(config: TrainConfig, prepared: PreparedData) -> dict[str, SplitFeatures]:
@@ -166,7 +168,7 @@ def load_or_extract(config: TrainConfig, prepared: PreparedData, cache_dir: str 
     digest = prepared.dataset.digest
     fields = cache_fields(config, digest)
     key = cache_key(config, digest)
-    path = Path(cache_dir).expanduser() / f"{config.backbone}-{key}.npz"
+    path = local_folder(str(cache_dir), "features") / f"{config.backbone}-{key}.npz"
     start = time.perf_counter()
     hit = path.is_file()
     if hit:

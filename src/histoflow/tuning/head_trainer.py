@@ -6,7 +6,8 @@ CPU, twice the training), so trials share traced heads (HeadTrainer) and one cos
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -125,7 +126,7 @@ class HeadTrainer:
             fills = [0.0, 0.0, 0.0, 1.0] if isinstance(layer, keras.layers.BatchNormalization) else [0.0] * 4
             blocks = n_taps if layer.name == "head_dense" else 1  # its inputs: the taps' padded units, concatenated
             layer.set_weights([_pad_to(w, tuple(v.shape), fill, blocks if w.ndim == 2 else 1)
-                               for w, v, fill in zip(weights, layer.weights, fills)])
+                               for w, v, fill in zip(weights, layer.weights, fills[:len(weights)], strict=True)])
         _reset_optimizer(model.optimizer, learning_rate)
         return model
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import matplotlib.pyplot as plt
@@ -31,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import KerasPruningCallback
 
 from histoflow import tracking
-from histoflow.config import require, typed_params
+from histoflow.config import FOLDER_OFF, USER_CACHE, require, typed_params
 from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.errors import ConfigError
 from histoflow.modeling import distributed, training_run
@@ -65,10 +64,11 @@ class TuneConfig:
     pruner: str = "median"
     metric: str = "val_auc"
     trial_epochs: int = 20
-    cache_dir: str = ".histoflow-cache/features"
+    cache_dir: str = USER_CACHE  # where backbone features are kept; "": the features folder of the user's cache
     heartbeat_interval: int = 60  # seconds between a running trial's heartbeats; 0 = no heartbeats
     grace_period: int = 0  # seconds without a heartbeat before a trial counts as dead; 0 = 2 x heartbeat_interval
     search_space: str = DEFAULT_SEARCH_SPACE  # the YAML file of the searched and fixed settings
+    final: bool = True  # train the best parameters in full once the trials are done (false: trials only)
 
     def validate(self) -> None:
         widest = self.space.searched.get("fusion_width")
@@ -80,7 +80,8 @@ class TuneConfig:
             (self.metric in METRICS, f"metric must be one of {', '.join(METRICS)}; got {self.metric!r}"),
             (self.trial_epochs >= 1, "trial_epochs must be >= 1"),
             (bool(self.storage.strip()), "storage must be a SQLAlchemy URL, e.g. sqlite:///optuna.db"),
-            (bool(self.cache_dir.strip()), "cache_dir must be a folder"),
+            (self.cache_dir.strip().lower() != FOLDER_OFF,
+             "cache_dir must be a folder: trials train on cached features"),
             (self.heartbeat_interval >= 0, "heartbeat_interval must be >= 0 seconds (0 = no heartbeats)"),
             # A grace not longer than the interval would fail trials that are alive between two beats.
             (self.grace_period == 0 or self.grace_period > self.heartbeat_interval,
@@ -173,9 +174,10 @@ def _train_head(config: TuneConfig, features: CachedFeatures, trainer: HeadTrain
     model = trainer.start(t.fusion_width, t.dropout, t.learning_rate, t.seed, t.optimizer, t.head_batchnorm)
     train_part, val_part = features.splits["train"], features.splits["val"]
     result = fit(model, head_dataset(train_part, t.batch_size, True, t.seed),
-                 head_dataset(val_part, t.batch_size, False, t.seed), config.trial_epochs,
-                 [epoch_metrics, KerasPruningCallback(trial, config.metric)],
-                 class_weights(train_part.labels, t.class_weight), t.patience, t.lr_patience)
+                 head_dataset(val_part, t.batch_size, False, t.seed), epochs=config.trial_epochs,
+                 extra_callbacks=[epoch_metrics, KerasPruningCallback(trial, config.metric)],
+                 class_weight=class_weights(train_part.labels, t.class_weight), patience=t.patience,
+                 lr_patience=t.lr_patience)
     mlflow.log_metrics({"train_time_s": result.seconds, "best_epoch": result.best_epoch,
                         "epochs_run": result.epochs_run})
     # The epoch of lowest val_loss: the weights the full run's early stopping would keep.
@@ -189,7 +191,7 @@ def objective(config: TuneConfig, features: CachedFeatures, study_name: str) -> 
 
     def run_trial(trial: optuna.Trial) -> float:
         params = config.space.suggest(trial)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who to look for when it goes stale
+        trial.set_user_attr("worker", workers.worker_id())  # who to look for when it goes stale
         pruned: optuna.TrialPruned | None = None
         epoch_metrics = EpochMetrics(batched=True)
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
@@ -312,7 +314,38 @@ def run(config: TuneConfig) -> TuneResult:
     if best is None:
         print(f"study {study.study_name}: no trial completed; no final run trained (see the trials' state tags)")
         return TuneResult(study.study_name, parent.info.run_id, ran, None, None)
-    print(f"study {study.study_name}: best {config.metric} {best.value:.4f} in trial {best.number} with "
-          f"{best.params}; training it in full (unfrozen_blocks={config.train.unfrozen_blocks})")
-    final_run_id = _final_run(config, best, study.study_name, parent.info.run_id, experiment)
+    if not config.final:
+        print(f"study {study.study_name}: best {config.metric} {best.value:.4f} in trial {best.number}; no final run "
+              "(final=false)")
+        return TuneResult(study.study_name, parent.info.run_id, ran, best, None)
+    final_run_id = _final_run_once(config, study, best, parent.info.run_id, experiment)
     return TuneResult(study.study_name, parent.info.run_id, ran, best, final_run_id)
+
+
+def _final_run_once(config: TuneConfig, study: optuna.Study, best: FrozenTrial, parent_run_id: str,
+                    experiment: str) -> str | None:
+    """The study's final run, trained by one worker only: the last to finish its trials (none of the study's
+    trials running any more) that wins the claim (workers.claim_final). The others end here; a run of `tune`
+    on a study whose final run is trained returns that run. Returns the final run's id (None: another
+    worker trains it)."""
+    name = study.study_name
+    with workers.experimental():
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial is not one to wait for
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        print(f"study {name}: {len(running)} trials still run in other workers; the last of them trains the final "
+              "run")
+        return None
+    claim = workers.claim_final(config.storage, name, config.n_trials)
+    if not claim.won:
+        print(f"study {name}: its final run "
+              + (f"is run {claim.run_id}" if claim.run_id else f"is trained by worker {claim.owner}"))
+        return claim.run_id
+    print(f"study {name}: best {config.metric} {best.value:.4f} in trial {best.number} with {best.params}; "
+          f"training it in full (unfrozen_blocks={config.train.unfrozen_blocks})")
+    run_id = None
+    try:
+        run_id = _final_run(config, best, name, parent_run_id, experiment)
+    finally:  # a final run that failed is left to the next worker or run of tune
+        workers.settle_final(config.storage, name, config.n_trials, run_id)
+    return run_id

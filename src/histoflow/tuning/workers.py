@@ -1,16 +1,23 @@
-"""Workers sharing one study: heartbeats, dead workers' trials, and samplers that keep workers apart.
+"""Workers sharing one study: heartbeats, dead workers' trials, samplers that keep workers apart, and the one
+worker that trains the study's final run.
 
 Workers on other processes or machines may share the storage: trials send heartbeats, and the trial
-of a worker that died is failed (its MLflow run marked KILLED) and queued again.
+of a worker that died is failed (its MLflow run marked KILLED) and queued again. When the study's trials
+are done, the last worker to finish claims the final run in a table of the study's own database (an
+insert that only one worker's can win): it trains the best parameters in full, the others end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
+import socket
+import time
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import mlflow
 import optuna
@@ -112,3 +119,96 @@ def storage(url: str, n_trials: int, heartbeat_interval: int, grace_period: int)
         return optuna.storages.RDBStorage(url, **heartbeats)
 
 
+
+
+def worker_id() -> str:
+    """This worker, as trials and claims name it: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# One row per final run of a study: who trains it, and its MLflow run once trained.
+FINAL_RUNS = sqlalchemy.Table(
+    "histoflow_final_runs", sqlalchemy.MetaData(),
+    sqlalchemy.Column("study_name", sqlalchemy.String(512), primary_key=True),
+    sqlalchemy.Column("n_trials", sqlalchemy.Integer, primary_key=True),
+    sqlalchemy.Column("owner", sqlalchemy.String(300), nullable=False),
+    sqlalchemy.Column("claimed_at", sqlalchemy.Float, nullable=False),
+    sqlalchemy.Column("run_id", sqlalchemy.String(64), nullable=True),
+)
+
+
+@dataclass(frozen=True)
+class FinalClaim:
+    """The claim on a study's final run: whether this worker won it, who holds it and the run trained so far."""
+
+    won: bool
+    owner: str
+    run_id: str | None = None
+
+
+def _engine(url: str) -> sqlalchemy.engine.Engine:
+    engine = sqlalchemy.create_engine(url)
+    try:
+        FINAL_RUNS.create(engine, checkfirst=True)
+    except sqlalchemy.exc.SQLAlchemyError:  # another worker created it between the check and the create
+        if not sqlalchemy.inspect(engine).has_table(FINAL_RUNS.name):
+            raise
+    return engine
+
+
+def _key(study_name: str, n_trials: int):
+    return (FINAL_RUNS.c.study_name == study_name) & (FINAL_RUNS.c.n_trials == n_trials)
+
+
+def _gone(owner: str) -> bool:
+    """Whether the claim's worker is a process of this host that no longer exists."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def claim_final(url: str, study_name: str, n_trials: int) -> FinalClaim:
+    """Claim the final run of `study_name` at `n_trials` trials. Exactly one worker wins it; a claim whose run
+    failed or was killed, or whose worker died on this host before finishing it, is taken over. A claim whose
+    run finished is not won again: its run is the final run."""
+    me = worker_id()
+    engine = _engine(url)
+    try:
+        try:
+            with engine.begin() as connection:
+                connection.execute(FINAL_RUNS.insert().values(study_name=study_name, n_trials=n_trials, owner=me,
+                                                              claimed_at=time.time()))
+            return FinalClaim(True, me)
+        except sqlalchemy.exc.IntegrityError:
+            pass
+        with engine.begin() as connection:
+            row = connection.execute(sqlalchemy.select(FINAL_RUNS).where(_key(study_name, n_trials))).one()
+        status = MlflowClient().get_run(row.run_id).info.status if row.run_id else None
+        if status == "FINISHED" or not (status in ("FAILED", "KILLED") or _gone(row.owner)):
+            return FinalClaim(False, row.owner, row.run_id)
+        with engine.begin() as connection:  # taken over only if nobody else took it over first
+            taken = connection.execute(FINAL_RUNS.update().where(_key(study_name, n_trials)
+                                                                 & (FINAL_RUNS.c.owner == row.owner))
+                                       .values(owner=me, claimed_at=time.time(), run_id=None)).rowcount == 1
+        return FinalClaim(taken, me if taken else row.owner)
+    finally:
+        engine.dispose()
+
+
+def settle_final(url: str, study_name: str, n_trials: int, run_id: str | None) -> None:
+    """The claim's outcome: the final run trained (its id recorded), or None: released, for a later worker."""
+    engine = _engine(url)
+    try:
+        mine = _key(study_name, n_trials) & (FINAL_RUNS.c.owner == worker_id())
+        with engine.begin() as connection:
+            connection.execute(FINAL_RUNS.update().where(mine).values(run_id=run_id) if run_id
+                               else FINAL_RUNS.delete().where(mine))
+    finally:
+        engine.dispose()

@@ -1,0 +1,158 @@
+"""Evaluation of a trained network in its run: the calibration fitted on validation, each split's metrics and
+figures, the test metrics' patient intervals, the screening checks and the Grad-CAM figure.
+
+Selection happens on validation (early stopping before this, then the temperature and the threshold here);
+the test split is evaluated once, for reporting.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+
+from histoflow import tracking
+from histoflow.data.pipeline import make_dataset
+from histoflow.data.quality import measure_files
+from histoflow.data.stain import StainNormalizer
+from histoflow.data.step import PreparedData
+from histoflow.modeling import explain, figures, inference, metrics, screening
+from histoflow.modeling.architectures import gradcam_layer
+from histoflow.modeling.calibration import Calibration, calibration_metrics, fit_calibration
+from histoflow.modeling.variants import TrainConfig
+
+# Temperature and threshold fitted on validation: the registered serving model applies them.
+CALIBRATION_ARTIFACT = "evaluation/calibration.json"
+# Quality and out-of-distribution checks fitted on training and validation: the served model applies them.
+SCREENING_ARTIFACT = "evaluation/screening.npz"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A trained network's results: validation and test metrics, the calibrated test probabilities (one row
+    per test image, in the split's order) and the calibration they were made with."""
+
+    validation: dict[str, float]
+    test: dict[str, float]
+    test_probabilities: np.ndarray
+    calibration: Calibration
+
+
+def evaluate(model: keras.Model, config: TrainConfig, prepared: PreparedData, stain: StainNormalizer,
+             val_ds, test_ds) -> Evaluation:
+    """Calibrate on validation, evaluate validation and test with it, and log everything into the active run."""
+    class_names = prepared.dataset.class_names
+    val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
+    val_raw = inference.predict(model, val_ds, config.tta)
+    calibration = fit_calibration(config.calibration, config.threshold_policy, val_rows["label"].to_numpy(), val_raw)
+    mlflow.log_metrics({"temperature": calibration.temperature, "decision_threshold": calibration.threshold})
+    tracking.log_json({**calibration.to_dict(), "class_names": class_names}, CALIBRATION_ARTIFACT)
+    validation, _ = log_split("validation", val_rows, val_raw, calibration, class_names)
+    test, test_probabilities = log_split("test", test_rows, inference.predict(model, test_ds, config.tta), calibration,
+                                         class_names)
+    if stain.method != "none":  # images of all three splits left unchanged (too little tissue to normalise)
+        mlflow.log_metric("stain_fallback_images", stain.fallbacks)
+    log_intervals(config, test_rows, test_probabilities, calibration.threshold)
+    fit_screening(model, config, prepared, stain, val_ds, test_ds)
+    log_gradcam(model, config, test_rows, test_probabilities, calibration, class_names, stain)
+    return Evaluation(validation, test, test_probabilities, calibration)
+
+
+def log_figure(fig: plt.Figure, path: str) -> None:
+    mlflow.log_figure(fig, path)
+    plt.close(fig)
+
+
+def log_split(split: str, rows: pd.DataFrame, raw: np.ndarray, calibration: Calibration,
+                    class_names: list[str]) -> tuple[dict, np.ndarray]:
+    """Metrics of the served decision (calibrated probabilities, the threshold) with a split prefix
+    (validation_*, test_*), the uncalibrated ECE and Brier score beside them, the confusion matrix
+    (PNG+JSON), ROC and reliability curves, report and predictions. Returns the metrics (the uncalibrated
+    ones too) and the calibrated probabilities."""
+    probabilities = calibration.apply(raw)
+    threshold = calibration.threshold
+    scores = metrics.evaluate(rows, probabilities, threshold)
+    y = rows["label"].to_numpy()
+    raw_calibration = calibration_metrics(y, raw[:, 1])
+    mlflow.log_metrics({**{f"{split}_{k}": v for k, v in scores.items() if np.isfinite(v)},
+                        **{f"{split}_{k}_uncalibrated": v for k, v in raw_calibration.items()}})
+    matrix = metrics.confusion(y, probabilities, threshold)
+    tracking.log_json({"labels": class_names, "matrix": matrix.tolist(), "rows": "true", "columns": "predicted",
+                       "threshold": threshold}, f"evaluation/{split}_confusion_matrix.json")
+    log_figure(figures.confusion_figure(matrix, class_names, f"{split} confusion matrix (threshold {threshold:.3g})"),
+                f"evaluation/{split}_confusion_matrix.png")
+    log_figure(figures.roc_figure(y, probabilities[:, 1], f"{split} ROC"), f"evaluation/{split}_roc_curve.png")
+    log_figure(figures.reliability_figure(y, {"network": raw[:, 1], f"T = {calibration.temperature:.2f}":
+                                               probabilities[:, 1]}, f"{split} reliability"),
+                f"evaluation/{split}_reliability.png")
+    mlflow.log_text(metrics.report_text(y, probabilities, class_names, threshold),
+                    f"evaluation/{split}_classification_report.txt")
+    predictions = rows[["relpath", "patient", "label"]].assign(probability_malignant=probabilities[:, 1],
+                                                               probability_uncalibrated=raw[:, 1])
+    mlflow.log_table(predictions, f"evaluation/{split}_predictions.json")
+    # The uncalibrated ECE and Brier score travel too: a cross-validation reports both, before and after.
+    return {**scores, **{f"{k}_uncalibrated": v for k, v in raw_calibration.items()}}, probabilities
+
+
+def log_intervals(config: TrainConfig, rows: pd.DataFrame, probabilities: np.ndarray, threshold: float) -> None:
+    if config.bootstrap == 0:
+        return
+    intervals = metrics.patient_bootstrap(rows["patient"], rows["label"].to_numpy(), probabilities, threshold,
+                                          resamples=config.bootstrap, seed=config.seed)
+    mlflow.log_metrics({f"test_{name}_ci_{end}": value for name, (low, high) in intervals.items()
+                        for end, value in (("low", low), ("high", high)) if np.isfinite(value)})
+
+
+def log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, probabilities: np.ndarray,
+                 calibration: Calibration, class_names: list[str], stain: StainNormalizer) -> None:
+    if config.gradcam_per_class == 0:
+        return
+    labels = rows["label"].to_numpy()
+    chosen = explain.pick_examples(labels, config.gradcam_per_class, config.seed)
+    # Only the chosen images are read again, not the whole test split.
+    picked = rows.iloc[chosen]
+    images = np.concatenate([x for x, _ in make_dataset(picked["path"], picked["label"], config.image_size,
+                                                         len(picked), stain=stain).as_numpy_iterator()])
+    predicted = calibration.decide(probabilities[chosen])
+    heatmaps = explain.GradCam(model, gradcam_layer(model))(images, predicted)
+    captions = [f"true {class_names[labels[c]]}\npred {class_names[p]} {probabilities[c, p]:.2f}"
+                for c, p in zip(chosen, predicted, strict=True)]
+    log_figure(figures.gradcam_figure(images, heatmaps, captions), "evaluation/gradcam.png")
+
+
+def fit_screening(model: keras.Model, config: TrainConfig, prepared: PreparedData, stain: StainNormalizer,
+                   val_ds, test_ds) -> None:
+    """Fit the served model's quality and OOD checks (training features, validation percentiles), log them,
+    and how many validation and test images they flag (the test share is what users should expect)."""
+    train = prepared.rows("train")
+    if len(train) > screening.MAX_FIT_IMAGES:
+        train = train.sample(n=screening.MAX_FIT_IMAGES, random_state=config.seed)
+    extractor = screening.feature_model(model)
+
+    def features(dataset) -> np.ndarray:
+        return extractor.predict(dataset, verbose=0)[1]
+
+    def quality(part: str) -> np.ndarray:
+        return measure_files(prepared.rows(part)["path"].tolist(), config.image_size)
+
+    train_features = features(make_dataset(train["path"], train["label"], config.image_size, config.batch_size,
+                                           stain=stain))
+    train_quality = measure_files(train["path"].tolist(), config.image_size)
+    val_features, val_quality = features(val_ds), quality("val")
+    fitted = screening.fit_screening(train_features, train_quality, val_features, val_quality)
+    mlflow.log_metrics({"ood_threshold": fitted.features.threshold, "colour_threshold": fitted.colour.threshold,
+                        "focus_threshold": fitted.min_focus,
+                        "validation_flagged_share": screening.flagged_share(val_quality, val_features, fitted),
+                        "test_flagged_share": screening.flagged_share(quality("test"), features(test_ds), fitted)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(SCREENING_ARTIFACT).name
+        fitted.save(path)
+        mlflow.log_artifact(str(path), str(Path(SCREENING_ARTIFACT).parent))
+
+
