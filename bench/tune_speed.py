@@ -40,6 +40,7 @@ from histoflow.modeling import training_run  # noqa: E402
 from histoflow.modeling.fitting import EpochMetrics, fit, set_seeds  # noqa: E402
 from histoflow.tuning import study as tuning  # noqa: E402
 from histoflow.tuning.feature_cache import load_or_extract  # noqa: E402
+from histoflow.tuning.settings import TuneConfig, make_tune_config  # noqa: E402
 
 METRIC = "val_auc"
 
@@ -50,7 +51,7 @@ def study(seed: int) -> optuna.Study:
                                pruner=optuna.pruners.MedianPruner())
 
 
-def naive_objective(config: tuning.TuneConfig, datasets):
+def naive_objective(config: TuneConfig, datasets):
     train_ds, val_ds, _ = datasets
     t = config.train
 
@@ -99,7 +100,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="tune-speed-")
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     mlflow.set_experiment("tune-speed")
-    config = tuning.make_tune_config(
+    config = make_tune_config(
         "transfer", data_dir=args.data_dir, max_images=args.max_images, image_size=args.image_size,
         backbone=args.backbone, alpha=args.alpha, weights=args.weights, augment="none", seed=args.seed,
         trial_epochs=args.trial_epochs, cache_dir=f"{tmp}/cache")

@@ -35,7 +35,7 @@ from histoflow.modeling.calibration import calibration_metrics
 from histoflow.modeling.metrics import decision_metrics, paired_patient_bootstrap
 from histoflow.registry.selection import classifier_uri
 from histoflow.serving.batch_predict import batch_predict
-from histoflow.serving.classifier import model_decision
+from histoflow.serving.requests import model_decision
 
 COLUMNS = ("roc_auc", "balanced_accuracy", "recall", "specificity", "f1", "ece", "brier")
 

@@ -196,6 +196,7 @@ def test_page_in_a_real_browser(page, browser, classifier, uploads):
     assert csv["file"].tolist() == [p.name for p in files] and csv["label"].iloc[2] == "error"
 
 
+@pytest.mark.slow
 def test_training_runs_open_in_the_mlflow_ui_model_training_view(browser, tiny_store):
     """The address a run prints (tracking.ui_link) opens the run in the MLflow UI's model-training view,
     in a real browser against a real `mlflow server`; without it MLflow 3.17 opens experiments in GenAI."""

@@ -8,10 +8,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import BREAKHIS, sqlite_store
+from histoflow import artifacts
 from histoflow.data.discovery import discover
 from histoflow.data.splits import cv_folds, patient_overlap
 from histoflow.errors import ConfigError, DataError
 from histoflow.modeling import cross_validation
+from histoflow.modeling.variants import make_cv_config
 
 TINY = {"data_dir": str(BREAKHIS), "max_images": 80, "image_size": 32, "batch_size": 16, "epochs": 1,
         "gradcam_per_class": 0, "bootstrap": 0}
@@ -42,9 +44,9 @@ def test_a_class_with_fewer_patients_than_folds_is_refused_before_training():
     with pytest.raises(DataError, match="class 'benign' has 3 patient groups for 5 folds"):
         cv_folds(few, 5, 1, 0.2, 42, ["benign", "malignant"])
     with pytest.raises(ConfigError, match="folds must be in 2..20"):
-        cross_validation.make_cv_config("baseline", folds="1")
+        make_cv_config("baseline", folds="1")
     with pytest.raises(ConfigError, match="takes no split_table"):
-        cross_validation.make_cv_config("baseline", split_table="runs:/x/data/split.csv")
+        make_cv_config("baseline", split_table="runs:/x/data/split.csv")
 
 
 def test_intervals_of_rates_stay_within_0_and_1():
@@ -65,7 +67,7 @@ def cv_store(tmp_path_factory):
     test_pooled_results_of_several_repeats_are_their_mean)."""
     root = tmp_path_factory.mktemp("cv")
     with sqlite_store(root):
-        yield root, {v: cross_validation.run(cross_validation.make_cv_config(v, **TINY, folds=2, repeats=1,
+        yield root, {v: cross_validation.run(make_cv_config(v, **TINY, folds=2, repeats=1,
                                                                              experiment="cv"))
                      for v in ("baseline", "augmented")}
 
@@ -89,15 +91,15 @@ def test_cv_run_nests_folds_and_aggregates_them(cv_store):
     assert m["train_time_s"] == pytest.approx(sum(c.data.metrics["train_time_s"] for c in children))
     assert m["n_params"] == children[0].data.metrics["n_params"] > 0
     oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id,
-                                                          artifact_path=cross_validation.OOF_ARTIFACT))
+                                                          artifact_path=artifacts.OOF_ARTIFACT))
     split = discover(BREAKHIS, max_images=80, seed=42).frame
     assert set(oof["repeat"]) == {0}
     assert sorted(oof["relpath"]) == sorted(split["relpath"])  # each image exactly once
     assert oof["probability"].between(0, 1).all()
     assert set(oof["fold_run_id"]) == {c.info.run_id for c in children}
-    artifacts = {a.path for a in client.list_artifacts(parent_id, "cv")}
+    logged = {a.path for a in client.list_artifacts(parent_id, "cv")}
     assert {"cv/oof_roc_curve.png", "cv/oof_confusion_matrix.png", "cv/oof_reliability.png", "cv/folds.csv",
-            "cv/patients.json"} <= artifacts
+            "cv/patients.json"} <= logged
     assert parent.data.tags["histoflow.step"] == "cv" and parent.data.params["folds"] == "2"
 
 
@@ -151,7 +153,7 @@ def test_the_fold_ensemble_is_registered_and_served(cv_store, tmp_path):
     served = mlflow.pyfunc.load_model("models:/cv-ensemble@challenger")
     assert served.metadata.metadata["members"] == 2
     oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=best.info.run_id,
-                                                          artifact_path=cross_validation.OOF_ARTIFACT))
+                                                          artifact_path=artifacts.OOF_ARTIFACT))
     folds = oof[oof["repeat"] == 0].sort_values("fold")["fold_run_id"].unique()
     paths = sorted(str(p) for p in BREAKHIS.rglob("*.png"))[:6]
     out = served.predict(pd.DataFrame({"image": [encode_file(p) for p in paths]}))

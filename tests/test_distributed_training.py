@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import BREAKHIS, free_port
+from histoflow import artifacts
 from histoflow.errors import ConfigError
 from histoflow.modeling import distributed, training_run
 from histoflow.modeling.variants import make_train_config
@@ -100,7 +101,7 @@ def test_two_workers_train_one_run_and_end_with_identical_weights(tracking_uri, 
     assert run.data.tags["histoflow.weights_sha256"] == printed.group(1)
     # The model the chief saved is the one both workers trained.
     keras_dir = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                    artifact_path=training_run.KERAS_ARTIFACT_DIR)
+                                                    artifact_path=artifacts.KERAS_ARTIFACT_DIR)
     saved = keras.saving.load_model(next(os.path.join(keras_dir, f) for f in os.listdir(keras_dir)), compile=False)
     assert distributed.weights_digest(saved) == printed.group(1)
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
@@ -109,12 +110,13 @@ def test_two_workers_train_one_run_and_end_with_identical_weights(tracking_uri, 
 
 
 def test_cv_and_tune_refuse_a_cluster(monkeypatch):
-    from histoflow.modeling.cross_validation import make_cv_config
     from histoflow.modeling.cross_validation import run as run_cv
+    from histoflow.modeling.variants import make_cv_config
     from histoflow.tuning import study
+    from histoflow.tuning.settings import make_tune_config
 
     monkeypatch.setenv("TF_CONFIG", _tf_config(["127.0.0.1:1", "127.0.0.1:2"], 0)["TF_CONFIG"])
     with pytest.raises(ConfigError, match="cv does not train across machines"):
         run_cv(make_cv_config("baseline", **SETTINGS))
     with pytest.raises(ConfigError, match="tune does not train across machines"):
-        study.run(study.make_tune_config("transfer", data_dir=str(BREAKHIS)))
+        study.run(make_tune_config("transfer", data_dir=str(BREAKHIS)))

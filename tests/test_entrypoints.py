@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import BREAKHIS, REPO
 from histoflow.config import coerce
 from histoflow.entrypoints import cli_parameters, entry_points, render_mlproject
 from histoflow.modeling.variants import VARIANTS
@@ -59,15 +59,53 @@ def test_mlproject_command_writes_and_checks(tmp_path, capsys):
     assert "out of date" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["train", "tune", "data", "main", "promote", "predict"])
-def test_help_lists_the_settings(command, capsys):
+@pytest.mark.parametrize("command", ["train", "tune", "cv", "data", "main", "download", "compare", "register",
+                                     "promote", "rollback", "predict", "app"])
+def test_help_says_what_each_setting_means(command, capsys):
     from histoflow.cli import _parser
 
+    parameters = cli_parameters(command)
+    assert all(p.help for p in parameters), [p.name for p in parameters if not p.help]
     with pytest.raises(SystemExit) as exit_:
         _parser().parse_args([command, "--help"])
     assert exit_.value.code == 0
-    shown = capsys.readouterr().out
-    assert all(f"--{p.name}" in shown for p in cli_parameters(command))
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    for p in parameters:
+        assert f"--{p.name}" in shown and " ".join(p.help.split()[:4]) in shown, p.name
+
+
+def test_the_command_line_answers_without_loading_tensorflow_or_mlflow():
+    """`histoflow --help`, `histoflow <command> --help` and a bad parameter need only the settings modules (6 s of
+    imports before: TensorFlow, Keras, MLflow)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom histoflow.cli import main\n"
+            "for args in (['--help'], ['train', '--help'], ['tune', '--help'], ['main', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "assert main(['train', '--variant', 'densenet', '--dropout', '2']) == 2\n"
+            "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'mlflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LOADED []" in out.stdout and "dropout must be in [0, 1)" in out.stderr
+    assert "usage: histoflow train" in out.stdout and "--learning_rate" in out.stdout
+
+
+def test_the_data_and_registry_steps_run_without_loading_tensorflow(tmp_path):
+    """The data step runs, and register, compare and promote read runs and aliases, with MLflow alone (each
+    `mlflow run` of them paid ~8 s of TensorFlow import before); TensorFlow comes when a model is loaded or
+    logged."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mlflow\nimport histoflow.registry.aliases, histoflow.registry.comparison, "
+            "histoflow.registry.promotion\nfrom histoflow.cli import main\n"
+            f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'mlflow.db'}')\n"
+            f"assert main(['data', '--data_dir', '{BREAKHIS}', '--max_images', '60']) == 0\n"
+            "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LOADED []" in out.stdout and "60 images of" in out.stdout
 
 
 def test_conda_yaml_describes_the_pyproject_environment():

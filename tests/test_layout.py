@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import REPO
 
 PACKAGE = REPO / "src" / "histoflow"
-TOP_LEVEL = {"__init__", "errors", "config", "progress", "tracking", "workflow", "entrypoints", "cli"}
+TOP_LEVEL = {"__init__", "errors", "config", "progress", "tracking", "artifacts", "workflow", "entrypoints", "cli"}
 SUBPACKAGES = {"data", "modeling", "tuning", "serving", "registry"}
 
 

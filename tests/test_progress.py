@@ -16,6 +16,9 @@ def test_logs_get_a_line_every_tenth_and_the_end(caplog):
     lines = _lines(caplog)
     assert 10 <= len(lines) <= 13  # the start, every ~10 %, the end
     assert lines[0].startswith("work:   0%") and lines[-1].startswith("work: 100% (1234/1234)")
+    caplog.clear()
+    assert list(progress(range(18), desc="few")) == list(range(18))
+    assert 10 <= len(_lines(caplog)) <= 12  # not a line per item (each is 5.6 %)
 
 
 def test_discovery_reports_its_checking_of_the_images(caplog):

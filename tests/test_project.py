@@ -1,7 +1,8 @@
-"""Entry points through MLflow Projects, run from a clean copy of the repository: one CNN and one backbone
-variant on ~100 real images for 1 epoch, then compare, register, promote and predict. The runs hold what a
-reviewer needs, the other variants' runs (trained in-process for the registry tests) hold the same, and nothing
-is written into the repository."""
+"""The project as a user runs it, from a clean copy of the repository: `main` (data -> baseline -> tune ->
+register -> promote, each step an `mlflow run` of its entry point, on 60 real images), the card's
+`mlflow run . -e densenet`, then compare, register, promote and predict. The runs hold what a reviewer needs,
+the other variants' runs (trained in-process for the registry tests) hold the same, a second `main` reuses
+every step, and nothing is written into the repository."""
 
 from __future__ import annotations
 
@@ -16,21 +17,22 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BREAKHIS, IDC, REPO, TINY_RUNS, TINY_SETTINGS, idc_patient_dirs, sqlite_store, working_tree_state
+from conftest import BREAKHIS, REPO, TINY_RUNS, TINY_SETTINGS, idc_patient_dirs, sqlite_store, working_tree_state
+from histoflow import artifacts, workflow
 from histoflow.data.pipeline import make_dataset
 from histoflow.data.splits import patient_overlap
 from histoflow.modeling.metrics import METRIC_NAMES
+from histoflow.workflow import make_workflow_config
 
 pytestmark = pytest.mark.slow
-COMMON = {"max_images": 100, "epochs": 1, "batch_size": 16, "gradcam_per_class": 2, "bootstrap": 200}
-RUNS = {
-    "baseline": {"data_dir": str(IDC), "image_size": 64},
-    # The card's `mlflow run . -e densenet`: DenseNet121 from scratch with its backbone frozen (the fusion head
-    # trains): the same run as a fine-tuned one, at a fraction of its cost here.
-    "densenet": {"data_dir": str(BREAKHIS), "image_size": 32, "weights": "none", "unfrozen_blocks": 0,
-                 "gradcam_per_class": 0},  # a fusion model's Grad-CAM: tests/test_training_run.py's warm-up run
-}
+IMAGES, EPOCHS, SIZE = 60, 1, 32
+# The card's `mlflow run . -e densenet`: DenseNet121 from scratch with its backbone frozen (the fusion head
+# trains): the same run as a fine-tuned one, at a fraction of its cost here. A fusion model's Grad-CAM:
+# tests/test_training_run.py's warm-up run.
+DENSENET = {"data_dir": str(BREAKHIS), "max_images": IMAGES, "epochs": EPOCHS, "image_size": SIZE, "batch_size": 16,
+            "weights": "none", "unfrozen_blocks": 0, "gradcam_per_class": 0, "bootstrap": 200}
 EXPERIMENT = "project-test"
+STEPS = ["data", "baseline", "tune", "register", "promote"]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +64,38 @@ def _project(clone, entry_point: str, **parameters):
     return MlflowClient().get_run(submitted.run_id)
 
 
+def _workflow_parameters(store) -> dict:
+    return {"data_dir": str(BREAKHIS), "max_images": IMAGES, "image_size": SIZE, "batch_size": 16,
+            "epochs": EPOCHS, "variants": "baseline", "tune_variant": "transfer", "n_trials": 2, "trial_epochs": 2,
+            "storage": f"sqlite:///{store / 'optuna.db'}", "cache_dir": str(store / "features"),
+            "model_name": "wf", "output_dir": str(store / "comparison")}
+
+
+def _main(clone, store) -> str:
+    """`main` as `mlflow run . -e main` runs it: in the clone, its steps `mlflow run`s of the clone's entry
+    points (in-process here; its own `mlflow run` is checked against the code in tests/test_entrypoints.py)."""
+    mlflow.set_experiment(EXPERIMENT)  # created here, not in the clone: a SQLite store keeps artifacts in ./mlruns
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(clone)
+        return workflow.run(make_workflow_config(**_workflow_parameters(store)))["run_id"]
+
+
+def _steps(run_id: str) -> list[dict]:
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="workflow/steps.json")
+    with open(path) as f:
+        return json.load(f)["steps"]
+
+
 @pytest.fixture(scope="module")
-def runs(store, clone):
-    return {entry_point: _project(clone, entry_point, **{**COMMON, **params}) for entry_point, params in RUNS.items()}
+def study(store, clone) -> str:
+    """The main run's id."""
+    return _main(clone, store)
+
+
+@pytest.fixture(scope="module")
+def runs(study, store, clone):
+    baseline = next(s for s in _steps(study) if s["name"] == "baseline")
+    return {"baseline": MlflowClient().get_run(baseline["run_id"]), "densenet": _project(clone, "densenet", **DENSENET)}
 
 
 def _artifacts(run_id: str, path: str = "") -> set[str]:
@@ -118,12 +149,52 @@ def _check_run(run, epochs: int, max_images: int) -> None:
     assert np.asarray(matrix["matrix"]).sum() == (split["split"] == "test").sum()
 
 
-@pytest.mark.parametrize("entry_point", list(RUNS))
+def test_main_runs_every_step_once_then_reuses_them(study, store, clone):
+    client = MlflowClient()
+    steps = _steps(study)
+    assert [s["name"] for s in steps] == STEPS and not any(s["reused"] for s in steps)
+    for step in steps:
+        run = client.get_run(step["run_id"])
+        assert run.info.status == "FINISHED", step
+        assert run.data.tags["mlflow.parentRunId"] == study  # nested under main in the UI
+        assert run.data.tags["mlflow.project.entryPoint"] == step["name"]
+    data = client.get_run(steps[0]["run_id"])
+    assert data.data.tags["dataset.name"] == "breakhis" and data.data.metrics["images"] == IMAGES
+    assert "data/data_report.json" in [a.path for a in client.list_artifacts(data.info.run_id, "data")]
+    # Each later step read the data step's split table instead of discovering and splitting again.
+    table = f"runs:/{data.info.run_id}/data/split.csv"
+    for step in steps[1:3]:  # baseline, tune
+        run = client.get_run(step["run_id"])
+        assert run.data.params["split_table"] == table, step["name"]
+        assert run.data.tags["dataset.digest"] == data.data.tags["dataset.digest"]
+        assert run.data.tags["histoflow.workflow.data_digest"] == run.data.tags["dataset.digest"]
+    # What tune derives is logged as used (the search space's fixed values, the variant's augmentation, the
+    # study's name), never as MLflow Projects' placeholder for "not given".
+    tune = client.get_run(steps[2]["run_id"]).data.params
+    assert (tune["augment"], tune["optimizer"], tune["unfrozen_blocks"], tune["batch_size"]) == ("random", "adam", "0",
+                                                                                                 "16")
+    assert tune["study_name"].startswith("transfer-mobilenet-") and "''" not in tune.values()
+    champion = client.get_model_version_by_alias("wf", "champion")
+    assert client.get_model_version_by_alias("wf", "challenger").version == champion.version
+    table = (store / "comparison" / "comparison.md").read_text()
+    assert "baseline_cnn" in table and "mobilenet_fusion" in table and "transfer-tuned" in table
+    assert "workflow/comparison.md" in [a.path for a in client.list_artifacts(study, "workflow")]
+
+    # The same study again: every step reused.
+    again_id = _main(clone, store)
+    again = _steps(again_id)
+    assert all(s["reused"] for s in again), again
+    assert [s["run_id"] for s in again] == [s["run_id"] for s in steps]
+    assert again_id != study
+    assert len(client.search_model_versions("name = 'wf'")) == 1  # register was reused, not repeated
+
+
+@pytest.mark.parametrize("entry_point", ["baseline", "densenet"])
 def test_run_holds_params_metrics_provenance_and_artifacts(runs, entry_point):
     run = runs[entry_point]
     assert run.data.params["variant"] == entry_point
     assert run.data.tags["mlflow.project.entryPoint"] == entry_point
-    _check_run(run, COMMON["epochs"], COMMON["max_images"])
+    _check_run(run, EPOCHS, IMAGES)
 
 
 @pytest.mark.parametrize("variant", list(TINY_RUNS))
@@ -135,24 +206,31 @@ def test_in_process_runs_hold_the_same(use_store, variant):
 
 def test_logged_model_predicts_like_the_keras_file(runs):
     run = runs["baseline"]
-    [output] = run.outputs.model_outputs
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    [model_id] = [o.model_id for o in run.outputs.model_outputs  # the network; register added the classifier
+                  if mlflow.get_logged_model(o.model_id).name == artifacts.MODEL_ARTIFACT]
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model_id}")
     keras_dir = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="keras")
     model = keras.saving.load_model(f"{keras_dir}/baseline_cnn.keras")
     split = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data/split.csv"))
     test = split[split["split"] == "test"]
-    images = next(iter(make_dataset([str(IDC / p) for p in test["relpath"]], test["label"], 64, 64)))[0].numpy()
-    expected = model.predict(images, verbose=0)
-    got = np.asarray(pyfunc.predict(images))
+    images = next(iter(make_dataset([str(BREAKHIS / p) for p in test["relpath"]], test["label"], SIZE, 64)))[0]
+    expected = model.predict(images.numpy(), verbose=0)
+    got = np.asarray(pyfunc.predict(images.numpy()))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    assert list(pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 64, 64, 3]
-    assert pyfunc.metadata.metadata["class_names"] == ["non-IDC", "IDC"]
+    assert list(pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, SIZE, SIZE, 3]
+    assert pyfunc.metadata.metadata["class_names"] == ["benign", "malignant"]
 
 
-def test_compare_entry_point_tabulates_every_variant(runs, store, clone):
-    _project(clone, "compare", output_dir=str(store / "cmp"))
+def test_compare_entry_point_tabulates_every_variant(study, runs, store):
+    """`compare` in-process (main's own comparison ran it before the densenet run existed)."""
+    from histoflow.cli import main
+
+    mlflow.set_experiment(EXPERIMENT)
+    assert main(["compare", "--experiment", EXPERIMENT, "--output_dir", str(store / "cmp")]) == 0
     table = pd.read_csv(store / "cmp" / "comparison.csv")
-    assert set(table["run_id"]) == {r.info.run_id for r in runs.values()}
+    tune = next(s for s in _steps(study) if s["name"] == "tune")
+    tuned = mlflow.get_run(tune["run_id"]).data.tags["optuna.final_run_id"]
+    assert set(table["run_id"]) == {*(r.info.run_id for r in runs.values()), tuned}
     for run in runs.values():
         row = table[table["run_id"] == run.info.run_id].iloc[0]
         assert row["Accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
@@ -162,8 +240,7 @@ def test_compare_entry_point_tabulates_every_variant(runs, store, clone):
     # The MLflow UI compare view lines the variants up: the same test metric names everywhere.
     names = [{k for k in r.data.metrics if k.startswith("test_")} for r in runs.values()]
     assert all(n == names[0] for n in names)
-    compare_run = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string="tags.histoflow.step = 'compare'")
-    assert len(compare_run) == 1
+    assert len(mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string="tags.histoflow.step = 'compare'")) == 1
 
 
 def test_registry_entry_points_register_promote_and_predict(runs, store, clone):
@@ -174,9 +251,13 @@ def test_registry_entry_points_register_promote_and_predict(runs, store, clone):
     mlflow.set_experiment(EXPERIMENT)
     assert main(["register", "--experiment", EXPERIMENT, "--metric", "validation_accuracy",
                  "--name", "project-model"]) == 0
-    top = max(r.data.metrics["validation_accuracy"] for r in runs.values())
-    best = min((r for r in runs.values() if r.data.metrics["validation_accuracy"] == top),
+    candidates = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                                    filter_string="attributes.status = 'FINISHED' and metrics.validation_accuracy >= 0 "
+                                                  "and tags.split_leaky = 'false'")
+    top = max(r.data.metrics["validation_accuracy"] for r in candidates)
+    best = min((r for r in candidates if r.data.metrics["validation_accuracy"] == top),
                key=lambda r: r.info.start_time)  # ties go to the earliest run
+    assert {r.info.run_id for r in runs.values()} <= {r.info.run_id for r in candidates}
     version = MlflowClient().get_model_version_by_alias("project-model", "challenger")
     assert version.tags["run_id"] == best.info.run_id
     # "0" is logged by `mlflow run` as given; promote must not try to log 0.0 over it (MLflow refuses the change).
@@ -196,7 +277,6 @@ def test_registry_entry_points_register_promote_and_predict(runs, store, clone):
 
 
 def test_nothing_is_written_into_the_clone(runs, clone):
-    """Training, comparing and promoting (the tests above, in this order) through `mlflow run .` in a clone leave
-    it as it was: the image cache and checkpoints are in the user's cache
-    (HISTOFLOW_CACHE here), not in `.`."""
+    """`main` and the runs above through `mlflow run .` in a clone leave it as it was: the image cache, the
+    features and checkpoints are in the user's cache (HISTOFLOW_CACHE here), not in `.`."""
     assert working_tree_state(clone) == set()

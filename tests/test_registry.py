@@ -100,6 +100,7 @@ def test_promotion_follows_an_edited_policy_file(use_store, tmp_path):
     assert _aliases(name)["production"] == _aliases(name)["candidate"]
 
 
+@pytest.mark.slow
 def test_register_promote_reject_promote_rollback(use_store):
     client = MlflowClient()
     with pytest.raises(RegistryError, match="register"):

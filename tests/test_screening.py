@@ -140,6 +140,7 @@ def screened_model(request, tmp_path_factory):
         yield request.param, run, model, split[split["split"] == "test"]
 
 
+@pytest.mark.slow
 def test_developer_test_splits_are_not_flagged(screened_model):
     """At least 97 % of a developer set's test-split images (patients no threshold saw) are not flagged, as
     the run itself reports; and the served model's flags are the run's."""
@@ -153,6 +154,7 @@ def test_developer_test_splits_are_not_flagged(screened_model):
     assert {"tissue_fraction", "focus", "ood_score", "colour_score"} <= set(out["quality"].iloc[0])
 
 
+@pytest.mark.slow
 def test_blank_blurred_and_photographs_are_flagged(screened_model):
     import skimage.data
 

@@ -52,6 +52,7 @@ def _compare(spark_scored: pd.DataFrame, here: pd.DataFrame) -> None:
         np.testing.assert_allclose(there[column], here[column], atol=1e-6, err_msg=column)
 
 
+@pytest.mark.slow
 def test_a_folder_on_spark_gives_the_in_process_predictions(use_store, classifier, folder, spark, tmp_path):
     import mlflow
 
@@ -67,6 +68,7 @@ def test_a_folder_on_spark_gives_the_in_process_predictions(use_store, classifie
     assert run.data.metrics["accuracy"] == pytest.approx(float((there["model_label"] == there["true_label"]).mean()))
 
 
+@pytest.mark.slow
 def test_a_parquet_table_of_images(use_store, classifier, folder, spark, tmp_path):
     model_uri, _ = classifier
     table = str(tmp_path / "images.parquet")

@@ -28,6 +28,7 @@ from histoflow.registry.policy import load_policy
 from histoflow.registry.promotion import promote
 from histoflow.registry.selection import RegistryError
 from histoflow.tuning import study as tuning
+from histoflow.tuning.settings import make_tune_config
 
 BUCKET = "histoflow-artifacts"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "team-key", "AWS_SECRET_ACCESS_KEY": "team-secret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -106,7 +107,7 @@ def test_train_tune_and_promote_through_the_team_server(team_server, postgres_ur
 
     trained = training_run.run(make_train_config("baseline", data_dir=str(BREAKHIS), max_images=60, epochs=1,
                                                  image_size=32, batch_size=16, gradcam_per_class=1, experiment="team"))
-    study = tuning.run(tuning.make_tune_config(
+    study = tuning.run(make_tune_config(
         "transfer", data_dir=str(IDC), max_images=120, image_size=32, batch_size=16, backbone="mobilenet",
         alpha=0.75, weights="imagenet", epochs=1, gradcam_per_class=0, experiment="team", n_trials=2,
         trial_epochs=2, pruner="none", study_name="team-study", storage=postgres_database(postgres_url, "optuna"),
@@ -152,6 +153,7 @@ def test_train_tune_and_promote_through_the_team_server(team_server, postgres_ur
         rollback(MODEL, policy.aliases)
 
 
+@pytest.mark.slow
 def test_server_health_and_host_check(team_server):
     uri, _ = team_server
     with urllib.request.urlopen(f"{uri}/health", timeout=10) as response:

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import BREAKHIS, IDC, idc_patient_dirs
+from histoflow import artifacts
 from histoflow.data import step
 from histoflow.data.pipeline import make_dataset
 from histoflow.errors import ConfigError, DataError
@@ -61,7 +62,7 @@ def test_mixed_precision_trains_float16_layers_with_a_float32_softmax(tracking_u
     assert np.isfinite(run.data.metrics["test_loss"])
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored after building
 
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=training_run.KERAS_ARTIFACT_DIR)
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifacts.KERAS_ARTIFACT_DIR)
     model = keras.saving.load_model(next(Path(path).glob("*.keras")), compile=False)
     assert model.get_layer("conv1").dtype_policy.name == "mixed_float16"
     assert model.get_layer("conv1").compute_dtype == "float16"
@@ -83,7 +84,7 @@ def test_a_training_run_logs_tensorboard_and_opens_as_model_training(use_store, 
     run_id = use_store[2]["baseline"]
     run = mlflow.get_run(run_id)
     assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    board = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=training_run.TENSORBOARD_ARTIFACT,
+    board = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifacts.TENSORBOARD_ARTIFACT,
                                                      dst_path=str(tmp_path / "board")))
     steps: dict[str, list[int]] = {}
     for events in board.rglob("events.out.tfevents.*"):

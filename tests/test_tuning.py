@@ -22,6 +22,7 @@ from histoflow.tuning import study as tuning
 from histoflow.tuning.feature_cache import extract
 from histoflow.tuning.head_trainer import HeadTrainer, head_dataset, head_model
 from histoflow.tuning.search_space import load_search_space
+from histoflow.tuning.settings import make_tune_config
 
 STUDY = "tune-test"
 DATA = {"data_dir": str(IDC), "max_images": 120, "image_size": 32, "batch_size": 16, "backbone": "mobilenet",
@@ -34,12 +35,14 @@ FIRST = [{"learning_rate": lr, **GOOD} for lr in (1e-2, 5e-3, 3e-3, 2e-3)]
 RESUMED = [{"learning_rate": 1e-3, **GOOD}, {"learning_rate": 1e-6, **GOOD}]
 
 
+def _config(tmp_path, n_trials: int, **settings):
+    return make_tune_config("transfer", **{**DATA, "n_trials": n_trials, "trial_epochs": 3, "study_name": STUDY,
+                                           "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+                                           "cache_dir": str(tmp_path / "cache"), **settings})
+
+
 def _tune(tmp_path, n_trials: int, **settings) -> tuning.TuneResult:
-    config = tuning.make_tune_config("transfer", **{**DATA, "n_trials": n_trials, "trial_epochs": 3,
-                                                    "study_name": STUDY,
-                                                    "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
-                                                    "cache_dir": str(tmp_path / "cache"), **settings})
-    return tuning.run(config)
+    return tuning.run(_config(tmp_path, n_trials, **settings))
 
 
 def _enqueue(tmp_path, trials: list[dict]) -> None:
@@ -171,23 +174,23 @@ def test_trials_share_one_traced_head_per_width_bucket_and_train_as_their_own_he
 
 def test_a_study_resumes_only_on_the_same_features_and_space(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    config = tuning.make_tune_config("transfer", storage=storage, study_name="s")
+    config = make_tune_config("transfer", storage=storage, study_name="s")
     tuning.open_study(config, "d1", key="k1")
     assert tuning.open_study(config, "d1", key="k1").user_attrs["histoflow.features"] == "k1"
     with pytest.raises(ConfigError, match="features 'k1' \\(now 'k2'\\).*use another study_name"):
         tuning.open_study(config, "d1", key="k2")
     with pytest.raises(ConfigError, match="metric 'val_auc' \\(now 'val_accuracy'\\)"):
-        tuning.open_study(tuning.make_tune_config("transfer", storage=storage, study_name="s",
+        tuning.open_study(make_tune_config("transfer", storage=storage, study_name="s",
                                                   metric="val_accuracy"), "d1", key="k1")
     with pytest.raises(ConfigError, match="needs the other direction"):
-        tuning.open_study(tuning.make_tune_config("transfer", storage=storage, study_name="s", metric="val_loss"),
+        tuning.open_study(make_tune_config("transfer", storage=storage, study_name="s", metric="val_loss"),
                           "d1", key="k1")
     with pytest.raises(ConfigError, match="cannot open the Optuna storage sqlite:///"):
-        tuning.open_study(tuning.make_tune_config("transfer", storage=f"sqlite:///{tmp_path}/no/such/dir/o.db"),
+        tuning.open_study(make_tune_config("transfer", storage=f"sqlite:///{tmp_path}/no/such/dir/o.db"),
                           "d1", key="k1")
     # An edited search space: not the same study. The default name is another; an explicit one is refused.
     narrower = _space_file(tmp_path, "learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
-    edited = tuning.make_tune_config("transfer", storage=storage, study_name="s", search_space=narrower)
+    edited = make_tune_config("transfer", storage=storage, study_name="s", search_space=narrower)
     with pytest.raises(ConfigError, match="search_space '[0-9a-f]+' \\(now '[0-9a-f]+'\\)"):
         tuning.open_study(edited, "d1", key="k1")
     assert (tuning.default_study_name(edited.train, "k1", edited.space)
@@ -207,7 +210,7 @@ def test_a_study_resumes_only_on_the_same_features_and_space(tmp_path):
 ])
 def test_bad_parameters_fail_with_a_message(variant, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        tuning.make_tune_config(variant, **overrides)
+        make_tune_config(variant, **overrides)
 
 
 def test_cli_reports_a_bad_parameter(capsys):
@@ -247,13 +250,14 @@ def test_the_default_search_space_is_the_projects_file():
 def test_a_bad_search_space_file_is_refused_naming_the_file(tmp_path, text, message):
     path = _space_file(tmp_path, text)
     with pytest.raises(ConfigError, match=message):
-        tuning.make_tune_config("transfer", search_space=path)
+        make_tune_config("transfer", search_space=path)
 
 
 @pytest.mark.slow
 def test_the_search_space_file_decides_what_the_trials_vary(tracking_uri, keras_home, tmp_path):
     """Edit the file, and the study searches what it says: fixed settings reach every trial and the final
-    run, choices are the only values trials take."""
+    run's settings (a final run trains with its settings: the study test above), choices are the only values
+    trials take."""
     path = _space_file(tmp_path, "learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\n"
                                  "dropout: 0.3\n"
                                  "fusion_width: {choices: [16, 48]}\n"
@@ -261,8 +265,9 @@ def test_the_search_space_file_decides_what_the_trials_vary(tracking_uri, keras_
                                  "batch_size: {choices: [16, 32]}\n"
                                  "head_batchnorm: false\n"
                                  "unfrozen_blocks: 1\n")
-    result = _tune(tmp_path, n_trials=3, search_space=path, sampler="random", pruner="none", study_name="edited",
-                   batch_size=None)  # searched here
+    settings = {"search_space": path, "sampler": "random", "pruner": "none", "study_name": "edited",
+                "batch_size": None, "final": "false"}  # batch_size: searched here
+    result = _tune(tmp_path, n_trials=3, **settings)
     client = MlflowClient()
     trials = _children(result.parent_run_id)
     assert len(trials) == 3
@@ -276,8 +281,10 @@ def test_the_search_space_file_decides_what_the_trials_vary(tracking_uri, keras_
     assert parent.data.tags["optuna.searched"] == "batch_size,fusion_width,learning_rate,optimizer"
     logged = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/optuna/search_space.yaml")
     assert logged == Path(path).read_text()
-    final = client.get_run(result.final_run_id).data.params
-    assert (final["dropout"], final["head_batchnorm"], final["unfrozen_blocks"]) == ("0.3", "False", "1")
-    assert final["optimizer"] == result.best_trial.params["optimizer"]
-    assert int(final["batch_size"]) == result.best_trial.params["batch_size"]
+    assert result.final_run_id is None
+    final = tuning.final_config(_config(tmp_path, 3, **settings), result.best_trial, result.study_name, "x")
+    assert (final.dropout, final.head_batchnorm, final.unfrozen_blocks) == (0.3, False, 1)
+    assert final.optimizer == result.best_trial.params["optimizer"]
+    assert final.batch_size == result.best_trial.params["batch_size"]
+    assert final.learning_rate == result.best_trial.params["learning_rate"]
 

@@ -24,6 +24,7 @@ from histoflow.data.step import prepare_data
 from histoflow.errors import ConfigError
 from histoflow.tuning import study as tuning
 from histoflow.tuning.feature_cache import load_or_extract
+from histoflow.tuning.settings import make_tune_config
 
 STUDY = "distributed"
 N_TRIALS = 4
@@ -80,7 +81,7 @@ def test_workers_share_a_study_and_a_killed_workers_trial_is_failed_and_retried(
                                                                                    tmp_path, monkeypatch):
     mlflow_url = _mlflow_database(postgres_url)
     settings = {**DATA, **TUNE, "storage": postgres_url, "cache_dir": str(tmp_path / "cache")}
-    config = tuning.make_tune_config("transfer", **settings)
+    config = make_tune_config("transfer", **settings)
     load_or_extract(config.train, prepare_data(config.train), config.cache_dir)  # once, not in every worker
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url}
 
@@ -135,7 +136,7 @@ def test_workers_share_a_study_and_a_killed_workers_trial_is_failed_and_retried(
 
 def test_a_grace_period_must_outlast_the_heartbeat_interval():
     with pytest.raises(ConfigError, match="grace_period must be longer than heartbeat_interval"):
-        tuning.make_tune_config("transfer", heartbeat_interval=10, grace_period=10)
+        make_tune_config("transfer", heartbeat_interval=10, grace_period=10)
     with pytest.raises(ConfigError, match="heartbeat_interval must be >= 0"):
-        tuning.make_tune_config("transfer", heartbeat_interval=-1)
-    assert tuning.make_tune_config("transfer", heartbeat_interval=0).heartbeat_interval == 0  # 0 = off
+        make_tune_config("transfer", heartbeat_interval=-1)
+    assert make_tune_config("transfer", heartbeat_interval=0).heartbeat_interval == 0  # 0 = off

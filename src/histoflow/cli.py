@@ -40,23 +40,36 @@ def _run(command: str, variant: str, params: dict[str, Any]) -> Any:
     from histoflow import entrypoints
     from histoflow.config import from_params
 
+    # The settings are checked before the module that runs the command (and TensorFlow with it) is loaded.
     if command == "train":
-        from histoflow.modeling import training_run
         from histoflow.modeling.variants import make_train_config
-        return training_run.run(make_train_config(variant, **params))
+
+        config = make_train_config(variant, **params)
+        from histoflow.modeling import training_run
+
+        return training_run.run(config)
     if command == "tune":
+        from histoflow.tuning.settings import make_tune_config
+
+        config = make_tune_config(variant, **params)
         from histoflow.tuning import study
-        return study.run(study.make_tune_config(variant, **params))
+
+        return study.run(config)
     if command == "cv":
-        from histoflow.modeling.cross_validation import make_cv_config
+        from histoflow.modeling.variants import make_cv_config
+
         return entrypoints.run_cv(make_cv_config(variant, **params))
-    cls, run = entrypoints.COMMANDS[command]
-    return run(from_params(cls, params))
+    cls, target = entrypoints.COMMANDS[command]
+    config = from_params(cls, params)
+    return entrypoints.runner(target)(config)
 
 
 def _parser() -> argparse.ArgumentParser:
     from histoflow.entrypoints import cli_parameters
-    from histoflow.modeling.variants import BACKBONE_VARIANTS, VARIANTS
+    from histoflow.modeling.variants import BACKBONE_VARIANTS, VARIANT_DEFAULTS, VARIANTS
+
+    # The settings whose default some variant sets otherwise.
+    variant_specific = {name for defaults in VARIANT_DEFAULTS.values() for name in defaults}
 
     parser = argparse.ArgumentParser(prog="histoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,18 +80,26 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--check", action="store_true", help="exit 1 when the file differs, write nothing")
             continue
         if command == "train":
-            p.add_argument("--variant", choices=VARIANTS, required=True)
+            p.add_argument("--variant", choices=VARIANTS, required=True, help="the model variant")
         elif command == "tune":
             # Not argparse choices: make_tune_config explains why only these can be tuned.
             p.add_argument("--variant", default="transfer",
-                           help=f"{' or '.join(BACKBONE_VARIANTS)} (default: transfer)")
+                           help=f"the variant whose fusion head is tuned: {' or '.join(BACKBONE_VARIANTS)} "
+                                "(default: transfer)")
         elif command == "cv":
-            p.add_argument("--variant", choices=VARIANTS, default="densenet")
+            p.add_argument("--variant", choices=VARIANTS, default="densenet",
+                           help="the model variant to cross-validate (default: densenet)")
         for param in cli_parameters(command):
-            default = "required" if param.default is dataclasses.MISSING else f"{param.default!r}"
-            p.add_argument(f"--{param.name}", default=None,
-                           help=f"default: {default}" + (" or the variant's" if p.get_default("variant") or
-                                                         command == "train" else ""))
+            if param.default is dataclasses.MISSING:
+                default = " (required)"
+            elif param.optional:  # derived when not given: the help says how
+                default = ""
+            else:
+                variant = " or the variant's" if param.name in variant_specific else ""
+                default = f" (default: {param.default!r}{variant})"
+            text = f"{param.help}{default}"
+            p.add_argument(f"--{param.name}", default=None, metavar=param.kind.__name__.upper(),
+                           help=text.replace("%", "%%"))  # argparse formats help with %
     return parser
 
 

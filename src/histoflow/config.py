@@ -30,6 +30,28 @@ KINDS: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
 KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
+def setting(default: Any, help: str, **metadata: Any) -> Any:
+    """A settings field with the sentence the command line shows for it (`histoflow <command> --help`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help sentence of a settings field ("" when it has none)."""
+    return next((f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name), "")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTarget:
+    """Where an entry point's run goes; not a parameter of the run (MLflow Projects sets both itself)."""
+
+    experiment: str = setting("", "the MLflow experiment (default: the `mlflow run` run's, "
+                                  "MLFLOW_EXPERIMENT_NAME, or Default)")
+    run_name: str = setting("", "the run's name (default: made of what the run does)")
+
+
+RUN_TARGET_FIELDS = frozenset(f.name for f in dataclasses.fields(RunTarget))
+
+
 def parse_bool(name: str, value: Any) -> bool:
     """true/false, 1/0, yes/no, on/off (any case); ConfigError otherwise."""
     if isinstance(value, bool):

@@ -10,46 +10,49 @@ placeholder as the value used; it is still accepted with -P, and the run logs th
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-import mlflow
-
-from histoflow import workflow
-from histoflow.config import field_kinds
-from histoflow.data import download, step
-from histoflow.data.download import DownloadConfig
-from histoflow.data.step import DataStepConfig
-from histoflow.modeling.cross_validation import CV_FIELDS, CVConfig
+from histoflow.config import RUN_TARGET_FIELDS, RunTarget, field_kinds
+from histoflow.data.settings import DataStepConfig, DownloadConfig
 from histoflow.modeling.variants import (
     BACKBONE_VARIANTS,
+    CV_FIELDS,
     VARIANTS,
+    CVConfig,
     TrainConfig,
     make_train_config,
     variant_fields,
 )
-from histoflow.registry import aliases, comparison, promotion
-from histoflow.registry.aliases import RegisterConfig, RollbackConfig
-from histoflow.registry.comparison import CompareConfig
-from histoflow.registry.promotion import PromoteConfig
-from histoflow.serving import batch_predict, web_app
-from histoflow.serving.batch_predict import PredictConfig
-from histoflow.serving.web_app import AppConfig
-from histoflow.tracking import RUN_TARGET_FIELDS, RunTarget
+from histoflow.registry.settings import CompareConfig, PromoteConfig, RegisterConfig, RollbackConfig
+from histoflow.serving.settings import AppConfig, PredictConfig
 from histoflow.tuning.search_space import FINAL_RUN_ONLY, SEARCHABLE
-from histoflow.tuning.study import STUDY_FIELDS, TuneConfig
+from histoflow.tuning.settings import STUDY_FIELDS, TuneConfig
 from histoflow.workflow import WorkflowConfig
 
 MLPROJECT_TYPES = {int: "float", float: "float", bool: "string", str: "string"}  # MLflow checks numbers only
-# The commands other than train and tune (which take a variant): their settings class and what they run.
-COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
-    "data": (DataStepConfig, step.run), "main": (WorkflowConfig, workflow.run),
-    "download": (DownloadConfig, download.run), "compare": (CompareConfig, comparison.run),
-    "register": (RegisterConfig, aliases.run_register), "promote": (PromoteConfig, promotion.run),
-    "rollback": (RollbackConfig, aliases.run_rollback), "predict": (PredictConfig, batch_predict.run),
-    "app": (AppConfig, web_app.run),
+# The commands other than train and tune (which take a variant): their settings class and what they run, as
+# "module:function", imported only when the command runs (those modules load TensorFlow or MLflow).
+COMMANDS: dict[str, tuple[type, str]] = {
+    "data": (DataStepConfig, "histoflow.data.step:run"), "main": (WorkflowConfig, "histoflow.workflow:run"),
+    "download": (DownloadConfig, "histoflow.data.download:run"),
+    "compare": (CompareConfig, "histoflow.registry.comparison:run"),
+    "register": (RegisterConfig, "histoflow.registry.aliases:run_register"),
+    "promote": (PromoteConfig, "histoflow.registry.promotion:run"),
+    "rollback": (RollbackConfig, "histoflow.registry.aliases:run_rollback"),
+    "predict": (PredictConfig, "histoflow.serving.batch_predict:run"),
+    "app": (AppConfig, "histoflow.serving.web_app:run"),
 }
+
+
+def runner(target: str) -> Callable[[Any], Any]:
+    """The function a command runs ("module:function"), imported now."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 COMMENTS = {
     "cv": "Patient-level cross-validation of a training variant: each fold a nested training run, the parent "
           "holds mean, std and 95 % interval of every metric and the pooled out-of-fold predictions.",
@@ -75,6 +78,7 @@ class Parameter:
     name: str
     kind: type
     default: Any  # dataclasses.MISSING: required
+    help: str = ""  # what the setting means (its field's)
 
     @property
     def optional(self) -> bool:
@@ -97,12 +101,14 @@ def parameters(cls: type, names: list[str] | None = None, defaults: dict[str, An
     for name in names if names is not None else list(by_name):
         f = by_name[name]
         default = dataclasses.MISSING if f.metadata.get("required") else (defaults or {}).get(name, f.default)
-        out.append(Parameter(name, kinds[name], default))
+        out.append(Parameter(name, kinds[name], default, f.metadata.get("help", "")))
     return out
 
 
 def run_cv(config: CVConfig) -> str:
     """The `cv` command: the cross-validation, then (ensemble=true) its fold ensemble logged as its model."""
+    import mlflow
+
     from histoflow.modeling import cross_validation
     from histoflow.registry.selection import classifier_uri
 

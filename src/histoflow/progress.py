@@ -33,7 +33,6 @@ class LogProgress:
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", emit=log.info, show_start: bool = True) -> None:
         self.total, self.desc, self.unit, self.emit = total, desc, unit, emit
-        self.every = max(1, total // LOG_STEPS) if total else UNKNOWN_TOTAL_STEP
         self.n = 0
         self.start = time.monotonic()
         self._shown = -1
@@ -47,12 +46,16 @@ class LogProgress:
         self.emit(line)
         self._shown = self.n
 
+    def _tenth(self, n: int) -> int:
+        """Which tenth of the items `n` is in (without a total: which block of UNKNOWN_TOTAL_STEP items)."""
+        return n * LOG_STEPS // self.total if self.total else n // UNKNOWN_TOTAL_STEP
+
     def update(self, n: int = 1) -> None:
         before = self.n
         self.n += n
         # Not a line just short of the end (1230 of 1234 reads "100 %"): the last line comes with close().
-        near_end = self.total is not None and self.total - self.n < self.every / 2
-        if self.n // self.every > before // self.every and not near_end:
+        near_end = self.total is not None and self.total - self.n < self.total / LOG_STEPS / 2
+        if self._tenth(self.n) > self._tenth(before) and not near_end:
             self._show()
 
     def close(self) -> None:

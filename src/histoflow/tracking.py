@@ -6,12 +6,12 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,15 +29,6 @@ DEFAULT_WAIT_S = 600.0
 POLL_S = 5.0
 
 
-@dataclass(frozen=True)
-class RunTarget:
-    """Where an entry point's run goes; not a parameter of the run (MLflow Projects sets both itself)."""
-
-    experiment: str = ""  # "" = MLflow's choice: the `mlflow run` run's, MLFLOW_EXPERIMENT_NAME, or Default
-    run_name: str = ""  # "" = a name made of what the run does
-
-
-RUN_TARGET_FIELDS = frozenset(f.name for f in fields(RunTarget))
 TRACKED_PACKAGES = ("histoflow", "tensorflow", "tensorflow-cpu", "keras", "mlflow", "optuna", "scikit-learn",
                     "numpy", "pandas", "pillow", "boto3")
 
@@ -183,9 +174,9 @@ def ui_link(experiment_id: str, run_id: str) -> str:
 
 def log_environment() -> dict[str, Any]:
     """Code version and package versions as tags, and the full environment as an artifact (and the
-    experiment marked as model training, for the MLflow UI)."""
-    import tensorflow as tf
-
+    experiment marked as model training, for the MLflow UI). The GPUs are listed by steps that use TensorFlow;
+    the others (data, main) do not load it for this (~8 s)."""
+    tf = sys.modules.get("tensorflow")
     mark_model_training_experiment()
 
     versions = package_versions()
@@ -201,7 +192,7 @@ def log_environment() -> dict[str, Any]:
         "git_commit": commit,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")] if tf is not None else None,
     }
     mlflow.log_dict(environment, "environment.json")
     return environment

@@ -9,6 +9,9 @@ finished run already exists, with the same parameters, the same code and the sam
 instead of being run again; so a `main` run that failed at `promote` resumes there, and adding a
 variant trains only that variant. Register and promote depend on everything before them: they are
 reused only when nothing before them ran anew. The comparison table ends every `main` run.
+
+MLflow and the steps' modules are imported where they are used: the command line reads WorkflowConfig
+(`histoflow main --help`) without loading them.
 """
 
 from __future__ import annotations
@@ -17,24 +20,18 @@ import hashlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
-import pandas as pd
-from mlflow.tracking import MlflowClient
-
-from histoflow import tracking
-from histoflow.config import from_params, project_root
+from histoflow.config import from_params, help_of, project_root, setting
 from histoflow.data.settings import DataConfig
-from histoflow.data.step import SPLIT_TABLE
 from histoflow.errors import ConfigError, HistoflowError
 from histoflow.modeling.variants import BACKBONE_VARIANTS, VARIANT_DEFAULTS, VARIANTS, TrainConfig, make_train_config
-from histoflow.registry import comparison
-from histoflow.registry.aliases import alias_version
-from histoflow.registry.policy import DEFAULT_POLICY, load_policy
-from histoflow.registry.selection import DEFAULT_METRIC, DEFAULT_NAME, check_selection_metric
+from histoflow.registry.settings import DEFAULT_METRIC, DEFAULT_NAME, DEFAULT_POLICY, check_selection_metric
 from histoflow.tuning.search_space import load_search_space
-from histoflow.tuning.study import TuneConfig, make_tune_config
+from histoflow.tuning.settings import TuneConfig, make_tune_config
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 STEP_TAG = "histoflow.workflow.step"
 CODE_TAG = "histoflow.code_digest"
@@ -47,23 +44,25 @@ PROJECT_FILES = ("MLproject", "tuning/*.yaml", "registry/*.yaml")
 @dataclass(frozen=True)
 class WorkflowConfig(DataConfig):
     # For every training step and the study's full run (defaults: the training run's).
-    image_size: int = TrainConfig.image_size
-    batch_size: int = TrainConfig.batch_size
-    epochs: int = TrainConfig.epochs
-    variants: str = "baseline,augmented,densenet"  # training steps, in order
-    backbone: str = VARIANT_DEFAULTS["transfer"]["backbone"]  # for transfer (and tuning it)
-    alpha: float = VARIANT_DEFAULTS["transfer"]["alpha"]
-    weights: str = TrainConfig.weights
-    tune_variant: str = "densenet"  # "none" skips tuning
-    n_trials: int = TuneConfig.n_trials
-    trial_epochs: int = TuneConfig.trial_epochs
-    storage: str = TuneConfig.storage
-    search_space: str = TuneConfig.search_space
-    cache_dir: str = TuneConfig.cache_dir
-    model_name: str = DEFAULT_NAME
-    metric: str = DEFAULT_METRIC
-    output_dir: str = "outputs/comparison"
-    reuse: bool = True
+    image_size: int = setting(TrainConfig.image_size, help_of(TrainConfig, "image_size"))
+    batch_size: int = setting(TrainConfig.batch_size, help_of(TrainConfig, "batch_size"))
+    epochs: int = setting(TrainConfig.epochs, help_of(TrainConfig, "epochs"))
+    variants: str = setting("baseline,augmented,densenet", f"the training steps, in order: comma-separated "
+                                                           f"{', '.join(VARIANTS)}")
+    backbone: str = setting(VARIANT_DEFAULTS["transfer"]["backbone"], "the transfer variant's backbone (and the "
+                                                                      "study's, when it tunes transfer)")
+    alpha: float = setting(VARIANT_DEFAULTS["transfer"]["alpha"], help_of(TrainConfig, "alpha"))
+    weights: str = setting(TrainConfig.weights, help_of(TrainConfig, "weights"))
+    tune_variant: str = setting("densenet", "the variant the study tunes: densenet, transfer, or none (no study)")
+    n_trials: int = setting(TuneConfig.n_trials, help_of(TuneConfig, "n_trials"))
+    trial_epochs: int = setting(TuneConfig.trial_epochs, help_of(TuneConfig, "trial_epochs"))
+    storage: str = setting(TuneConfig.storage, help_of(TuneConfig, "storage"))
+    search_space: str = setting(TuneConfig.search_space, help_of(TuneConfig, "search_space"))
+    cache_dir: str = setting(TuneConfig.cache_dir, help_of(TuneConfig, "cache_dir"))
+    model_name: str = setting(DEFAULT_NAME, "the registered model")
+    metric: str = setting(DEFAULT_METRIC, "the validation metric register chooses the best run by")
+    output_dir: str = setting("outputs/comparison", "where the comparison table is written")
+    reuse: bool = setting(True, "reuse a step's finished run with the same parameters, code and data")
 
     @property
     def variant_list(self) -> list[str]:
@@ -139,6 +138,13 @@ def plan(config: WorkflowConfig, experiment: str, split_table: str) -> list[Step
     return steps
 
 
+def steps_project() -> Path | None:
+    """The MLproject the steps run from: the folder `main` runs in when it holds one (`mlflow run .` in a
+    clone, MLflow's checkout of a git URI), else the repository this package is installed from."""
+    here = Path.cwd()
+    return here if (here / "MLproject").is_file() else project_root()
+
+
 def code_digest(root: Path | None = None) -> str:
     """Of the package's source, the MLproject and the files users edit (in `root`, default: this project):
     a step run with other code is not reused."""
@@ -146,7 +152,7 @@ def code_digest(root: Path | None = None) -> str:
 
     package = Path(histoflow.__file__).parent
     files = [(str(p.relative_to(package)), p) for p in sorted(package.rglob("*.py"))]
-    root = root or project_root()
+    root = root or steps_project()
     if root is not None:
         files += [(str(p.relative_to(root)), p) for pattern in PROJECT_FILES for p in sorted(root.glob(pattern))]
     digest = hashlib.sha256()
@@ -158,6 +164,8 @@ def code_digest(root: Path | None = None) -> str:
 
 def find_finished(experiment_id: str, step: Step, code: str, data: str) -> str | None:
     """A finished run of this step with the same parameters, code and data, or None."""
+    import mlflow
+
     query = (f"tags.`{STEP_TAG}` = '{step.name}' and tags.`{CODE_TAG}` = '{code}' and "
              f"attributes.status = 'FINISHED'")
     if data:
@@ -170,7 +178,9 @@ def find_finished(experiment_id: str, step: Step, code: str, data: str) -> str |
 
 
 def _execute(step: Step, experiment_id: str) -> str:
-    root = project_root()
+    import mlflow
+
+    root = steps_project()
     if root is None:
         raise ConfigError("the workflow runs the MLproject's entry points; install histoflow from its repository "
                           "with `pip install -e .`")
@@ -189,6 +199,8 @@ def step_data_digest(client: MlflowClient, run_id: str, data: str) -> str:
 
 def _run_step(step: Step, config: WorkflowConfig, client: MlflowClient, experiment_id: str, parent_id: str,
               code: str, data: str, anything_new: bool) -> None:
+    import mlflow
+
     start = time.monotonic()
     reusable = config.reuse and not (step.depends_on_all and anything_new)
     step.run_id = (find_finished(experiment_id, step, code, data) if reusable else None) or ""
@@ -208,6 +220,13 @@ def _run_step(step: Step, config: WorkflowConfig, client: MlflowClient, experime
 
 def run(config: WorkflowConfig) -> dict:
     """Run (or resume) the workflow as a parent run; returns the step table and the comparison."""
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from histoflow import tracking
+    from histoflow.data.step import SPLIT_TABLE
+
     config.validate()
     tracking.configure()
     client = MlflowClient()
@@ -240,6 +259,10 @@ def run(config: WorkflowConfig) -> dict:
 
 def _compare(experiment: str, output_dir: str) -> str:
     """The comparison table of the experiment's training runs, saved and logged into the main run."""
+    import mlflow
+
+    from histoflow.registry import comparison
+
     markdown, files = comparison.write(comparison.summary(experiment), output_dir)
     for path in files:
         mlflow.log_artifact(str(path), "workflow")
@@ -247,5 +270,8 @@ def _compare(experiment: str, output_dir: str) -> str:
 
 
 def _champion(name: str) -> dict | None:
+    from histoflow.registry.aliases import alias_version
+    from histoflow.registry.policy import load_policy
+
     version = alias_version(name, load_policy(DEFAULT_POLICY).aliases.champion)
     return None if version is None else {"name": name, "version": version.version, "run_id": version.run_id}

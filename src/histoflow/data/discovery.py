@@ -26,13 +26,12 @@ import numpy as np
 import pandas as pd
 
 from histoflow.data.images import IMAGE_EXTENSIONS, decode_image
+from histoflow.data.settings import LAYOUTS, MAGNIFICATIONS, normalise_magnification
 from histoflow.errors import DataError, ImageDecodeError
 from histoflow.progress import progress
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("auto", "breakhis", "idc", "folders")
-MAGNIFICATIONS = ("all", "40", "100", "200", "400")
 
 BREAKHIS_NAME = re.compile(
     r"^SOB_(?P<cls>[BM])_(?P<type>[A-Z]+)-(?P<year>\d+)-(?P<slide>[0-9A-Za-z]+)-(?P<mag>\d+)-(?P<seq>\d+)\.\w+$"
@@ -94,11 +93,6 @@ class Dataset:
             "skipped": self.skipped.to_dict(orient="records"),
             "ignored_non_image_files": self.ignored_files,
         }
-
-
-def normalise_magnification(value: str | int) -> str:
-    """'200X', '200x', 200 -> '200'; 'ALL' -> 'all'."""
-    return str(value).strip().upper().rstrip("X").lower()
 
 
 def _walk_images(root: Path) -> tuple[list[Path], int]:

@@ -18,18 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histoflow.data.discovery import discover
+from histoflow.data.settings import DATASET_DIRS, DownloadConfig
 from histoflow.errors import DataError
 from histoflow.progress import progress
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DownloadConfig:
-    dataset: str = "breakhis"  # breakhis or idc
-    dest: str = ""  # "" = data/<dataset>
-    url: str = ""  # "" = the dataset's public archive (or HISTOFLOW_<DATASET>_URL)
-    sha256: str = ""  # expected SHA-256 of the archive; "" = not checked
 
 
 @dataclass(frozen=True)
@@ -45,11 +38,11 @@ class Archive:
 ARCHIVES: dict[str, Archive] = {
     "breakhis": Archive(
         "breakhis", "http://www.inf.ufpr.br/vri/databases/BreaKHis_v1.tar.gz", "BreaKHis_v1.tar.gz",
-        "data/breakhis", "breakhis",
+        DATASET_DIRS["breakhis"], "breakhis",
         "https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-database-breakhis/"),
     "idc": Archive(
         "idc", "http://andrewjanowczyk.com/wp-static/IDC_regular_ps50_idx5.zip", "IDC_regular_ps50_idx5.zip",
-        "data/idc", "idc", "https://www.kaggle.com/datasets/paultimothymooney/breast-histopathology-images"),
+        DATASET_DIRS["idc"], "idc", "https://www.kaggle.com/datasets/paultimothymooney/breast-histopathology-images"),
 }
 CONNECT_TIMEOUT_S = 20
 

@@ -14,11 +14,11 @@ import tensorflow as tf
 
 from histoflow.data.image_cache import CHUNK, CachedImages, ensure_cached
 from histoflow.data.images import read_image, resize, scale
+from histoflow.data.settings import AUGMENTATIONS
 from histoflow.data.stain import StainNormalizer, hed_jitter
 from histoflow.errors import ConfigError
 
 # seed: the reports' fixed tripling; random: dihedral + mild colour; hed: dihedral + HED-light stain jitter.
-AUGMENTATIONS = ("none", "seed", "random", "hed")
 SEED_TRIPLING = 3  # the reports' scheme: original, rot90+flip, rot180+flip
 
 

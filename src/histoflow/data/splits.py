@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from histoflow.data.settings import SPLIT_MODES
 from histoflow.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
-SPLIT_MODES = ("patient", "image", "predefined")
 LEAKY_MODES = frozenset({"image"})
 
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from histoflow.data.settings import STAIN_METHODS
 from histoflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STAIN_METHODS = ("none", "macenko", "reinhard")
 REFERENCE_IMAGES = 64  # training images sampled (seeded) for the reference
 REFERENCE_PIXELS_PER_IMAGE = 20_000  # so that a few large tiles do not dominate the reference
 # Macenko's transparency threshold: a pixel is tissue when its optical density is >= BETA in every channel.

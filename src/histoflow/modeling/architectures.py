@@ -13,66 +13,19 @@ import re
 import urllib.error
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from histoflow.errors import ConfigError, WeightsError
+from histoflow.modeling.catalog import ALPHA_BACKBONES, BACKBONE_BLOCKS, BACKBONES, OPTIMIZERS
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype="float32")
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype="float32")
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype="float32")
 
 
-@dataclass(frozen=True)
-class Backbone:
-    """A keras.applications backbone with its three tap layers (strides 8, 16, 32) and input scaling."""
-
-    constructor: Callable[..., keras.Model]
-    taps: tuple[str, str, str]
-    scaling: str  # torch | tf | raw255 | caffe (keras.applications' preprocess_input modes)
-    min_size: int
-    weights_file: str  # the file Keras fetches into $KERAS_HOME/models for weights="imagenet"
-
-
-BACKBONES: dict[str, Backbone] = {
-    "densenet121": Backbone(
-        keras.applications.DenseNet121,
-        ("conv3_block12_concat", "conv4_block24_concat", "conv5_block16_concat"),
-        "torch", 32, "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "mobilenet": Backbone(
-        keras.applications.MobileNet,
-        ("conv_pw_5_relu", "conv_pw_11_relu", "conv_pw_13_relu"),
-        "tf", 32, "mobilenet_{alpha}_{rows}_tf_no_top.h5"),
-    "mobilenet_v2": Backbone(
-        keras.applications.MobileNetV2,
-        ("block_5_add", "block_12_add", "out_relu"),
-        "tf", 32, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}_no_top.h5"),
-    "efficientnet_b0": Backbone(
-        keras.applications.EfficientNetB0,
-        ("block3b_add", "block5c_add", "top_activation"),
-        "raw255", 32, "efficientnetb0_notop.h5"),
-    "resnet50v2": Backbone(
-        keras.applications.ResNet50V2,
-        ("conv2_block3_out", "conv3_block4_out", "post_relu"),
-        "tf", 32, "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "vgg16": Backbone(
-        keras.applications.VGG16,
-        ("block3_conv3", "block4_conv3", "block5_conv3"),
-        "caffe", 32, "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "inception_v3": Backbone(
-        keras.applications.InceptionV3,
-        ("mixed2", "mixed7", "mixed10"),
-        "tf", 75, "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "xception": Backbone(
-        keras.applications.Xception,
-        ("block4_sepconv2_bn", "block13_sepconv2_bn", "block14_sepconv2_act"),
-        "tf", 71, "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-}
-BACKBONE_BLOCKS = 3  # stages that unfrozen_blocks counts, from the top: the layers after each tap but the last
-ALPHA_BACKBONES = {"mobilenet": (0.25, 0.5, 0.75, 1.0), "mobilenet_v2": (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)}
 GRADCAM_LAYER_BASELINE = "conv3"
 
 
@@ -216,7 +169,8 @@ def build_fusion(
         # Grad-CAM's target layer) are reachable by name in the saved model.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will be loaded as the default")
-            base = spec.constructor(include_top=False, weights=resolved, input_tensor=scaled, **kwargs)
+            constructor = getattr(keras.applications, spec.application)
+            base = constructor(include_top=False, weights=resolved, input_tensor=scaled, **kwargs)
     except Exception as exc:
         if resolved != "imagenet":
             raise
@@ -309,20 +263,22 @@ def gradcam_layer(model: keras.Model) -> str:
     return spatial[-1]
 
 
-OPTIMIZERS: dict[str, Callable[[float], keras.optimizers.Optimizer]] = {
-    "adam": lambda lr: keras.optimizers.Adam(learning_rate=lr),
-    "adamw": lambda lr: keras.optimizers.AdamW(learning_rate=lr),
-    "sgd": lambda lr: keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True),
-    "rmsprop": lambda lr: keras.optimizers.RMSprop(learning_rate=lr),
-}
+def _optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate=learning_rate)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9, nesterov=True)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=learning_rate)
+    raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
 
 
 def compile_model(model: keras.Model, learning_rate: float, optimizer: str = "adam",
                   steps_per_execution: int = 1) -> keras.Model:
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     model.compile(
-        optimizer=OPTIMIZERS[optimizer](learning_rate),
+        optimizer=_optimizer(optimizer, learning_rate),
         loss="categorical_crossentropy",
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
         steps_per_execution=steps_per_execution,

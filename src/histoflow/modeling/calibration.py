@@ -10,7 +10,6 @@ malignant validation images) or `specificity:0.9`. Both travel with the served m
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -18,25 +17,11 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import brier_score_loss, log_loss, roc_curve
 
 from histoflow.errors import ConfigError
+from histoflow.modeling.variants import CALIBRATIONS, parse_threshold_policy
 
-CALIBRATIONS = ("temperature", "none")
-THRESHOLD_POLICIES = ("argmax", "youden", "sensitivity:<0..1>", "specificity:<0..1>")
 EPS = 1e-7
 # Temperatures outside this range mean a degenerate validation split (one class, a handful of images).
 TEMPERATURE_RANGE = (0.05, 20.0)
-
-
-def parse_threshold_policy(policy: str) -> tuple[str, float | None]:
-    """'youden' -> ('youden', None); 'sensitivity:0.95' -> ('sensitivity', 0.95); ConfigError otherwise."""
-    match = re.fullmatch(r"(argmax|youden)|(sensitivity|specificity):([0-9.]+)", policy.strip().lower())
-    if not match:
-        raise ConfigError(f"threshold_policy must be one of {', '.join(THRESHOLD_POLICIES)}; got {policy!r}")
-    if match[1]:
-        return match[1], None
-    target = float(match[3])
-    if not 0.0 < target < 1.0:
-        raise ConfigError(f"threshold_policy {policy!r}: the target must be in (0, 1)")
-    return match[2], target
 
 
 def logits(probabilities: np.ndarray) -> np.ndarray:

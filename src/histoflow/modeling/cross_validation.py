@@ -12,8 +12,6 @@ and per-patient results.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -22,50 +20,14 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from histoflow import tracking
-from histoflow.config import require, typed_params
+from histoflow.artifacts import CV_STEP, FOLDS_ARTIFACT, OOF_ARTIFACT
 from histoflow.data.splits import cv_folds
 from histoflow.data.step import prepare_data
 from histoflow.modeling import distributed, figures, metrics
 from histoflow.modeling.calibration import calibration_metrics
 from histoflow.modeling.evaluation import log_figure
 from histoflow.modeling.training_run import TrainOutcome, train_in_run
-from histoflow.modeling.variants import TrainConfig, make_train_config
-
-OOF_ARTIFACT = "cv/oof_predictions.csv"
-FOLDS_ARTIFACT = "cv/folds.csv"
-CV_STEP = "cv"  # the parent run's histoflow.step tag
-
-
-def is_cross_validation(run) -> bool:
-    """Whether an MLflow run is a cross-validation's parent run (its results are the folds' means)."""
-    return run.data.tags.get("histoflow.step") == CV_STEP
-
-
-@dataclass(frozen=True)
-class CVConfig:
-    train: TrainConfig
-    folds: int = 5
-    repeats: int = 1
-    ensemble: bool = False  # also log the fold models of the first repeat, averaged, as the run's serving model
-
-    def validate(self) -> None:
-        self.train.validate()
-        require([(2 <= self.folds <= 20, f"folds must be in 2..20; got {self.folds}"),
-                 (1 <= self.repeats <= 20, f"repeats must be in 1..20; got {self.repeats}"),
-                 (not self.train.split_table, "cv makes its own folds: it takes no split_table"),
-                 (not self.train.resume, "cv cannot resume: resume one of its fold runs with train"),
-                 (self.train.split == "patient", "cv splits by patient: split must be patient")])
-
-
-CV_FIELDS = tuple(f.name for f in fields(CVConfig) if f.name != "train")
-
-
-def make_cv_config(variant: str, **params: Any) -> CVConfig:
-    settings = typed_params(CVConfig, {k: v for k, v in params.items() if k in CV_FIELDS})
-    config = CVConfig(make_train_config(variant, **{k: v for k, v in params.items() if k not in CV_FIELDS}),
-                      **settings)
-    config.validate()
-    return config
+from histoflow.modeling.variants import CVConfig
 
 
 def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:

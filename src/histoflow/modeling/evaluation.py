@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from histoflow import tracking
+from histoflow.artifacts import CALIBRATION_ARTIFACT, SCREENING_ARTIFACT
 from histoflow.data.pipeline import make_dataset
 from histoflow.data.quality import measure_files
 from histoflow.data.stain import StainNormalizer
@@ -26,11 +27,6 @@ from histoflow.modeling import explain, figures, inference, metrics, screening
 from histoflow.modeling.architectures import gradcam_layer
 from histoflow.modeling.calibration import Calibration, calibration_metrics, fit_calibration
 from histoflow.modeling.variants import TrainConfig
-
-# Temperature and threshold fitted on validation: the registered serving model applies them.
-CALIBRATION_ARTIFACT = "evaluation/calibration.json"
-# Quality and out-of-distribution checks fitted on training and validation: the served model applies them.
-SCREENING_ARTIFACT = "evaluation/screening.npz"
 
 
 @dataclass(frozen=True)
@@ -49,17 +45,22 @@ def evaluate(model: keras.Model, config: TrainConfig, prepared: PreparedData, st
     """Calibrate on validation, evaluate validation and test with it, and log everything into the active run."""
     class_names = prepared.dataset.class_names
     val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
-    val_raw = inference.predict(model, val_ds, config.tta)
+    # One pass over each split gives the probabilities and the screening's features (a second pass for the
+    # probabilities only with test-time augmentation).
+    extractor = screening.feature_model(model)
+    (val_raw, val_features), (test_raw, test_features) = (extractor.predict(d, verbose=0) for d in (val_ds, test_ds))
+    fallbacks = stain.fallbacks  # each image of the three splits normalised once by now
+    if config.tta != "none":
+        val_raw, test_raw = inference.predict(model, val_ds, config.tta), inference.predict(model, test_ds, config.tta)
     calibration = fit_calibration(config.calibration, config.threshold_policy, val_rows["label"].to_numpy(), val_raw)
     mlflow.log_metrics({"temperature": calibration.temperature, "decision_threshold": calibration.threshold})
     tracking.log_json({**calibration.to_dict(), "class_names": class_names}, CALIBRATION_ARTIFACT)
     validation, _ = log_split("validation", val_rows, val_raw, calibration, class_names)
-    test, test_probabilities = log_split("test", test_rows, inference.predict(model, test_ds, config.tta), calibration,
-                                         class_names)
+    test, test_probabilities = log_split("test", test_rows, test_raw, calibration, class_names)
     if stain.method != "none":  # images of all three splits left unchanged (too little tissue to normalise)
-        mlflow.log_metric("stain_fallback_images", stain.fallbacks)
+        mlflow.log_metric("stain_fallback_images", fallbacks)
     log_intervals(config, test_rows, test_probabilities, calibration.threshold)
-    fit_screening(model, config, prepared, stain, val_ds, test_ds)
+    fit_screening(extractor, config, prepared, stain, val_features, test_features)
     log_gradcam(model, config, test_rows, test_probabilities, calibration, class_names, stain)
     return Evaluation(validation, test, test_probabilities, calibration)
 
@@ -126,33 +127,28 @@ def log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, pro
     log_figure(figures.gradcam_figure(images, heatmaps, captions), "evaluation/gradcam.png")
 
 
-def fit_screening(model: keras.Model, config: TrainConfig, prepared: PreparedData, stain: StainNormalizer,
-                   val_ds, test_ds) -> None:
+def fit_screening(extractor: keras.Model, config: TrainConfig, prepared: PreparedData, stain: StainNormalizer,
+                  val_features: np.ndarray, test_features: np.ndarray) -> None:
     """Fit the served model's quality and OOD checks (training features, validation percentiles), log them,
-    and how many validation and test images they flag (the test share is what users should expect)."""
+    and how many validation and test images they flag (the test share is what users should expect).
+    `extractor` is screening.feature_model of the network; the validation and test features are its."""
     train = prepared.rows("train")
     if len(train) > screening.MAX_FIT_IMAGES:
         train = train.sample(n=screening.MAX_FIT_IMAGES, random_state=config.seed)
-    extractor = screening.feature_model(model)
-
-    def features(dataset) -> np.ndarray:
-        return extractor.predict(dataset, verbose=0)[1]
 
     def quality(part: str) -> np.ndarray:
         return measure_files(prepared.rows(part)["path"].tolist(), config.image_size)
 
-    train_features = features(make_dataset(train["path"], train["label"], config.image_size, config.batch_size,
-                                           stain=stain))
+    train_features = extractor.predict(make_dataset(train["path"], train["label"], config.image_size,
+                                                    config.batch_size, stain=stain), verbose=0)[1]
     train_quality = measure_files(train["path"].tolist(), config.image_size)
-    val_features, val_quality = features(val_ds), quality("val")
+    val_quality = quality("val")
     fitted = screening.fit_screening(train_features, train_quality, val_features, val_quality)
     mlflow.log_metrics({"ood_threshold": fitted.features.threshold, "colour_threshold": fitted.colour.threshold,
                         "focus_threshold": fitted.min_focus,
                         "validation_flagged_share": screening.flagged_share(val_quality, val_features, fitted),
-                        "test_flagged_share": screening.flagged_share(quality("test"), features(test_ds), fitted)})
+                        "test_flagged_share": screening.flagged_share(quality("test"), test_features, fitted)})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(SCREENING_ARTIFACT).name
         fitted.save(path)
         mlflow.log_artifact(str(path), str(Path(SCREENING_ARTIFACT).parent))
-
-

@@ -11,7 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-TTA_MODES = ("none", "dihedral8")
+from histoflow.modeling.variants import TTA_MODES
+
 DIHEDRAL_VIEWS = 8
 
 

@@ -16,6 +16,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from histoflow import tracking
+from histoflow.artifacts import KERAS_ARTIFACT_DIR, MODEL_ARTIFACT, STAIN_ARTIFACT, TENSORBOARD_ARTIFACT
 from histoflow.config import local_folder
 from histoflow.data.pipeline import augmented_size, make_dataset
 from histoflow.data.stain import StainNormalizer, fit_reference
@@ -36,12 +37,6 @@ from histoflow.modeling.fitting import (
 from histoflow.modeling.variants import TrainConfig
 
 log = logging.getLogger(__name__)
-MODEL_ARTIFACT = "model"
-KERAS_ARTIFACT_DIR = "keras"
-# The stain reference fitted on the training split (stain_norm other than none): the served model applies it.
-STAIN_ARTIFACT = "data/stain_reference.json"
-# Keras's TensorBoard logs of the fit (`tensorboard --logdir` on the downloaded folder).
-TENSORBOARD_ARTIFACT = "tensorboard"
 
 
 def build(config: TrainConfig, within: tf.distribute.Strategy | None = None) -> keras.Model:

@@ -1,71 +1,88 @@
-"""The model variants of the published reports, and the settings of a training run.
+"""The model variants of the published reports, and the settings of a training run and of a cross-validation.
 
 One dataclass holds every setting of a training run; each variant overrides the defaults the reports
-used. The data settings are the data step's own (``DataConfig``), inherited, not repeated.
+used. The data settings are the data step's own (``DataConfig``), inherited, not repeated. Like every
+settings module, this one imports nothing heavy (no Keras, no MLflow): the command line reads it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from histoflow.config import USER_CACHE, require, typed_params
-from histoflow.data.pipeline import AUGMENTATIONS
-from histoflow.data.settings import DataConfig
-from histoflow.data.stain import STAIN_METHODS
+from histoflow.config import RUN_TARGET_FIELDS, USER_CACHE, RunTarget, require, setting, typed_params
+from histoflow.data.settings import AUGMENTATIONS, STAIN_METHODS, DataConfig
 from histoflow.errors import ConfigError
-from histoflow.modeling.architectures import ALPHA_BACKBONES, BACKBONE_BLOCKS, BACKBONES, OPTIMIZERS
-from histoflow.modeling.calibration import CALIBRATIONS, parse_threshold_policy
-from histoflow.modeling.inference import TTA_MODES
-from histoflow.tracking import RUN_TARGET_FIELDS, RunTarget
+from histoflow.modeling.catalog import ALPHA_BACKBONES, BACKBONE_BLOCKS, BACKBONES, OPTIMIZERS
 
 VARIANTS = ("baseline", "augmented", "cnn_lstm", "densenet", "transfer")
 # The variants built on a pretrained backbone: they have the fusion head, and features to cache for tuning.
 BACKBONE_VARIANTS = ("densenet", "transfer")
 CLASS_WEIGHTS = ("none", "balanced")
+# Test-time augmentation of evaluation and of the served model (histoflow.modeling.inference).
+TTA_MODES = ("none", "dihedral8")
 # Where this machine keeps a run's files, not what the run does: neither logged nor compared on resume.
 LOCAL_FIELDS = ("image_cache", "checkpoint_dir", "resume")
+CALIBRATIONS = ("temperature", "none")
+THRESHOLD_POLICIES = ("argmax", "youden", "sensitivity:<0..1>", "specificity:<0..1>")
+def parse_threshold_policy(policy: str) -> tuple[str, float | None]:
+    """'youden' -> ('youden', None); 'sensitivity:0.95' -> ('sensitivity', 0.95); ConfigError otherwise."""
+    match = re.fullmatch(r"(argmax|youden)|(sensitivity|specificity):([0-9.]+)", policy.strip().lower())
+    if not match:
+        raise ConfigError(f"threshold_policy must be one of {', '.join(THRESHOLD_POLICIES)}; got {policy!r}")
+    if match[1]:
+        return match[1], None
+    target = float(match[3])
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"threshold_policy {policy!r}: the target must be in (0, 1)")
+    return match[2], target
 
 
 @dataclass(frozen=True)
 class TrainConfig(DataConfig, RunTarget):
-    split_table: str = ""  # a data step's split table (runs:/<id>/data/split.csv) instead of discovering again
-    variant: str = "densenet"
-    image_size: int = 128
-    augment: str = "none"
-    stain_norm: str = "none"  # none, macenko or reinhard: reference fitted on the training images
-    backbone: str = "densenet121"
-    weights: str = "imagenet"
-    alpha: float = 1.0
-    unfrozen_blocks: int = BACKBONE_BLOCKS  # backbone stages trained, from the top: 0 = frozen, 3 = all
-    # Epochs that train the head alone (backbone frozen, at warmup_learning_rate) before the unfrozen
-    # stages are fine-tuned with it at learning_rate for up to `epochs` more: a random head's first
-    # gradients would otherwise flow into the pretrained filters.
-    warmup_epochs: int = 0
-    warmup_learning_rate: float = 1e-3
-    fusion_width: int = 64
-    head_batchnorm: bool = True
-    dropout: float = 0.45
-    optimizer: str = "adam"
-    learning_rate: float = 1e-5
-    batch_size: int = 64
-    epochs: int = 50
-    patience: int = 10
-    lr_patience: int = 5
-    class_weight: str = "none"
-    mixed_precision: bool = False  # float16 compute, float32 weights and softmax: for GPUs
-    calibration: str = "temperature"  # fitted on validation: temperature or none
-    threshold_policy: str = "argmax"  # chosen on validation: argmax, youden, sensitivity:<x>, specificity:<x>
-    bootstrap: int = 1000  # resamples of patients for the test metrics' 95 % intervals; 0 = none
-    tta: str = "none"  # test-time augmentation of evaluation and of the served model: none or dihedral8
-    gradcam_per_class: int = 3
-    # Decoded training and validation images, uint8 on disk (none: decode them every epoch instead; "": the
-    # images folder of the user's cache, histoflow.config.cache_root).
-    image_cache: str = USER_CACHE
-    # Every epoch saved under <checkpoint_dir>/<run id> until the run ends (none: no checkpoints; "": the
-    # checkpoints folder of the user's cache).
-    checkpoint_dir: str = USER_CACHE
-    resume: str = ""  # the id of a killed training run to continue from its last saved epoch
+    split_table: str = setting("", "a data step's split table (runs:/<data run>/data/split.csv), read instead of "
+                                   "discovering and splitting again")
+    variant: str = setting("densenet", f"the model: {', '.join(VARIANTS)}")
+    image_size: int = setting(128, "the images' side in pixels, as the network sees them")
+    augment: str = setting("none", "training augmentation: none, seed (the reports' x3), random (flips, rotations, "
+                                   "colour jitter) or hed (flips, rotations, stain jitter)")
+    stain_norm: str = setting("none", "stain normalisation to a reference fitted on the training images: none, "
+                                      "macenko or reinhard")
+    backbone: str = setting("densenet121", f"the pretrained backbone: {', '.join(BACKBONES)}")
+    weights: str = setting("imagenet", "the backbone's weights: imagenet (downloaded), none, or a .h5 file")
+    alpha: float = setting(1.0, "MobileNets' width multiplier")
+    unfrozen_blocks: int = setting(BACKBONE_BLOCKS, "backbone stages trained, from the top: 0 frozen, 3 all")
+    warmup_epochs: int = setting(0, "epochs that train the head alone on the frozen backbone before the unfrozen "
+                                    "stages are fine-tuned with it (a random head's first gradients would "
+                                    "otherwise reach the pretrained filters)")
+    warmup_learning_rate: float = setting(1e-3, "the head warm-up's learning rate")
+    fusion_width: int = setting(64, "units of each tap's dense layer in the fusion head")
+    head_batchnorm: bool = setting(True, "BatchNormalization in the fusion head")
+    dropout: float = setting(0.45, "dropout before the classifier")
+    optimizer: str = setting("adam", f"the optimizer: {', '.join(OPTIMIZERS)}")
+    learning_rate: float = setting(1e-5, "the optimizer's learning rate")
+    batch_size: int = setting(64, "images per batch")
+    epochs: int = setting(50, "at most this many epochs (early stopping on validation loss)")
+    patience: int = setting(10, "epochs without a lower validation loss before training stops (the best "
+                                "epoch's weights kept)")
+    lr_patience: int = setting(5, "epochs without a lower validation loss before the learning rate halves")
+    class_weight: str = setting("none", "none, or balanced: classes weighted by inverse frequency")
+    mixed_precision: bool = setting(False, "float16 compute with float32 weights and softmax (for GPUs)")
+    calibration: str = setting("temperature", "temperature scaling of the probabilities, fitted on validation, "
+                                              "or none")
+    threshold_policy: str = setting("argmax", "the decision threshold, chosen on validation: argmax (0.5), "
+                                              "youden, sensitivity:<target> or specificity:<target>")
+    bootstrap: int = setting(1000, "resamples of the test patients for the test metrics' 95 % intervals (0: none)")
+    tta: str = setting("none", "test-time augmentation of evaluation and of the served model: none or dihedral8 "
+                               "(the mean over the 8 rotations and mirror images)")
+    gradcam_per_class: int = setting(3, "test images per class in the Grad-CAM figure")
+    image_cache: str = setting(USER_CACHE, "where the training and validation images are kept once decoded "
+                                           "(default: <cache>/images, the user's cache folder or $HISTOFLOW_CACHE; "
+                                           "none: decode them every epoch)")
+    checkpoint_dir: str = setting(USER_CACHE, "where every epoch is saved until the run ends (default: "
+                                              "<cache>/checkpoints; none: no checkpoints)")
+    resume: str = setting("", "the id of a killed training run to continue from its last saved epoch")
 
     @property
     def uses_backbone(self) -> bool:
@@ -155,5 +172,35 @@ def make_train_config(variant: str, **params: Any) -> TrainConfig:
                           f"{'it' if len(foreign) == 1 else 'them'} to")
     values = {**VARIANT_DEFAULTS[variant], **given}
     config = replace(TrainConfig(), variant=variant, **values)
+    config.validate()
+    return config
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    """The `cv` entry point: a variant's training settings, and the folds."""
+
+    train: TrainConfig
+    folds: int = setting(5, "folds: each patient group held out once per repeat")
+    repeats: int = setting(1, "repeats of the folds, each shuffled differently")
+    ensemble: bool = setting(False, "also log the fold models of the first repeat, averaged, as the run's serving "
+                                    "model")
+
+    def validate(self) -> None:
+        self.train.validate()
+        require([(2 <= self.folds <= 20, f"folds must be in 2..20; got {self.folds}"),
+                 (1 <= self.repeats <= 20, f"repeats must be in 1..20; got {self.repeats}"),
+                 (not self.train.split_table, "cv makes its own folds: it takes no split_table"),
+                 (not self.train.resume, "cv cannot resume: resume one of its fold runs with train"),
+                 (self.train.split == "patient", "cv splits by patient: split must be patient")])
+
+
+CV_FIELDS = tuple(f.name for f in fields(CVConfig) if f.name != "train")
+
+
+def make_cv_config(variant: str, **params: Any) -> CVConfig:
+    settings = typed_params(CVConfig, {k: v for k, v in params.items() if k in CV_FIELDS})
+    config = CVConfig(make_train_config(variant, **{k: v for k, v in params.items() if k not in CV_FIELDS}),
+                      **settings)
     config.validate()
     return config

@@ -6,42 +6,20 @@ come from the promotion policy (registry/gate.yaml).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from histoflow import tracking
-from histoflow.modeling.cross_validation import is_cross_validation
-from histoflow.registry.policy import DEFAULT_POLICY, Aliases, load_policy
+from histoflow.artifacts import is_cross_validation
+from histoflow.registry.policy import Aliases, load_policy
 from histoflow.registry.selection import (
-    DEFAULT_METRIC,
-    DEFAULT_NAME,
     RegistryError,
     best_run,
-    check_selection_metric,
     classifier_uri,
 )
-
-
-@dataclass(frozen=True)
-class RegisterConfig:
-    experiment: str = ""  # "" = the current experiment (the `mlflow run` run's)
-    metric: str = DEFAULT_METRIC  # a validation metric: the test split is for reporting
-    name: str = DEFAULT_NAME
-    include_leaky: bool = False
-    policy: str = DEFAULT_POLICY  # where the alias names come from
-
-    def validate(self) -> None:
-        check_selection_metric(self.metric)
-
-
-@dataclass(frozen=True)
-class RollbackConfig:
-    name: str = DEFAULT_NAME
-    policy: str = DEFAULT_POLICY
+from histoflow.registry.settings import RegisterConfig, RollbackConfig
 
 
 def alias_version(name: str, alias: str):

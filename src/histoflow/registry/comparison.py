@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
 from histoflow import tracking
+from histoflow.artifacts import CV_STEP, FOLDS_ARTIFACT, OOF_ARTIFACT
 from histoflow.errors import DataError
-from histoflow.modeling.cross_validation import CV_STEP, FOLDS_ARTIFACT, OOF_ARTIFACT
 from histoflow.modeling.metrics import paired_patient_bootstrap
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    experiment: str = ""  # "" = the current experiment (the `mlflow run` run's)
-    dataset: str = ""  # "" = runs on every dataset
-    output_dir: str = "outputs"
+from histoflow.registry.settings import CompareConfig
 
 # Single runs: the test metric, and its patient-bootstrap interval where one exists.
 METRICS = {"test_accuracy": "Accuracy", "test_loss": "Loss", "test_precision": "Precision", "test_recall": "Recall",

@@ -14,8 +14,7 @@ from mlflow.models import MetricThreshold
 
 from histoflow.config import coerce, field_kinds, find_file, read_yaml
 from histoflow.errors import ConfigError
-
-DEFAULT_POLICY = "registry/gate.yaml"
+from histoflow.registry.settings import DEFAULT_POLICY
 
 
 @dataclass(frozen=True)

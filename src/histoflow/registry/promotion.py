@@ -8,7 +8,7 @@ split, or a folder), and `mlflow.validate_evaluation_results` applies the gate o
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import mlflow
 import pandas as pd
@@ -18,35 +18,23 @@ from mlflow.models.evaluation.validation import ModelValidationFailedException
 from sklearn.metrics import balanced_accuracy_score
 
 from histoflow import tracking
+from histoflow.artifacts import is_cross_validation
 from histoflow.data.discovery import discover
 from histoflow.errors import DataError
-from histoflow.modeling.cross_validation import is_cross_validation
 from histoflow.registry.aliases import alias_version
-from histoflow.registry.policy import DEFAULT_POLICY, Policy, load_policy
-from histoflow.registry.selection import DEFAULT_NAME, RegistryError, run_split
-from histoflow.serving.classifier import model_decision
-from histoflow.serving.requests import INPUT_COLUMN, encode_file
+from histoflow.registry.policy import Policy, load_policy
+from histoflow.registry.selection import RegistryError, run_split
+from histoflow.registry.settings import PromoteConfig
+from histoflow.serving.requests import INPUT_COLUMN, encode_file, model_decision
 
 GATED = ("balanced_accuracy", "recall_score", "precision_score", "accuracy_score", "f1_score")
 
 
-@dataclass(frozen=True)
-class PromoteConfig:
-    name: str = DEFAULT_NAME
-    data_dir: str = ""  # "" = the challenger's test split
-    layout: str = "auto"
-    max_images: int = 0
-    policy: str = DEFAULT_POLICY
-    # Thresholds in place of the policy file's (None = the file's).
-    min_balanced_accuracy: float | None = None
-    min_recall: float | None = None
-    min_balanced_accuracy_gain: float | None = None
-    max_recall_drop: float | None = None
-
-    def load_policy(self) -> Policy:
-        return load_policy(self.policy, min_balanced_accuracy=self.min_balanced_accuracy, min_recall=self.min_recall,
-                           min_balanced_accuracy_gain=self.min_balanced_accuracy_gain,
-                           max_recall_drop=self.max_recall_drop)
+def policy_of(config: PromoteConfig) -> Policy:
+    """The promotion policy: the file's, with the thresholds the command gave in place of its own."""
+    return load_policy(config.policy, min_balanced_accuracy=config.min_balanced_accuracy,
+                       min_recall=config.min_recall, min_balanced_accuracy_gain=config.min_balanced_accuracy_gain,
+                       max_recall_drop=config.max_recall_drop)
 
 
 def _balanced_accuracy(predictions: pd.Series, targets: pd.Series, metrics) -> float:
@@ -176,4 +164,4 @@ def promote(name: str, policy: Policy, data_dir: str = "", layout: str = "auto",
 
 def run(config: PromoteConfig) -> dict:
     tracking.configure()
-    return promote(config.name, config.load_policy(), config.data_dir, config.layout, config.max_images)
+    return promote(config.name, policy_of(config), config.data_dir, config.layout, config.max_images)

@@ -11,28 +11,23 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
+from histoflow.artifacts import (
+    CALIBRATION_ARTIFACT,
+    CLASSIFIER_ARTIFACT,
+    OOF_ARTIFACT,
+    SCREENING_ARTIFACT,
+    STAIN_ARTIFACT,
+    is_cross_validation,
+)
 from histoflow.data.stain import NO_STAIN_NORMALIZATION
 from histoflow.data.step import SPLIT_TABLE
-from histoflow.errors import ConfigError, HistoflowError
+from histoflow.errors import HistoflowError
 from histoflow.modeling.calibration import Calibration, choose_threshold
-from histoflow.modeling.cross_validation import OOF_ARTIFACT, is_cross_validation
-from histoflow.modeling.evaluation import CALIBRATION_ARTIFACT, SCREENING_ARTIFACT
-from histoflow.modeling.training_run import STAIN_ARTIFACT
-from histoflow.serving.classifier import CLASSIFIER_ARTIFACT, log_classifier
-
-DEFAULT_NAME = "histoflow"
-DEFAULT_METRIC = "validation_roc_auc"
+from histoflow.registry.settings import DEFAULT_METRIC, check_selection_metric
 
 
 class RegistryError(HistoflowError):
     """The registry is not in a state the operation needs (no run, no challenger, nothing to roll back)."""
-
-
-def check_selection_metric(metric: str) -> None:
-    """Choose on validation: a run's validation_* metric, or a cross-validation's mean of one."""
-    if not (metric.startswith("validation_") or (metric.startswith("cv_validation_") and metric.endswith("_mean"))):
-        raise ConfigError(f"select by a validation metric (validation_*, or cv_validation_*_mean of a "
-                          f"cross-validation), not {metric!r}: test metrics are for reporting, not for choosing")
 
 
 def best_run(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool = False):
@@ -84,6 +79,8 @@ def classifier_uri(run) -> str:
         return f"models:/{models[0].model_id}"
     if is_cross_validation(run):
         return _log_ensemble(run)
+    from histoflow.serving.classifier import log_classifier  # TensorFlow: only when a run has none logged
+
     classes, example = _classes_and_example(run)
     with mlflow.start_run(run_id=run.info.run_id):
         info = log_classifier([keras_artifact(run.info.run_id)], classes, int(run.data.params["image_size"]),
@@ -103,6 +100,8 @@ def _log_ensemble(run) -> str:
     """The fold models of the first repeat as one pyfunc: each with its temperature, averaged; the threshold
     chosen by the run's policy on the pooled out-of-fold probabilities (the only held-out predictions there
     are: every image was in some fold's training part)."""
+    from histoflow.serving.classifier import log_classifier
+
     oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=OOF_ARTIFACT))
     first = oof[oof["repeat"] == oof["repeat"].min()]
     fold_runs = [mlflow.get_run(r) for r in first.sort_values("fold")["fold_run_id"].unique()]

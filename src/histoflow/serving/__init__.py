@@ -1,6 +1,13 @@
 """The served model: requests (decoding and limits) -> classifier (the pyfunc) -> model_code (its
 models-from-code file); batch_predict scores a folder with a registered model."""
 
-# Models registered before the subpackages named their code `histoflow.serving.ImageClassifier`; a
-# process that has this package imported (promote, predict) loads them through this name.
-from histoflow.serving.classifier import ImageClassifier  # noqa: F401
+
+def __getattr__(name: str):
+    # Models registered before the subpackages named their code `histoflow.serving.ImageClassifier`; a process
+    # that loads one finds the class through this name. Imported on that first use only: the command line reads
+    # this package's settings without loading TensorFlow.
+    if name == "ImageClassifier":
+        from histoflow.serving.classifier import ImageClassifier
+
+        return ImageClassifier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,6 @@ evaluation (histoflow.modeling.metrics.patient_table).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -19,32 +18,12 @@ import pandas as pd
 from histoflow import tracking
 from histoflow.data.discovery import discover, patient_from_name
 from histoflow.data.images import IMAGE_EXTENSIONS
-from histoflow.errors import ConfigError, DataError
+from histoflow.errors import DataError
 from histoflow.modeling.metrics import patient_table
 from histoflow.modeling.screening import INDETERMINATE
 from histoflow.progress import progress
-from histoflow.serving.classifier import model_decision
-from histoflow.serving.requests import INPUT_COLUMN, MAX_IMAGES_PER_REQUEST, encode_file
-from histoflow.serving.spark_scoring import is_parquet_table
-
-ENGINES = ("local", "spark")
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    data_dir: str = field(default="", metadata={"required": True})  # the folder (spark: or .parquet table)
-    model_uri: str = "models:/histoflow@champion"
-    output_dir: str = "outputs/predictions"
-    engine: str = "local"  # local: in this process; spark: mlflow.pyfunc.spark_udf (histoflow.serving.spark_scoring)
-    spark_master: str = ""  # spark: local[*], a cluster's master URL; default SPARK_MASTER, else local[*]
-
-    def validate(self) -> None:
-        if not self.data_dir.strip():
-            raise ConfigError("data_dir is required: the folder of images to score")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
-        if is_parquet_table(self.data_dir) and self.engine != "spark":
-            raise ConfigError("a Parquet table of images is scored with engine=spark")
+from histoflow.serving.requests import INPUT_COLUMN, MAX_IMAGES_PER_REQUEST, encode_file, model_decision
+from histoflow.serving.settings import PredictConfig, is_parquet_table
 
 
 def _images(data_dir: str) -> tuple[pd.DataFrame, list[str]]:

@@ -28,13 +28,14 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, Map, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+from histoflow.artifacts import CLASSIFIER_ARTIFACT
 from histoflow.data.images import MAX_PIXELS, resize_and_scale
 from histoflow.data.quality import COLOUR, FOCUS, TISSUE, measure
 from histoflow.data.stain import FALLBACK_FLAG, NO_STAIN_NORMALIZATION, StainNormalizer, check_method
 from histoflow.errors import ConfigError
 from histoflow.modeling.calibration import Calibration, apply_temperature
-from histoflow.modeling.inference import TTA_MODES
 from histoflow.modeling.screening import INDETERMINATE, NO_DISTANCE, UNFITTED, Screening, flags
+from histoflow.modeling.variants import TTA_MODES
 from histoflow.serving.requests import (
     INPUT_COLUMN,
     MAX_IMAGES_PER_REQUEST,
@@ -48,7 +49,6 @@ from histoflow.serving.requests import (
 )
 from histoflow.tracking import pinned_requirements
 
-CLASSIFIER_ARTIFACT = "classifier"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 
 log = logging.getLogger(__name__)
@@ -228,11 +228,6 @@ class ImageClassifier(PythonModel):
         if explain:
             frame["gradcam"] = self.explain(scored["batches"], decided)
         return frame
-
-
-def model_decision(predictions: pd.DataFrame) -> pd.Series:
-    """The model's label per image: model_label, or label for models logged before screening existed."""
-    return predictions["model_label" if "model_label" in predictions else "label"]
 
 
 def _png_base64(image: np.ndarray) -> str:

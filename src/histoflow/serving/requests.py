@@ -1,4 +1,5 @@
-"""Scoring requests: base64 image files in, decoded RGB arrays out, and a 4xx message for anything else.
+"""Scoring requests and answers: base64 image files in, decoded RGB arrays out, a 4xx message for anything
+else; the decision read from an answer.
 
 Limits protect the scoring server: at most MAX_IMAGES_PER_REQUEST images, MAX_REQUEST_CHARS of
 base64 in all (raw bytes count as their base64 length) and MAX_PIXELS pixels per image.
@@ -126,3 +127,6 @@ def encode_file(path: str | Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+def model_decision(predictions: pd.DataFrame) -> pd.Series:
+    """The model's label per image: model_label, or label for models logged before screening existed."""
+    return predictions["model_label" if "model_label" in predictions else "label"]

@@ -19,6 +19,7 @@ import pandas as pd
 from histoflow.data.images import IMAGE_EXTENSIONS
 from histoflow.errors import ConfigError
 from histoflow.serving.requests import INPUT_COLUMN
+from histoflow.serving.settings import is_parquet_table
 
 ARROW_BATCH = 256
 SQL_CONF = {
@@ -30,11 +31,6 @@ SQL_CONF = {
     "spark.sql.files.openCostInBytes": str(64 * 1024),
 }
 FILE_PREFIX = "file:"
-
-
-def is_parquet_table(source: str) -> bool:
-    """A `.parquet` path (a file or Spark's folder of parts) is a table of image bytes, not an image folder."""
-    return source.rstrip("/").endswith(".parquet")
 
 
 def spark_session(master: str = ""):

@@ -28,6 +28,7 @@ from histoflow.errors import ConfigError, HistoflowError, ImageDecodeError
 from histoflow.modeling.metrics import patient_table
 from histoflow.modeling.screening import INDETERMINATE
 from histoflow.serving.requests import INPUT_COLUMN, MAX_IMAGES_PER_REQUEST, MAX_REQUEST_CHARS
+from histoflow.serving.settings import AppConfig
 
 log = logging.getLogger(__name__)
 MAX_FILE_BYTES = MAX_REQUEST_CHARS // 4 * 3  # the largest file one scoring request can carry
@@ -45,22 +46,6 @@ Scorer = Callable[[list[str]], pd.DataFrame]  # base64 image files -> the served
 
 class ScoringError(HistoflowError):
     """The scoring server refused a request or could not be reached."""
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    model_uri: str = "models:/histoflow@champion"  # scored in-process unless scoring_url is given
-    scoring_url: str = ""  # a scoring server's /invocations (mlflow models serve, the image, Cloud Run)
-    host: str = "127.0.0.1"  # 0.0.0.0 in a container
-    port: int = 7860
-
-    def validate(self) -> None:
-        if not self.model_uri and not self.scoring_url:
-            raise ConfigError("give model_uri (a registered model) or scoring_url (a scoring server)")
-        if self.scoring_url and not self.scoring_url.startswith(("http://", "https://")):
-            raise ConfigError(f"scoring_url must be an http(s) URL; got {self.scoring_url!r}")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"port must be in 1..65535; got {self.port}")
 
 
 def local_scorer(model_uri: str) -> Scorer:

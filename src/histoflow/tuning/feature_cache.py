@@ -31,7 +31,8 @@ from histoflow.config import local_folder
 from histoflow.data.pipeline import make_dataset
 from histoflow.data.splits import SPLITS
 from histoflow.data.step import PreparedData
-from histoflow.modeling.architectures import BACKBONES, build_fusion
+from histoflow.modeling.architectures import build_fusion
+from histoflow.modeling.catalog import BACKBONES
 from histoflow.modeling.training_run import stain_normalizer
 from histoflow.modeling.variants import TrainConfig
 from histoflow.progress import progress

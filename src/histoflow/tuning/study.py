@@ -17,8 +17,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import keras
 import matplotlib.pyplot as plt
@@ -30,71 +29,19 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import KerasPruningCallback
 
 from histoflow import tracking
-from histoflow.config import FOLDER_OFF, USER_CACHE, require, typed_params
 from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.errors import ConfigError
 from histoflow.modeling import distributed, training_run
 from histoflow.modeling.fitting import EpochMetrics, class_weights, fit
-from histoflow.modeling.variants import BACKBONE_VARIANTS, TrainConfig, make_train_config
+from histoflow.modeling.variants import TrainConfig
 from histoflow.tuning import workers
 from histoflow.tuning.feature_cache import CachedFeatures, cache_key, load_or_extract
 from histoflow.tuning.head_trainer import HeadTrainer, head_dataset
-from histoflow.tuning.search_space import DEFAULT_SEARCH_SPACE, SearchSpace, load_search_space
+from histoflow.tuning.search_space import SearchSpace
+from histoflow.tuning.settings import MAX_FUSION_WIDTH, METRICS, STUDY_FIELDS, TuneConfig
 from histoflow.tuning.workers import COUNTED, STATE_TAGS
 
 log = logging.getLogger(__name__)
-
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "none")
-# Keras' names for the per-epoch validation metrics of compile_model, and which way is better.
-METRICS = {"val_auc": "maximize", "val_accuracy": "maximize", "val_loss": "minimize"}
-# The widest head a trial can have: HeadTrainer's largest bucket.
-MAX_FUSION_WIDTH = 256
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    train: TrainConfig  # the variant's data and backbone settings, with the search space's fixed values
-    space: SearchSpace
-    n_trials: int = 20
-    timeout: float = 0.0  # seconds; 0 = no limit
-    study_name: str = ""  # "" = <variant>-<backbone>-<hash of the features and the space>: same data resumes
-    storage: str = "sqlite:///optuna.db"
-    sampler: str = "tpe"
-    pruner: str = "median"
-    metric: str = "val_auc"
-    trial_epochs: int = 20
-    cache_dir: str = USER_CACHE  # where backbone features are kept; "": the features folder of the user's cache
-    heartbeat_interval: int = 60  # seconds between a running trial's heartbeats; 0 = no heartbeats
-    grace_period: int = 0  # seconds without a heartbeat before a trial counts as dead; 0 = 2 x heartbeat_interval
-    search_space: str = DEFAULT_SEARCH_SPACE  # the YAML file of the searched and fixed settings
-    final: bool = True  # train the best parameters in full once the trials are done (false: trials only)
-
-    def validate(self) -> None:
-        widest = self.space.searched.get("fusion_width")
-        checks = [
-            (self.n_trials >= 1, f"n_trials must be >= 1; got {self.n_trials}"),
-            (self.timeout >= 0, "timeout must be >= 0 seconds (0 = no limit)"),
-            (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}"),
-            (self.pruner in PRUNERS, f"pruner must be one of {', '.join(PRUNERS)}; got {self.pruner!r}"),
-            (self.metric in METRICS, f"metric must be one of {', '.join(METRICS)}; got {self.metric!r}"),
-            (self.trial_epochs >= 1, "trial_epochs must be >= 1"),
-            (bool(self.storage.strip()), "storage must be a SQLAlchemy URL, e.g. sqlite:///optuna.db"),
-            (self.cache_dir.strip().lower() != FOLDER_OFF,
-             "cache_dir must be a folder: trials train on cached features"),
-            (self.heartbeat_interval >= 0, "heartbeat_interval must be >= 0 seconds (0 = no heartbeats)"),
-            # A grace not longer than the interval would fail trials that are alive between two beats.
-            (self.grace_period == 0 or self.grace_period > self.heartbeat_interval,
-             "grace_period must be longer than heartbeat_interval (0 = twice heartbeat_interval)"),
-            (max(getattr(widest, "high", 0), self.train.fusion_width) <= MAX_FUSION_WIDTH,
-             f"fusion_width can be at most {MAX_FUSION_WIDTH} in a study"),
-        ]
-        require(checks)
-
-
-# Settings of `tune` itself (the rest are the variant's training settings).
-STUDY_FIELDS = tuple(f.name for f in fields(TuneConfig) if f.name not in ("train", "space"))
-
 
 @dataclass(frozen=True)
 class TuneResult:
@@ -103,25 +50,6 @@ class TuneResult:
     new_trials: int
     best_trial: FrozenTrial | None
     final_run_id: str | None
-
-
-def make_tune_config(variant: str, **params: Any) -> TuneConfig:
-    """Validated settings from (possibly string) parameters: the study's here, the training run's via
-    make_train_config; the search space's fixed values apply unless given, its searched ones cannot be."""
-    if variant not in BACKBONE_VARIANTS:
-        raise ConfigError(f"tune applies to the variants {', '.join(BACKBONE_VARIANTS)} (a frozen backbone whose "
-                          f"features can be cached); got {variant!r}")
-    settings = typed_params(TuneConfig, {k: v for k, v in params.items() if k in STUDY_FIELDS})
-    space = load_search_space(settings.get("search_space", DEFAULT_SEARCH_SPACE))
-    given = {k: v for k, v in params.items() if k not in STUDY_FIELDS and v not in (None, "")}
-    searched = sorted(set(given) & set(space.searched))
-    if searched:
-        raise ConfigError(f"{', '.join(searched)}: searched by the study ({space.source}); fix "
-                          f"{'it' if len(searched) == 1 else 'them'} there to set a value")
-    train = make_train_config(variant, **{**space.fixed, **given})
-    config = TuneConfig(train, space, **settings)
-    config.validate()
-    return config
 
 
 def _pruner(name: str) -> optuna.pruners.BasePruner:
@@ -273,11 +201,16 @@ def _log_results(study: optuna.Study, metric: str) -> FrozenTrial | None:
     return best
 
 
+def final_config(config: TuneConfig, best: FrozenTrial, study_name: str, experiment: str) -> TrainConfig:
+    """The final run's settings: the study's (the search space's fixed values included), the best trial's
+    parameters over them."""
+    t = config.train
+    return replace(t, **best.params, experiment=experiment, run_name=t.run_name or f"{t.variant}-tuned-{study_name}")
+
+
 def _final_run(config: TuneConfig, best: FrozenTrial, study_name: str, parent_run_id: str, experiment: str) -> str:
     """The best parameters as an ordinary training run of the variant (same logging, ready for register)."""
-    t = config.train
-    final = replace(t, **best.params, experiment=experiment, run_name=t.run_name or f"{t.variant}-tuned-{study_name}")
-    run_id = training_run.run(final)
+    run_id = training_run.run(final_config(config, best, study_name, experiment))
     client = MlflowClient()
     client.set_tag(run_id, "optuna.study_name", study_name)
     client.set_tag(run_id, "optuna.parent_run_id", parent_run_id)

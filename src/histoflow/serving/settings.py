@@ -1,0 +1,56 @@
+"""The serving entry points' settings (`predict`, `app`); a settings module: nothing heavy imported."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from histoflow.config import setting
+from histoflow.errors import ConfigError
+
+ENGINES = ("local", "spark")
+DEFAULT_MODEL_URI = "models:/histoflow@champion"
+
+
+def is_parquet_table(source: str) -> bool:
+    """A `.parquet` path (a file or Spark's folder of parts) is a table of image bytes, not an image folder."""
+    return source.rstrip("/").endswith(".parquet")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    data_dir: str = field(default="", metadata={"required": True, "help": "the folder of images to score (with "
+                                                                        "engine=spark: or a Parquet table of their "
+                                                                        "bytes)"})
+    model_uri: str = setting(DEFAULT_MODEL_URI, "the model: a registered model's alias or version, or any MLflow "
+                                                "model URI")
+    output_dir: str = setting("outputs/predictions", "where predictions.csv and patients.csv are written")
+    engine: str = setting("local", "local (in this process) or spark (mlflow.pyfunc.spark_udf, one task per "
+                                   "partition)")
+    spark_master: str = setting("", "with engine=spark: local[*] or a cluster's master URL (default: SPARK_MASTER, "
+                                    "else local[*])")
+
+    def validate(self) -> None:
+        if not self.data_dir.strip():
+            raise ConfigError("data_dir is required: the folder of images to score")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        if is_parquet_table(self.data_dir) and self.engine != "spark":
+            raise ConfigError("a Parquet table of images is scored with engine=spark")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model_uri: str = setting(DEFAULT_MODEL_URI, "the model the page scores with, in its own process (unless "
+                                                "scoring_url is given)")
+    scoring_url: str = setting("", "a scoring server's /invocations to score through instead (mlflow models serve, "
+                                   "the container, Cloud Run)")
+    host: str = setting("127.0.0.1", "the address the page listens on (0.0.0.0 in a container)")
+    port: int = setting(7860, "the page's port")
+
+    def validate(self) -> None:
+        if not self.model_uri and not self.scoring_url:
+            raise ConfigError("give model_uri (a registered model) or scoring_url (a scoring server)")
+        if self.scoring_url and not self.scoring_url.startswith(("http://", "https://")):
+            raise ConfigError(f"scoring_url must be an http(s) URL; got {self.scoring_url!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in 1..65535; got {self.port}")
