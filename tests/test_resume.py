@@ -34,19 +34,16 @@ def _epochs_saved(checkpoints: Path) -> int:
     return json.loads(saved[0].read_text() or "{}").get("epoch", 0) if saved else 0
 
 
-def _start_training(settings: dict, env: dict, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "histoflow.cli", "train", "--variant", "baseline",
-                             *_args(settings)], env={**os.environ, **env}, text=True, **popen)
-
-
 def _train_until(settings: dict, checkpoints: Path, epochs: int, env: dict, **popen) -> subprocess.Popen:
     """Start `histoflow train`; return it as soon as `epochs` epochs are saved (failing if it ends first)."""
-    process = _start_training(settings, env, **popen)
+    process = subprocess.Popen([sys.executable, "-m", "histoflow.cli", "train", "--variant", "baseline",
+                                *_args(settings)], env={**os.environ, **env}, text=True, **popen)
     deadline = time.monotonic() + 600
     while _epochs_saved(checkpoints) < epochs:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"training ended or stalled before epoch {epochs} was saved")
+            _, err = process.communicate()
+            pytest.fail(f"training ended or stalled before epoch {epochs} was saved: {(err or '')[-3000:]}")
         time.sleep(0.02)
     return process
 
@@ -151,26 +148,18 @@ NO_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEO
 
 
 def _held_after_first_epoch(settings: dict, waits: tuple[str, str], server: _Server, tmp_path: Path):
-    """Two trainings against the server, started together, each held (SIGSTOP) as soon as its first epoch is
-    saved; their checkpoint folders, settings and processes."""
-    started = []
+    """Two trainings against the server, each held (SIGSTOP) as soon as its first epoch is saved; their
+    checkpoint folders, settings and processes. (One after the other: with MLflow's retries off, two runs
+    created at once on the server's SQLite store can find it locked.)"""
+    held = []
     for name, wait in zip(("waits", "gives-up"), waits, strict=True):
         checkpoints = tmp_path / name / "checkpoints"
         run = {**settings, "checkpoint_dir": str(checkpoints), "image_cache": str(tmp_path / name / "images")}
         env = {"MLFLOW_TRACKING_URI": server.uri, **NO_RETRIES, "HISTOFLOW_TRACKING_WAIT": wait}
-        started.append((checkpoints, run, _start_training(run, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
-    running = list(started)
-    deadline = time.monotonic() + 600
-    while running:
-        for held in [h for h in running if _epochs_saved(h[0]) >= 1]:
-            held[2].send_signal(signal.SIGSTOP)
-            running.remove(held)
-        if any(h[2].poll() is not None for h in running) or time.monotonic() > deadline:
-            for _, _, training in started:
-                training.kill()
-            pytest.fail("a training ended or stalled before its first epoch was saved")
-        time.sleep(0.02)
-    return started
+        training = _train_until(run, checkpoints, 1, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        training.send_signal(signal.SIGSTOP)
+        held.append((checkpoints, run, training))
+    return held
 
 
 @pytest.mark.slow
