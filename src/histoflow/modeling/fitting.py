@@ -231,15 +231,14 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, 
         if mlflow.active_run() is not None:
             mlflow.flush_async_logging()
         return _result(history, time.perf_counter() - start)
+    loggers = [c for c in extra_callbacks if isinstance(c, EpochMetrics)]
     if checkpoints.finished_training(checkpoint_dir):
         done, seconds = checkpoints.load_finished(model, checkpoint_dir)
         log.info("training had finished before the interruption: its weights are restored, nothing is trained")
-        for logger in (c for c in extra_callbacks if isinstance(c, EpochMetrics)):
-            log_missing_epochs(done, logger.prefix)
+        confirm_epochs(done, loggers, checkpoint_dir)
         return _result(_history(done), seconds, resumed_at=len(done))
     stopper, plateau = callbacks(patience, lr_patience)
     saver = Checkpoint(checkpoint_dir, stopper, plateau) if checkpoint_dir is not None else None
-    loggers = [c for c in extra_callbacks if isinstance(c, EpochMetrics)]
     for logger in loggers:
         logger.checkpoint = saver
     # The progress bar on a terminal; in a log, Keras's line per epoch and ours every ~10 % of an epoch.
