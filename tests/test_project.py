@@ -28,9 +28,10 @@ pytestmark = pytest.mark.slow
 IMAGES, EPOCHS, SIZE = 60, 1, 32
 # The card's `mlflow run . -e densenet`: DenseNet121 from scratch with its backbone frozen (the fusion head
 # trains): the same run as a fine-tuned one, at a fraction of its cost here. A fusion model's Grad-CAM:
-# tests/test_training_run.py's warm-up run.
+# tests/test_training_run.py's warm-up run. No per-epoch checkpoint (three saves of DenseNet121's weights,
+# ~8 s): checkpoints and resume are tests/test_resume.py's.
 DENSENET = {"data_dir": str(BREAKHIS), "max_images": IMAGES, "epochs": EPOCHS, "image_size": SIZE, "batch_size": 16,
-            "weights": "none", "unfrozen_blocks": 0, "gradcam_per_class": 0, "bootstrap": 200}
+            "weights": "none", "unfrozen_blocks": 0, "gradcam_per_class": 0, "bootstrap": 200, "checkpoint_dir": "none"}
 EXPERIMENT = "project-test"
 STEPS = ["data", "baseline", "tune", "register", "promote"]
 

@@ -179,16 +179,20 @@ def find_finished(experiment_id: str, step: Step, code: str, data: str) -> str |
 
 def _execute(step: Step, experiment_id: str) -> str:
     import mlflow
+    from mlflow.exceptions import ExecutionException
 
     root = steps_project()
     if root is None:
         raise ConfigError("the workflow runs the MLproject's entry points; install histoflow from its repository "
                           "with `pip install -e .`")
-    submitted = mlflow.projects.run(str(root), entry_point=step.entry_point, parameters=step.parameters,
-                                    experiment_id=experiment_id, env_manager="local", synchronous=False)
-    if not submitted.wait():
-        raise HistoflowError(f"workflow step {step.name!r} ({step.entry_point}) failed: see run "
-                             f"{submitted.run_id} in the MLflow UI; re-run main to resume from this step")
+    # Synchronous: the entry point runs as this process's child (asynchronous runs start an `mlflow run`
+    # process around it, ~5 s of imports per step for nothing); Ctrl-C still ends the step's run as FAILED.
+    try:
+        submitted = mlflow.projects.run(str(root), entry_point=step.entry_point, parameters=step.parameters,
+                                        experiment_id=experiment_id, env_manager="local", synchronous=True)
+    except ExecutionException as exc:
+        raise HistoflowError(f"workflow step {step.name!r} ({step.entry_point}) failed ({exc}): see its run in the "
+                             "MLflow UI; re-run main to resume from this step") from exc
     return submitted.run_id
 
 

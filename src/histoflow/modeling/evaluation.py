@@ -48,7 +48,7 @@ def evaluate(model: keras.Model, config: TrainConfig, prepared: PreparedData, st
     # One pass over each split gives the probabilities and the screening's features (a second pass for the
     # probabilities only with test-time augmentation).
     extractor = screening.feature_model(model)
-    (val_raw, val_features), (test_raw, test_features) = (extractor.predict(d, verbose=0) for d in (val_ds, test_ds))
+    (val_raw, val_features), (test_raw, test_features) = (inference.predict(extractor, d) for d in (val_ds, test_ds))
     fallbacks = stain.fallbacks  # each image of the three splits normalised once by now
     if config.tta != "none":
         val_raw, test_raw = inference.predict(model, val_ds, config.tta), inference.predict(model, test_ds, config.tta)
@@ -139,8 +139,8 @@ def fit_screening(extractor: keras.Model, config: TrainConfig, prepared: Prepare
     def quality(part: str) -> np.ndarray:
         return measure_files(prepared.rows(part)["path"].tolist(), config.image_size)
 
-    train_features = extractor.predict(make_dataset(train["path"], train["label"], config.image_size,
-                                                    config.batch_size, stain=stain), verbose=0)[1]
+    train_features = inference.predict(extractor, make_dataset(train["path"], train["label"], config.image_size,
+                                                               config.batch_size, stain=stain))[1]
     train_quality = measure_files(train["path"].tolist(), config.image_size)
     val_quality = quality("val")
     fitted = screening.fit_screening(train_features, train_quality, val_features, val_quality)

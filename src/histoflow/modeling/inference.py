@@ -7,6 +7,8 @@ through the model as one batch (8 x the images), the same function evaluation an
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -28,12 +30,32 @@ def average_views(probabilities: tf.Tensor | np.ndarray, views: int = DIHEDRAL_V
     return tf.reduce_mean(tf.reshape(probabilities, (views, -1, probabilities.shape[-1])), axis=0)
 
 
-def predict(model: keras.Model, dataset: tf.data.Dataset, tta: str = "none") -> np.ndarray:
-    """Class probabilities of every image of a (batched, unshuffled) dataset, in its order."""
+_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def forward(model: keras.Model):
+    """The model's inference pass as one graph for any batch size, traced once per model. Keras's predict
+    traces its step for the first batch's exact shape and again for the next shape it meets (a split's last,
+    smaller batch): seconds per trace for a DenseNet121."""
+    if model not in _FORWARD:
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        _FORWARD[model] = tf.function(lambda images: model(images, training=False), input_signature=[spec],
+                                      autograph=False)
+    return _FORWARD[model]
+
+
+def _concatenate(batches: list) -> np.ndarray | list[np.ndarray]:
+    if batches and isinstance(batches[0], (list, tuple)):  # a model with several outputs: each concatenated
+        return [np.concatenate([np.asarray(b[k]) for b in batches]) for k in range(len(batches[0]))]
+    return np.concatenate([np.asarray(b) for b in batches])
+
+
+def predict(model: keras.Model, dataset: tf.data.Dataset, tta: str = "none") -> np.ndarray | list[np.ndarray]:
+    """The outputs (class probabilities) for every image of a (batched, unshuffled) dataset, in its order;
+    each output of a model with several."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
+    step = forward(model)
     if tta == "none":
-        return model.predict(dataset, verbose=0)
-    # predict_on_batch: Keras's compiled predict step (a second trace at most, for the last, smaller batch).
-    return np.concatenate([average_views(model.predict_on_batch(dihedral_views(images))).numpy()
-                           for images, _ in dataset])
+        return _concatenate([step(images) for images, _ in dataset])
+    return np.concatenate([average_views(step(dihedral_views(images))).numpy() for images, _ in dataset])

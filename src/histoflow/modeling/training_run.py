@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,33 +115,34 @@ class _KerasFlavor:
     __name__ = "mlflow.keras"
 
     @staticmethod
-    def save_model(path: str, validate_serving_input: bool = True, **kwargs) -> None:
+    def save_model(path: str, validate_serving_input: bool = True, copy_to: Path | None = None, **kwargs) -> None:
         # validate_serving_input is Model.log's (it reaches the flavor too); mlflow.keras has no such argument.
         os.makedirs(path, exist_ok=True)
         mlflow.keras.save_model(path=path, **kwargs)
+        if copy_to is not None:  # the .keras file it saved: the run's own artifact is that file, not a second save
+            shutil.copyfile(next(Path(path, "data").glob("*.keras")), copy_to)
 
 
 def _log_model(model: keras.Model, config: TrainConfig, example: np.ndarray, class_names: list[str]) -> float:
-    """The .keras file as an artifact and the MLflow model (keras flavor); returns the file size in MB."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{config.model_name}.keras"
-        model.save(path)
-        size_mb = path.stat().st_size / 2**20
-        mlflow.log_artifact(str(path), KERAS_ARTIFACT_DIR)
+    """The MLflow model (keras flavor) and its .keras file as an artifact of its own (saved once: seconds for a
+    DenseNet); returns the file size in MB."""
     # The signature from the shapes (a prediction for it would trace the network for one more input shape), and
     # no serving check of the example (MLflow would load the model back and predict it: seconds for a DenseNet;
     # the served classifier of `register` is checked when it is logged).
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.input_shape[1:]))]),
                               outputs=Schema([TensorSpec(np.dtype("float32"), (-1, *model.output_shape[1:]))]))
-    Model.log(
-        artifact_path=None, name=MODEL_ARTIFACT, flavor=_KerasFlavor, flavor_name="mlflow.keras", model=model,
-        signature=signature, input_example=example, validate_serving_input=False,
-        pip_requirements=tracking.pinned_requirements("mlflow", "keras", "numpy"),
-        metadata={"class_names": class_names, "image_size": config.image_size, "variant": config.variant,
-                  "model": config.model_name, "input": "float32 RGB in [0, 1], resized with "
-                  "histoflow.data.images.resize_and_scale"},
-    )
-    return size_mb
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{config.model_name}.keras"
+        Model.log(
+            artifact_path=None, name=MODEL_ARTIFACT, flavor=_KerasFlavor, flavor_name="mlflow.keras", model=model,
+            signature=signature, input_example=example, validate_serving_input=False, copy_to=path,
+            pip_requirements=tracking.pinned_requirements("mlflow", "keras", "numpy"),
+            metadata={"class_names": class_names, "image_size": config.image_size, "variant": config.variant,
+                      "model": config.model_name, "input": "float32 RGB in [0, 1], resized with "
+                      "histoflow.data.images.resize_and_scale"},
+        )
+        mlflow.log_artifact(str(path), KERAS_ARTIFACT_DIR)
+        return path.stat().st_size / 2**20
 
 
 def _leave_cluster(config: TrainConfig, model: keras.Model, workers: int) -> keras.Model:

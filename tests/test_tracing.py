@@ -1,0 +1,59 @@
+"""TensorFlow traces each graph once: the training step of a fit, and the inference pass whatever the batch
+sizes (a split's last batch is smaller). Each trace of a DenseNet121 costs seconds (bench/tracing.py)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from histoflow.modeling import inference
+from histoflow.modeling.architectures import compile_model
+from histoflow.modeling.fitting import fit
+
+
+def _model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(keras.layers.Rescaling(1.0)(inputs))
+    pooled = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(pooled))
+
+
+def _data(n: int, batch: int) -> tf.data.Dataset:
+    rng = np.random.default_rng(n)
+    x = rng.random((n, 8, 8, 3), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 2, n), 2)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def test_a_fit_traces_its_training_step_once():
+    """Keras's TensorFlow trainer creates the optimizer's and the metrics' variables in the first trace of its
+    step, and tf.function then traces it again; fit creates them before."""
+    model = compile_model(_model(), 1e-3)
+    traced = []
+    step = model.train_step
+    model.train_step = lambda data: traced.append(1) or step(data)
+    result = fit(model, _data(36, 16), _data(12, 16), epochs=2, extra_callbacks=[], class_weight=None, patience=5,
+                 lr_patience=5)
+    assert result.epochs_run == 2 and len(traced) == 1
+    assert int(model.optimizer.iterations.numpy()) == 2 * 3  # it trained: 3 batches an epoch
+
+
+@pytest.mark.parametrize("tta", ["none", "dihedral8"])
+def test_predictions_trace_the_model_once_for_any_batch_size(tta):
+    model = _model()
+    for data in (_data(12, 16), _data(36, 16), _data(5, 2)):  # one batch of 12; 16, 16, 4; 2, 2, 1
+        got = inference.predict(model, data, tta)
+        images = np.concatenate([x for x, _ in data.as_numpy_iterator()])
+        views = [np.rot90(v, k, axes=(1, 2)) for v in (images, images[:, :, ::-1]) for k in range(4)]
+        expected = np.mean([model.predict(v, verbose=0) for v in (views if tta == "dihedral8" else [images])], axis=0)
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert inference.forward(model).experimental_get_tracing_count() == 1
+
+
+def test_a_model_with_several_outputs_gives_each_in_the_datasets_order():
+    model = _model()
+    both = keras.Model(model.inputs, [model.output, model.layers[-2].output])
+    probabilities, features = inference.predict(both, _data(36, 16))
+    assert probabilities.shape == (36, 2) and features.shape == (36, 4)
+    np.testing.assert_allclose(probabilities, inference.predict(model, _data(36, 16)), atol=1e-6)
