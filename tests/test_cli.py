@@ -52,3 +52,29 @@ def test_tracking_server_down_fails_at_once_naming_the_uri(command, capsys, monk
     assert status == 2, err[-2000:]
     assert uri in err and "cannot reach" in err
     assert time.monotonic() - start < 30  # MLflow's own retries would take minutes
+
+
+def test_the_command_ends_with_mains_status_and_everything_it_printed(tmp_path):
+    """The console script leaves without Python's interpreter teardown (histoflow.cli.run): its status is still
+    main's, its output and log lines all arrive, and the exit handlers of the libraries (here a temporary
+    folder's clean-up, registered after the command's own) still run."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, shutil, sys, tempfile\n"
+              "from histoflow import cli\n"
+              "def main():\n"
+              "    atexit.register(shutil.rmtree, tempfile.mkdtemp(dir=sys.argv[1]))\n"
+              "    print('x' * 100000)\n"
+              "    __import__('logging').getLogger('h').warning('last')\n"
+              "    return 3\n"
+              "cli.main = main\n"
+              "cli.run()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert done.stdout == "x" * 100000 + "\n" and "last" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+    out_of_date = tmp_path / "MLproject"
+    done = subprocess.run([sys.executable, "-m", "histoflow.cli", "mlproject", "--check", "--output", str(out_of_date)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "out of date" in done.stdout
