@@ -39,27 +39,28 @@ def _counted(model: keras.Model, method: str) -> list[int]:
     return calls
 
 
-def _fit(config, prepared, prebuild: bool) -> tuple[float, int]:
+def _fresh(config, prepared, method: str):
+    """A new model of the run, its three pipelines, and the count of traces of its `method`."""
     keras.backend.clear_session()
     setup = training_run._training_setup(config, prepared)
-    train_ds, val_ds, _ = setup.datasets
-    traces = _counted(setup.model, "train_step")
+    return setup.model, setup.datasets, _counted(setup.model, method)
+
+
+def _fit(config, prepared, prebuild: bool) -> tuple[float, int]:
+    model, (train_ds, val_ds, _), traces = _fresh(config, prepared, "train_step")
     start = time.perf_counter()
     if prebuild:
-        build_training_state(setup.model, train_ds)
-    setup.model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
+        build_training_state(model, train_ds)
+    model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
     return time.perf_counter() - start, len(traces)
 
 
 def _predict(config, prepared, ours: bool) -> tuple[float, int]:
-    keras.backend.clear_session()
-    setup = training_run._training_setup(config, prepared)
-    train_ds, val_ds, test_ds = setup.datasets
-    traces = _counted(setup.model, "predict_step")
+    model, (train_ds, val_ds, test_ds), traces = _fresh(config, prepared, "predict_step")
     start = time.perf_counter()
     for data in (val_ds, test_ds, train_ds):
-        inference.predict(setup.model, data) if ours else setup.model.predict(data, verbose=0)
-    count = inference.forward(setup.model).experimental_get_tracing_count() if ours else len(traces)
+        inference.predict(model, data) if ours else model.predict(data, verbose=0)
+    count = inference.forward(model).experimental_get_tracing_count() if ours else len(traces)
     return time.perf_counter() - start, count
 
 

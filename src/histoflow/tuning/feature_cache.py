@@ -31,6 +31,7 @@ from histoflow.config import local_folder
 from histoflow.data.pipeline import make_dataset
 from histoflow.data.splits import SPLITS
 from histoflow.data.step import PreparedData
+from histoflow.modeling import inference
 from histoflow.modeling.architectures import build_fusion
 from histoflow.modeling.catalog import BACKBONES
 from histoflow.modeling.training_run import stain_normalizer
@@ -116,9 +117,9 @@ def _extract(model: keras.Model, dataset: tf.data.Dataset, split: str) -> SplitF
     taps: list[list[np.ndarray]] = []
     labels = []
     batches = int(dataset.cardinality())
+    step = inference.forward(model)  # one graph for every batch, the last, smaller one too
     for images, onehot in progress(dataset, total=batches, desc=f"{split} features", unit="batch"):
-        # A direct call, not predict_on_batch: each split's last, smaller batch would retrace a graph.
-        outputs = model(images, training=False)
+        outputs = step(images)
         taps.append([np.asarray(o, dtype="float32") for o in outputs])
         labels.append(np.argmax(onehot.numpy(), axis=1))
     return SplitFeatures(tuple(np.concatenate(t) for t in zip(*taps, strict=True)),
