@@ -107,6 +107,26 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path.name))
 
 
+# Test files that go to the same worker, as one unit, because they share a session fixture that costs a process:
+# the tiny model's scoring server (one TensorFlow process instead of one per worker).
+SAME_WORKER = {"test_app.py": "scoring-server", "test_serving.py": "scoring-server"}
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown where it is not loaded (-p no:xdist)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's `--dist loadfile` (a file at a time per worker), with SAME_WORKER's files one unit."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SAME_WORKER.get(Path(scope).name, scope)
+
+    return FilesTogether(config, log)
+
+
 def shared_folder(tmp_path_factory) -> Path:
     """The temporary folder of the whole run: every xdist worker's base folder is inside it."""
     base = tmp_path_factory.getbasetemp()
@@ -353,6 +373,12 @@ def scoring_server(classifier, tiny_store):
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn workers
         process.wait(timeout=30)
+
+
+# The environment of every `mlflow server` the tests start, as docs/team-server.md starts a team's: MLflow 3.17's
+# server otherwise starts its GenAI job runners (a Huey consumer per kind of job, ~10 processes) that histoflow
+# never uses: ~45 s of CPU and ~1.9 GB more at each start (bench/tracking_server.py).
+TRACKING_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def wait_for(url: str, process, timeout: float = 120.0) -> None:

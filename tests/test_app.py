@@ -18,10 +18,18 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import free_port, wait_for
+from conftest import TRACKING_SERVER_ENV, free_port, wait_for
 from histoflow.errors import ConfigError
 from histoflow.serving.requests import encode_file
-from histoflow.serving.web_app import MAX_FILE_BYTES, local_scorer, parse_patients, remote_scorer, score_files
+from histoflow.serving.settings import AppConfig
+from histoflow.serving.web_app import (
+    MAX_FILE_BYTES,
+    configured_scorer,
+    local_scorer,
+    parse_patients,
+    remote_scorer,
+    score_files,
+)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -85,47 +93,43 @@ def test_through_a_scoring_server_and_when_it_is_down(classifier, scoring_server
     remote = score_files(files, remote_scorer(f"{scoring_server}/invocations")).table
     local = score_files(files, local_scorer(model_dir)).table
     pd.testing.assert_frame_equal(remote, local)
-    _serve_the_app_image_command(f"{scoring_server}/invocations")
     # Nothing listens there (a server that is down): the row says so, the page does not fail.
     down_url = f"http://127.0.0.1:{free_port()}/invocations"
     down = score_files([uploads["image0"]], remote_scorer(down_url)).table
     assert down["label"].tolist() == ["error"] and "cannot be reached" in down["problem"][0]
 
 
-def _serve_the_app_image_command(scoring_url: str) -> None:
-    """docker/app/Dockerfile's CMD, run here as the container would (PORT and SCORING_URL set): the page
-    comes up and names itself."""
+def test_the_page_scores_through_the_server_or_the_model_its_given(classifier, scoring_server, uploads):
+    """`histoflow app --scoring_url` (the container's, browsed below) and `--model_uri` (a model in the page's own
+    process) give the same rows."""
+    model_dir, _ = classifier
+    url = f"{scoring_server}/invocations"
+    (remote, remote_source), (local, local_source) = (configured_scorer(AppConfig(scoring_url=url)),
+                                                      configured_scorer(AppConfig(model_uri=model_dir)))
+    assert (remote_source, local_source) == (url, model_dir)
+    files = [uploads["image0"], uploads["image1"]]
+    pd.testing.assert_frame_equal(score_files(files, remote).table, score_files(files, local).table)
+
+
+@pytest.fixture(scope="module")
+def page(scoring_server):
+    """docker/app/Dockerfile's CMD, run here as the container runs it (PORT and SCORING_URL set): the page
+    through the tiny model's scoring server, as it is deployed."""
     dockerfile = (Path(__file__).resolve().parents[1] / "docker" / "app" / "Dockerfile").read_text()
     command = json.loads(next(line for line in dockerfile.splitlines() if line.startswith("CMD "))[4:])
     assert "pip install \".[app]\"" in dockerfile and "histoflow app --scoring_url" in command[-1]
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "SCORING_URL": scoring_url, "GRADIO_ANALYTICS_ENABLED": "False",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    env = {**os.environ, "PORT": str(port), "SCORING_URL": f"{scoring_server}/invocations",
+           "GRADIO_ANALYTICS_ENABLED": "False", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
-    try:
-        wait_for(f"http://127.0.0.1:{port}", process, timeout=180)
-        assert "histoflow" in requests.get(f"http://127.0.0.1:{port}/config", timeout=30).text
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def page(classifier, tiny_store):
-    """`histoflow app` on the tiny model, as a user starts it."""
-    model_dir, _ = classifier
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "histoflow.cli", "app", "--model_uri", model_dir, "--port", str(port)],
-        env={**os.environ, "MLFLOW_TRACKING_URI": tiny_store[1], "GRADIO_ANALYTICS_ENABLED": "False"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, process, timeout=180)
+        assert "histoflow" in requests.get(f"{url}/config", timeout=30).text  # the page names itself
         yield url
     finally:
-        process.terminate()
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
 
 
@@ -209,7 +213,8 @@ def test_training_runs_open_in_the_mlflow_ui_model_training_view(browser, tiny_s
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
                                 "127.0.0.1", "--port", str(port), "--workers", "1"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               env={**os.environ, **TRACKING_SERVER_ENV}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     server = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{server}/health", process, timeout=120)

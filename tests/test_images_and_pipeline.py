@@ -135,12 +135,23 @@ def test_a_changed_folder_never_reads_a_stale_cache(tmp_path):
     assert len(list(cache.glob("*.u8"))) == 4
 
 
+# The cache's writer (what cache_images runs with the input pipeline's decoding) in a process whose disk is full
+# after 100 kB; the images decoded by Pillow here, so that this process needs no TensorFlow.
 FULL_DISK = """
 import resource, sys
-from histoflow.data.pipeline import cache_images
-resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the disk is full after 100 kB
+import numpy as np
+from PIL import Image
+from histoflow.data.image_cache import CHUNK, ensure_cached
+from histoflow.data.images import read_image
+
+def batches_of(paths):
+    for start in range(0, len(paths), CHUNK):
+        chunk = paths[start:start + CHUNK]
+        yield np.stack([np.asarray(Image.fromarray(read_image(p)).resize((64, 64))) for p in chunk])
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 try:
-    cache_images(sys.argv[2:], 64, sys.argv[1])
+    ensure_cached(sys.argv[2:], 64, sys.argv[1], batches_of, {"method": "none"}, lambda: 0)
 except Exception as exc:
     print(type(exc).__name__, exc)
     sys.exit(3)

@@ -13,6 +13,7 @@ import subprocess
 import keras
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -22,6 +23,8 @@ from histoflow import artifacts, workflow
 from histoflow.data.pipeline import make_dataset
 from histoflow.data.splits import patient_overlap
 from histoflow.modeling.metrics import METRIC_NAMES
+from histoflow.tuning import study as tuning
+from histoflow.tuning.settings import make_tune_config
 from histoflow.workflow import make_workflow_config
 
 pytestmark = pytest.mark.slow
@@ -175,6 +178,19 @@ def test_main_runs_every_step_once_then_reuses_them(study, store, clone):
     assert (tune["augment"], tune["optimizer"], tune["unfrozen_blocks"], tune["batch_size"]) == ("random", "adam", "0",
                                                                                                  "16")
     assert tune["study_name"].startswith("transfer-mobilenet-") and "''" not in tune.values()
+    # The study's final run: the best trial's parameters over the search space's fixed values, tagged both ways.
+    best = optuna.load_study(study_name=tune["study_name"], storage=f"sqlite:///{store / 'optuna.db'}").best_trial
+    final = client.get_run(client.get_run(steps[2]["run_id"]).data.tags["optuna.final_run_id"])
+    assert final.data.tags["optuna.study_name"] == tune["study_name"] and final.data.tags["variant"] == "transfer"
+    assert final.data.tags["optuna.parent_run_id"] == steps[2]["run_id"]
+    assert final.data.params["unfrozen_blocks"] == "0"  # the search space file: the model the trials measured
+    assert float(final.data.params["learning_rate"]) == best.params["learning_rate"]
+    assert 0.0 <= final.data.metrics["test_accuracy"] <= 1.0
+    # tune again as main ran it: the study is complete and its final run trained, so neither is done again.
+    [step] = [s for s in workflow.plan(make_workflow_config(**_workflow_parameters(store)), EXPERIMENT, table)
+              if s.name == "tune"]
+    again = tuning.run(make_tune_config(**step.parameters, experiment=EXPERIMENT))
+    assert again.new_trials == 0 and again.final_run_id == final.info.run_id
     champion = client.get_model_version_by_alias("wf", "champion")
     assert client.get_model_version_by_alias("wf", "challenger").version == champion.version
     table = (store / "comparison" / "comparison.md").read_text()

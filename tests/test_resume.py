@@ -13,15 +13,16 @@ import keras
 import mlflow
 import pytest
 
-from conftest import BREAKHIS, free_port, new_sqlite_database, wait_for
+from conftest import BREAKHIS, TRACKING_SERVER_ENV, free_port, new_sqlite_database, wait_for
 from histoflow.errors import ConfigError
 from histoflow.modeling import training_run
 from histoflow.modeling.variants import make_train_config
 
-SETTINGS = {"data_dir": str(BREAKHIS), "max_images": 240, "image_size": 64, "batch_size": 16, "epochs": 4,
+# Epochs long enough (~1 s) for the killed run to be killed between two of them.
+SETTINGS = {"data_dir": str(BREAKHIS), "max_images": 240, "image_size": 32, "batch_size": 16, "epochs": 4,
             "patience": 10, "lr_patience": 10, "gradcam_per_class": 0, "bootstrap": 0}
-# The outage tests stop the training while the server goes away: their epochs need not be slow.
-OUTAGE_SETTINGS = {**SETTINGS, "max_images": 120, "image_size": 32}
+# The outage tests stop the training while the server goes away: their epochs need not be long.
+OUTAGE_SETTINGS = {**SETTINGS, "max_images": 120}
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate")
 
 
@@ -108,7 +109,8 @@ class _Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             "--workers", "1"], env={**os.environ, **TRACKING_SERVER_ENV}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
         wait_for(f"{self.uri}/health", self.process)
 
     def stop(self) -> None:

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BREAKHIS, IDC, free_port, postgres_database, wait_for
+from conftest import BREAKHIS, IDC, REPO, TRACKING_SERVER_ENV, free_port, postgres_database, wait_for
 from histoflow.modeling import training_run
 from histoflow.modeling.variants import make_train_config
 from histoflow.registry.aliases import register, rollback
@@ -50,7 +50,8 @@ def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def team_server(postgres_url, tmp_path_factory):
-    """(tracking URI, S3 endpoint): moto's S3 server with a bucket, and mlflow server in front of both stores."""
+    """(tracking URI, S3 endpoint, server pid): moto's S3 server with a bucket, and mlflow server in front of both
+    stores."""
     root = tmp_path_factory.mktemp("team")
     s3_port, mlflow_port = free_port(), free_port()
     s3_url = f"http://127.0.0.1:{s3_port}"
@@ -61,7 +62,7 @@ def team_server(postgres_url, tmp_path_factory):
 
     backend = postgres_database(postgres_url, "team")
     (root / "basic_auth.ini").write_text(AUTH_INI.format(root=root))
-    server_env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url,
+    server_env = {**os.environ, **S3_ENV, **TRACKING_SERVER_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url,
                   "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
                   "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN["MLFLOW_TRACKING_PASSWORD"],
                   "MLFLOW_FLASK_SERVER_SECRET_KEY": "the team's csrf secret"}
@@ -75,7 +76,7 @@ def team_server(postgres_url, tmp_path_factory):
             wait_for(f"{uri}/health", server, timeout=180)
         except (RuntimeError, TimeoutError):
             pytest.fail((root / "server.log").read_text()[-3000:])
-        yield uri, s3_url
+        yield uri, s3_url, server.pid
     finally:
         for process in (server, s3):
             process.terminate()
@@ -96,7 +97,7 @@ def _keys(s3_url: str) -> list[str]:
 @pytest.mark.slow
 def test_train_tune_and_promote_through_the_team_server(team_server, postgres_url, keras_home, tmp_path,
                                                          monkeypatch):
-    uri, s3_url = team_server
+    uri, s3_url, _ = team_server
     # The client knows the server's URI and its user's name and password, nothing else: no S3 endpoint or keys.
     for name in (*S3_ENV, "MLFLOW_S3_ENDPOINT_URL", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
@@ -153,9 +154,35 @@ def test_train_tune_and_promote_through_the_team_server(team_server, postgres_ur
         rollback(MODEL, policy.aliases)
 
 
+def _commands_of_tree(pid: int) -> list[str]:
+    """The command lines of `pid` and every process below it."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # ended since the listing
+            continue
+        parents[int(stat.parent.name)] = int(text[text.rfind(")") + 2:].split()[1])
+    tree, grew = {pid}, True
+    while grew:
+        below = {child for child, parent in parents.items() if parent in tree} - tree
+        tree, grew = tree | below, bool(below)
+    commands = []
+    for member in tree:
+        try:
+            commands.append((Path("/proc") / str(member) / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return commands
+
+
 @pytest.mark.slow
 def test_server_health_and_host_check(team_server):
-    uri, _ = team_server
+    uri, _, pid = team_server
+    # As docs/team-server.md starts it: without MLflow's GenAI job runners (a Huey consumer per kind of job).
+    assert "export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in (REPO / "docs" / "team-server.md").read_text()
+    commands = _commands_of_tree(pid)
+    assert any("uvicorn" in c for c in commands) and not any("mlflow.server.jobs" in c for c in commands), commands
     with urllib.request.urlopen(f"{uri}/health", timeout=10) as response:
         assert response.status == 200
     # The server answers only the hosts it was told about (--allowed-hosts); localhost by default.

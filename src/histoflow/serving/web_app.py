@@ -238,17 +238,21 @@ def build_page(scorer: Scorer, title: str = PAGE_TITLE):
     return page
 
 
+def configured_scorer(config: AppConfig) -> tuple[Scorer, str]:
+    """The page's scorer and what it scores with: the scoring server where one is given, else the model."""
+    if config.scoring_url:
+        return remote_scorer(config.scoring_url), config.scoring_url
+    tracking.configure()
+    return local_scorer(config.model_uri), config.model_uri
+
+
 def run(config: AppConfig) -> None:
     """Start the page (blocks until stopped)."""
     import gradio as gr
 
     config.validate()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    if config.scoring_url:
-        scorer, source = remote_scorer(config.scoring_url), config.scoring_url
-    else:
-        tracking.configure()
-        scorer, source = local_scorer(config.model_uri), config.model_uri
+    scorer, source = configured_scorer(config)
     print(f"histoflow app: scoring with {source} at http://{config.host}:{config.port}", flush=True)
     # System fonts: the page works offline (Gradio's default theme would fetch Google fonts).
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
