@@ -6,6 +6,7 @@ credentials), and the artifacts land in the bucket; a user the server refuses is
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import subprocess
 import sys
@@ -154,25 +155,13 @@ def test_train_tune_and_promote_through_the_team_server(team_server, postgres_ur
         rollback(MODEL, policy.aliases)
 
 
-def _commands_of_tree(pid: int) -> list[str]:
-    """The command lines of `pid` and every process below it."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # ended since the listing
-            continue
-        parents[int(stat.parent.name)] = int(text[text.rfind(")") + 2:].split()[1])
-    tree, grew = {pid}, True
-    while grew:
-        below = {child for child, parent in parents.items() if parent in tree} - tree
-        tree, grew = tree | below, bool(below)
+def _child_commands(pid: int) -> list[str]:
+    """The command lines of `pid`'s child processes (`mlflow server` starts its uvicorn and its job runner)."""
     commands = []
-    for member in tree:
-        try:
-            commands.append((Path("/proc") / str(member) / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            continue
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):  # ended since the listing
+                commands.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
     return commands
 
 
@@ -181,7 +170,7 @@ def test_server_health_and_host_check(team_server):
     uri, _, pid = team_server
     # As docs/team-server.md starts it: without MLflow's GenAI job runners (a Huey consumer per kind of job).
     assert "export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in (REPO / "docs" / "team-server.md").read_text()
-    commands = _commands_of_tree(pid)
+    commands = _child_commands(pid)
     assert any("uvicorn" in c for c in commands) and not any("mlflow.server.jobs" in c for c in commands), commands
     with urllib.request.urlopen(f"{uri}/health", timeout=10) as response:
         assert response.status == 200
