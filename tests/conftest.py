@@ -8,6 +8,7 @@ of their MLflow store.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from histoflow.cli import GC_THRESHOLD
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOFLOW_SHARED", REPO.parent / "shared"))
@@ -54,6 +57,13 @@ os.environ["HISTOFLOW_CACHE"] = tempfile.mkdtemp(prefix="histoflow-cache-")
 # (measured on 2 cores: 9 % less wall time, 8 % less CPU). A developer's own setting is kept.
 for _threads in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_threads, "1")
+# The tests' own processes collect garbage as the `histoflow` command does (histoflow.cli.GC_THRESHOLD): they
+# train and trace models in-process too.
+gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+# Every `mlflow server` the tests start runs as docs/team-server.md starts a team's: MLflow 3.17's server otherwise
+# starts its GenAI job runners (a Huey consumer per kind of job, ~10 processes) that histoflow never uses: ~45 s of
+# CPU and ~1.9 GB more at each start (bench/tracking_server.py).
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 # The files of the working tree that git does not track (ignored ones included), less what Python and pytest
 # write: taken when the run starts and again when it ends, so that a test that writes into the repository fails
@@ -96,8 +106,8 @@ _TREE_KEY = pytest.StashKey[set]()
 
 # The test files that take longest, longest first: pytest-xdist hands files to its workers in this order, so
 # that no worker is left with a long file at the end (the others, after these, in name order).
-LONGEST_FIRST = ("test_project.py", "test_resume.py", "test_tuning.py", "test_app.py", "test_tuning_distributed.py",
-                 "test_screening.py", "test_team_server.py", "test_training_run.py", "test_cross_validation.py",
+LONGEST_FIRST = ("test_project.py", "test_resume.py", "test_team_server.py", "test_tuning.py", "test_app.py",
+                 "test_screening.py", "test_training_run.py", "test_cross_validation.py",
                  "test_spark_predict.py", "test_distributed_training.py", "test_registry.py",
                  "test_architectures.py", "test_serving.py", "test_docker.py")
 
@@ -159,6 +169,19 @@ def _outside_the_working_tree(tmp_path_factory) -> None:
     """Fixtures of wider scope start in a folder of their own, not in the working tree (after collection,
     which resolves the test paths against the invocation folder)."""
     os.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+def _empty_store(folder: Path) -> str:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "mlruns")).engine.dispose()
+    return str(folder / "mlflow.db")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_folders(tmp_path_factory) -> None:
+    """For new_sqlite_database, which plain functions call: where the run's shared results are."""
+    _RUN_FOLDERS.append(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -227,21 +250,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-_EMPTY_STORE: list[Path] = []
+_RUN_FOLDERS: list = []  # this run's tmp_path_factory
 
 
 def new_sqlite_database(path: Path) -> None:
-    """An empty MLflow SQLite database at `path`: a copy of one made once per process (MLflow creates and
-    migrates the tables of a new database for ~2 s), its Default experiment's artifacts in `path`'s folder."""
+    """An empty MLflow SQLite database at `path`: a copy of one made once for the whole run (MLflow creates and
+    migrates the tables of a new database for ~5 s of CPU), its Default experiment's artifacts in `path`'s
+    folder."""
     import sqlite3
 
-    if not _EMPTY_STORE:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        template = Path(tempfile.mkdtemp(prefix="histoflow-empty-store-")) / "mlflow.db"
-        SqlAlchemyStore(f"sqlite:///{template}", str(template.parent / "mlruns")).engine.dispose()
-        _EMPTY_STORE.append(template)
-    shutil.copy(_EMPTY_STORE[0], path)
+    _, template = build_once(_RUN_FOLDERS[0], "empty-store", _empty_store)
+    shutil.copy(template, path)
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
                    (str(path.parent / "mlruns" / "0"),))
@@ -374,11 +393,6 @@ def scoring_server(classifier, tiny_store):
         os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn workers
         process.wait(timeout=30)
 
-
-# The environment of every `mlflow server` the tests start, as docs/team-server.md starts a team's: MLflow 3.17's
-# server otherwise starts its GenAI job runners (a Huey consumer per kind of job, ~10 processes) that histoflow
-# never uses: ~45 s of CPU and ~1.9 GB more at each start (bench/tracking_server.py).
-TRACKING_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def wait_for(url: str, process, timeout: float = 120.0) -> None:

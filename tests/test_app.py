@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import TRACKING_SERVER_ENV, free_port, wait_for
+from conftest import free_port, wait_for
 from histoflow.errors import ConfigError
 from histoflow.serving.requests import encode_file
 from histoflow.serving.settings import AppConfig
@@ -213,8 +213,7 @@ def test_training_runs_open_in_the_mlflow_ui_model_training_view(browser, tiny_s
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
                                 "127.0.0.1", "--port", str(port), "--workers", "1"],
-                               env={**os.environ, **TRACKING_SERVER_ENV}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     server = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{server}/health", process, timeout=120)

@@ -260,9 +260,9 @@ def test_compare_entry_point_tabulates_every_variant(study, runs, store):
     assert len(mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string="tags.histoflow.step = 'compare'")) == 1
 
 
-def test_registry_entry_points_register_promote_and_predict(runs, store, clone):
-    """register and predict through the command line in-process, promote through MLflow Projects (the parameters
-    `mlflow run` logs as given are the subject there)."""
+def test_registry_entry_points_register_promote_and_predict(runs, store):
+    """register, promote and predict through the command line, in-process (main's register and promote steps
+    are `mlflow run`s of theirs)."""
     from histoflow.cli import main
 
     mlflow.set_experiment(EXPERIMENT)
@@ -277,8 +277,18 @@ def test_registry_entry_points_register_promote_and_predict(runs, store, clone):
     assert {r.info.run_id for r in runs.values()} <= {r.info.run_id for r in candidates}
     version = MlflowClient().get_model_version_by_alias("project-model", "challenger")
     assert version.tags["run_id"] == best.info.run_id
-    # "0" is logged by `mlflow run` as given; promote must not try to log 0.0 over it (MLflow refuses the change).
-    promoted = _project(clone, "promote", name="project-model", min_balanced_accuracy="0", max_images="20")
+    # Promote as `mlflow run . -e promote -P min_balanced_accuracy=0 ...` starts it: in a run that holds the given
+    # parameters as given ("0"), named by MLFLOW_RUN_ID. It must not try to log 0.0 over "0" (MLflow refuses).
+    given = {"name": "project-model", "min_balanced_accuracy": "0", "max_images": "20"}
+    client = MlflowClient()
+    run_id = client.create_run(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
+    for key, value in given.items():
+        client.log_param(run_id, key, value)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_RUN_ID", run_id)
+        assert main(["promote", *(f"--{k}={v}" for k, v in given.items())]) == 0
+    promoted = client.get_run(run_id)
+    assert promoted.info.status == "FINISHED" and promoted.data.tags["histoflow.step"] == "promote"
     assert promoted.data.params["min_balanced_accuracy"] == "0" and promoted.data.params["min_recall"] == "0.0"
     assert promoted.data.params["policy"].endswith("registry/gate.yaml")
     assert MlflowClient().get_model_version_by_alias("project-model", "champion").version == version.version

@@ -13,7 +13,7 @@ import keras
 import mlflow
 import pytest
 
-from conftest import BREAKHIS, TRACKING_SERVER_ENV, free_port, new_sqlite_database, wait_for
+from conftest import BREAKHIS, free_port, new_sqlite_database, wait_for
 from histoflow.errors import ConfigError
 from histoflow.modeling import training_run
 from histoflow.modeling.variants import make_train_config
@@ -109,8 +109,8 @@ class _Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"], env={**os.environ, **TRACKING_SERVER_ENV}, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, start_new_session=True)
+             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
         wait_for(f"{self.uri}/health", self.process)
 
     def stop(self) -> None:

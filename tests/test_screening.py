@@ -13,7 +13,15 @@ from PIL import Image, ImageFilter
 
 from conftest import BREAKHIS, IDC, sqlite_store
 from histoflow.data.images import read_image
-from histoflow.data.quality import COLOUR_BINS, colour_histogram, focus, measure, tissue_fraction
+from histoflow.data.quality import (
+    BLACK_LEVEL,
+    COLOUR_BINS,
+    TISSUE_SATURATION,
+    colour_histogram,
+    focus,
+    measure,
+    tissue_fraction,
+)
 from histoflow.modeling.screening import (
     INDETERMINATE,
     LOW_TISSUE,
@@ -49,6 +57,16 @@ def test_tissue_fraction_known_answers():
     half = np.full((20, 20, 3), 255, np.uint8)
     half[:, :10] = PURPLE
     assert tissue_fraction(half) == 0.5
+
+
+def test_tissue_fraction_is_the_saturation_rule_for_every_pixel_value():
+    """The lookup table gives, for every brightest/darkest channel pair, what the rule computed per pixel gives."""
+    brightest, darkest = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    image = np.stack([brightest, darkest, np.maximum(darkest, brightest // 2)], axis=-1).astype(np.uint8)
+    x = image.astype(np.float32) / 255.0
+    high, low = x.max(axis=-1), x.min(axis=-1)
+    stained = ((high - low) / np.maximum(high, 1e-6) > TISSUE_SATURATION) & (high > BLACK_LEVEL)
+    assert [tissue_fraction(row[None]) for row in image] == [float(row.mean()) for row in stained]
 
 
 def test_focus_falls_with_blur_and_ignores_contrast():

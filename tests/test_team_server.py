@@ -1,13 +1,21 @@
 """The team setup of docs/team-server.md, for real: `mlflow server` on the local PostgreSQL with proxied
-artifacts in an S3 bucket (moto's S3 server) and MLflow's basic authentication. Training, a tuning study and
-a promotion work with MLFLOW_TRACKING_URI and the user's name and password alone (the client has no S3
-credentials), and the artifacts land in the bucket; a user the server refuses is told so."""
+artifacts in an S3 bucket (moto's S3 server) and MLflow's basic authentication. A study's tuning workers
+(`histoflow tune` processes sharing one Optuna study on PostgreSQL, one SIGKILLed mid-trial and restarted),
+its final training run, a registration and a promotion work with MLFLOW_TRACKING_URI and the user's name and
+password alone (no S3 credentials), the artifacts land in the bucket, the champion is served back through the
+proxy; a user the server refuses is told so.
+
+The workers: the study still ends with its trials, each once in MLflow; the dead worker's trial is failed
+(its MLflow run KILLED) and queued again instead of staying RUNNING; one worker only trains the final run."""
 
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,18 +25,20 @@ from pathlib import Path
 import boto3
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
 
-from conftest import BREAKHIS, IDC, REPO, TRACKING_SERVER_ENV, free_port, postgres_database, wait_for
-from histoflow.modeling import training_run
-from histoflow.modeling.variants import make_train_config
+from conftest import BREAKHIS, IDC, REPO, free_port, postgres_database, wait_for
+from histoflow.data.step import prepare_data
 from histoflow.registry.aliases import register, rollback
 from histoflow.registry.policy import load_policy
 from histoflow.registry.promotion import promote
 from histoflow.registry.selection import RegistryError
 from histoflow.tuning import study as tuning
+from histoflow.tuning.feature_cache import load_or_extract
 from histoflow.tuning.settings import make_tune_config
 
 BUCKET = "histoflow-artifacts"
@@ -43,6 +53,12 @@ admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 auth_cache_ttl_seconds = 60
 """
+STUDY, N_TRIALS = "team-study", 4
+HEARTBEAT, GRACE = 2, 6  # seconds: a dead worker's trial is found within seconds, not minutes
+TUNE = {"data_dir": str(IDC), "max_images": 120, "image_size": 32, "batch_size": 16, "backbone": "mobilenet",
+        "alpha": 0.75, "weights": "imagenet", "epochs": 1, "gradcam_per_class": 0, "experiment": "team",
+        "n_trials": N_TRIALS, "trial_epochs": 4, "pruner": "none", "study_name": STUDY,
+        "heartbeat_interval": HEARTBEAT, "grace_period": GRACE}
 
 
 def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -63,7 +79,7 @@ def team_server(postgres_url, tmp_path_factory):
 
     backend = postgres_database(postgres_url, "team")
     (root / "basic_auth.ini").write_text(AUTH_INI.format(root=root))
-    server_env = {**os.environ, **S3_ENV, **TRACKING_SERVER_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url,
+    server_env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url,
                   "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
                   "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN["MLFLOW_TRACKING_PASSWORD"],
                   "MLFLOW_FLASK_SERVER_SECRET_KEY": "the team's csrf secret"}
@@ -95,40 +111,133 @@ def _keys(s3_url: str) -> list[str]:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
+def _worker(settings: dict, cwd: Path, name: str) -> subprocess.Popen:
+    """`histoflow tune` as a team member starts it: this process's environment (the server's URI, the user)."""
+    args = [f"--{k}={v}" for k, v in settings.items()]
+    log = (cwd / f"{name}.log").open("w")  # a file, not a pipe nobody reads while the worker runs
+    return subprocess.Popen([sys.executable, "-m", "histoflow.cli", "tune", "--variant", "transfer", *args],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+
+
+def _running(study: optuna.Study, owner: str) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker") == owner and "mlflow_run_id" in t.user_attrs]
+
+
+def _kill_mid_trial(worker: subprocess.Popen, study: optuna.Study, timeout: float = 180) -> FrozenTrial:
+    """SIGKILL the worker while it runs a trial (with its MLflow run open); returns that trial."""
+    owner = f"{socket.gethostname()}:{worker.pid}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert worker.poll() is None, "the worker to kill ended before it was seen running a trial"
+        if _running(study, owner):
+            worker.send_signal(signal.SIGSTOP)  # frozen, it cannot finish the trial between the look and the kill
+            running = _running(study, owner)
+            if running:
+                worker.kill()
+                worker.wait()
+                return running[0]
+            worker.send_signal(signal.SIGCONT)
+        time.sleep(0.2)
+    raise TimeoutError(f"worker {owner} ran no trial within {timeout} s")
+
+
+def _finish(worker: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    assert worker.wait(timeout) == 0, log.read_text()[-3000:]
+
+
+def _tune_with_workers(settings: dict, cwd: Path) -> optuna.trial.FrozenTrial:
+    """Two workers on one study, one SIGKILLed mid-trial and restarted after the grace period, as a supervisor
+    would; the killed trial once both survivors have ended."""
+    doomed = _worker(settings, cwd, "doomed")
+    survivor = _worker(settings, cwd, "survivor")
+    study = None
+    while study is None:  # the workers create it
+        assert doomed.poll() is None, (cwd / "doomed.log").read_text()[-3000:]
+        try:
+            study = optuna.load_study(study_name=STUDY, storage=settings["storage"])
+        except KeyError:
+            time.sleep(0.5)
+    killed = _kill_mid_trial(doomed, study)
+    time.sleep(GRACE)  # no heartbeat for a grace period: any worker starting a trial now fails it
+    restarted = _worker(settings, cwd, "restarted")
+    _finish(survivor, cwd / "survivor.log")
+    _finish(restarted, cwd / "restarted.log")
+    return killed
+
+
+def _check_workers(killed: FrozenTrial, storage: str, cwd: Path):
+    """The study's trials and MLflow runs after the workers; returns the study's one final run."""
+    trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False)
+    states = collections.Counter(t.state for t in trials)
+    # Live workers each finish the trial they hold when the study fills: one extra at most with two.
+    assert N_TRIALS <= states[TrialState.COMPLETE] + states[TrialState.PRUNED] <= N_TRIALS + 1
+    assert states[TrialState.RUNNING] == 0
+    assert trials[killed.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert all(t.params == killed.params for t in retries) and len(retries) <= 1
+
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`optuna.study_name` = '{STUDY}' and "
+                                           "tags.`histoflow.step` = 'tune-trial'")
+    per_trial = collections.Counter(int(r.data.tags["optuna.trial_number"]) for r in runs)
+    assert max(per_trial.values()) == 1, per_trial
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
+    for trial in trials:
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            run = by_number[trial.number]
+            assert run.info.run_id == trial.user_attrs["mlflow_run_id"] and run.info.status == "FINISHED"
+            assert run.data.tags["state"] == tuning.STATE_TAGS[trial.state]
+    # One final run for the study, by the last worker to finish; the other ended after its trials.
+    finals = client.search_runs(experiments,
+                                f"tags.`optuna.study_name` = '{STUDY}' and tags.`histoflow.step` = 'train'")
+    assert len(finals) == 1 and finals[0].info.status == "FINISHED", [r.info.run_id for r in finals]
+    logs = [(cwd / f"{name}.log").read_text() for name in ("survivor", "restarted")]
+    assert sum("training it in full" in log for log in logs) == 1
+    assert sum("the last of them trains the final run" in log or "its final run is" in log for log in logs) == 1
+    dead = client.get_run(killed.user_attrs["mlflow_run_id"])
+    assert dead.info.status == "KILLED" and dead.data.tags["state"] == "failed"
+    assert dead.data.tags["optuna.stale"] == "true"
+    assert client.get_run(dead.data.tags["mlflow.parentRunId"]).info.status == "KILLED"  # the dead worker's study run
+    return finals[0]
+
+
 @pytest.mark.slow
-def test_train_tune_and_promote_through_the_team_server(team_server, postgres_url, keras_home, tmp_path,
-                                                         monkeypatch):
+def test_a_study_s_workers_then_register_promote_and_serve_through_the_team_server(team_server, postgres_url,
+                                                                                   keras_home, tmp_path,
+                                                                                   monkeypatch):
     uri, s3_url, _ = team_server
-    # The client knows the server's URI and its user's name and password, nothing else: no S3 endpoint or keys.
+    # The team's clients know the server's URI and their user's name and password, nothing else: no S3 endpoint
+    # or keys (the workers inherit this environment).
     for name in (*S3_ENV, "MLFLOW_S3_ENDPOINT_URL", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # over an earlier test's in this process
     for name, value in ADMIN.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
+    settings = {**TUNE, "storage": postgres_database(postgres_url, "optuna"), "cache_dir": str(tmp_path / "cache")}
+    config = make_tune_config("transfer", **settings)
+    load_or_extract(config.train, prepare_data(config.train), config.cache_dir)  # once, not in every worker
 
-    trained = training_run.run(make_train_config("baseline", data_dir=str(BREAKHIS), max_images=60, epochs=1,
-                                                 image_size=32, batch_size=16, gradcam_per_class=1, experiment="team"))
-    study = tuning.run(make_tune_config(
-        "transfer", data_dir=str(IDC), max_images=120, image_size=32, batch_size=16, backbone="mobilenet",
-        alpha=0.75, weights="imagenet", epochs=1, gradcam_per_class=0, experiment="team", n_trials=2,
-        trial_epochs=2, pruner="none", study_name="team-study", storage=postgres_database(postgres_url, "optuna"),
-        cache_dir=str(tmp_path / "cache"), final="false"))  # trials only: a final run is a training run as above
-    policy = load_policy()
+    final = _check_workers(_tune_with_workers(settings, tmp_path), settings["storage"], tmp_path)
+    # The gate's floors are tests/test_registry.py's: here any challenger is promoted (no champion yet).
+    policy = load_policy(min_balanced_accuracy=0)
     version = register("team", "validation_roc_auc", MODEL, policy.aliases)
     decision = promote(MODEL, policy)
 
     client = MlflowClient()
-    assert study.final_run_id is None and study.best_trial is not None  # final=false: the trials only
-    runs = [client.get_run(r) for r in (trained, study.parent_run_id)]
-    assert all(r.info.status == "FINISHED" for r in runs)
-    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:/") for r in runs)  # proxied by the server
+    assert version.tags["run_id"] == final.info.run_id  # the study's final run: the experiment's only training run
+    study_run = client.get_run(final.data.tags["optuna.parent_run_id"])
+    assert study_run.info.status == "FINISHED"
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:/") for r in (final, study_run))  # proxied
     assert decision["decision"] == "promoted"
     assert client.get_model_version_by_alias(MODEL, "champion").version == version.version
 
     keys = _keys(s3_url)
-    assert any(k.endswith(f"{trained}/artifacts/keras/baseline_cnn.keras") for k in keys)
-    assert any(f"{study.parent_run_id}/artifacts/" in k for k in keys)  # the study's plots and best params
+    assert any(k.endswith(f"{final.info.run_id}/artifacts/keras/mobilenet_fusion.keras") for k in keys)
+    assert any(f"{study_run.info.run_id}/artifacts/" in k for k in keys)  # the study's plots and best params
     assert any(k.endswith(f"{decision['promote_run_id']}/artifacts/promotion/decision.json") for k in keys)
 
     # Back out through the proxy: the champion loads and scores a real image on a client without S3 access.

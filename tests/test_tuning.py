@@ -1,7 +1,7 @@
 """The `tune` study on ~120 real IDC patches at 32 px: nested trial runs, pruning, resume, the feature
 cache; bad parameters fail with a message. A study's final training run (once, and not again when the study is
-run again): main's tune step in tests/test_project.py, and one run for several workers in
-tests/test_tuning_distributed.py."""
+run again): main's tune step in tests/test_project.py, and one run for several workers (processes, one killed
+mid-trial) in tests/test_team_server.py."""
 
 from __future__ import annotations
 
@@ -287,3 +287,10 @@ def test_the_search_space_file_decides_what_the_trials_vary(tracking_uri, keras_
     assert final.batch_size == result.best_trial.params["batch_size"]
     assert final.learning_rate == result.best_trial.params["learning_rate"]
 
+
+def test_a_grace_period_must_outlast_the_heartbeat_interval():
+    with pytest.raises(ConfigError, match="grace_period must be longer than heartbeat_interval"):
+        make_tune_config("transfer", heartbeat_interval=10, grace_period=10)
+    with pytest.raises(ConfigError, match="heartbeat_interval must be >= 0"):
+        make_tune_config("transfer", heartbeat_interval=-1)
+    assert make_tune_config("transfer", heartbeat_interval=0).heartbeat_interval == 0  # 0 = off

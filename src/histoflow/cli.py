@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -19,6 +20,10 @@ from typing import Any
 from histoflow.errors import HistoflowError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keras and TensorFlow build a model's graph out of millions of short-lived Python objects: at Python's default
+# (a young-generation collection every 700 allocations) the collector takes about a fifth of a short training
+# run's CPU. One every 50,000: bench/gc_threshold.py (docs/benchmarks.md), resident memory unchanged.
+GC_THRESHOLD = 50_000
 
 HELP = {
     "train": "train and evaluate one model variant as an MLflow run",
@@ -143,6 +148,7 @@ def run() -> None:
     main's status."""
     import atexit
 
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     status = {"code": 1}  # an uncaught exception (its traceback is printed before the exit handlers run)
 
     def finish() -> None:
