@@ -394,7 +394,6 @@ def scoring_server(classifier, tiny_store):
         process.wait(timeout=30)
 
 
-
 def wait_for(url: str, process, timeout: float = 120.0) -> None:
     import time
     import urllib.request

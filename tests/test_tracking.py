@@ -7,6 +7,7 @@ import threading
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
 from conftest import BREAKHIS, postgres_database
 from histoflow import tracking
@@ -59,3 +60,25 @@ def test_ui_link_opens_the_model_training_view(tracking_uri):
             "http://mlflow.example.org:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     finally:
         mlflow.set_tracking_uri(tracking_uri)
+
+
+def test_an_experiment_another_process_created_first_is_still_the_one_runs_go_to(tracking_uri, monkeypatch):
+    """Workers started together race to create their experiment. The loser's lookup found nothing, its create is
+    refused (RESOURCE_ALREADY_EXISTS): MLflow 3.17's set_experiment then returns the experiment without making it
+    active, and the worker's study and final run went to the Default experiment."""
+    created = MlflowClient().create_experiment("raced")  # by the other worker, just after this one looked
+    lookup, looked = TrackingServiceClient.get_experiment_by_name, []
+
+    def before_it_existed(self, name):
+        if not looked:
+            looked.append(name)
+            return None
+        return lookup(self, name)
+
+    mlflow.set_experiment(experiment_id="0")  # as a fresh process starts: runs go to Default
+    monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", before_it_existed)
+    tracking.configure("raced")
+    with mlflow.start_run() as run:
+        pass
+    assert looked == ["raced"] and run.info.experiment_id == created
+

@@ -101,7 +101,10 @@ def configure(experiment: str = "") -> str:
     mlflow.set_tracking_uri(uri)
     # Under `mlflow run` the run (and so its experiment) already exists: MLFLOW_RUN_ID wins.
     if experiment and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment)
+        # Then by id: when another process creates the experiment between MLflow's lookup and its create (workers
+        # started together), MLflow 3.17's set_experiment returns it without making it the active one, and this
+        # process's runs would go to the Default experiment.
+        mlflow.set_experiment(experiment_id=mlflow.set_experiment(experiment).experiment_id)
     return uri
 
 
