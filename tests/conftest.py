@@ -8,7 +8,6 @@ of their MLflow store.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from histoflow.cli import GC_THRESHOLD
+from histoflow.cli import collect_garbage_less
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HISTOFLOW_SHARED", REPO.parent / "shared"))
@@ -57,9 +56,9 @@ os.environ["HISTOFLOW_CACHE"] = tempfile.mkdtemp(prefix="histoflow-cache-")
 # (measured on 2 cores: 9 % less wall time, 8 % less CPU). A developer's own setting is kept.
 for _threads in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_threads, "1")
-# The tests' own processes collect garbage as the `histoflow` command does (histoflow.cli.GC_THRESHOLD): they
-# train and trace models in-process too.
-gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+# The tests' own processes collect garbage as the `histoflow` command does: they train and trace models in-process
+# too.
+collect_garbage_less()
 # Every `mlflow server` the tests start runs as docs/team-server.md starts a team's: MLflow 3.17's server otherwise
 # starts its GenAI job runners (a Huey consumer per kind of job, ~10 processes) that histoflow never uses: ~45 s of
 # CPU and ~1.9 GB more at each start (bench/tracking_server.py).

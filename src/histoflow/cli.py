@@ -21,9 +21,15 @@ from histoflow.errors import HistoflowError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keras and TensorFlow build a model's graph out of millions of short-lived Python objects: at Python's default
-# (a young-generation collection every 700 allocations) the collector takes about a fifth of a short training
-# run's CPU. One every 50,000: bench/gc_threshold.py (docs/benchmarks.md), resident memory unchanged.
+# (a young-generation collection every 700 allocations) the collector runs thousands of times in a short training
+# run. One every 50,000: 6-7 % less CPU for such a run, resident memory unchanged (bench/gc_threshold.py,
+# docs/benchmarks.md).
 GC_THRESHOLD = 50_000
+
+
+def collect_garbage_less() -> None:
+    """The young generation collected every GC_THRESHOLD allocations (the older generations' thresholds kept)."""
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 HELP = {
     "train": "train and evaluate one model variant as an MLflow run",
@@ -148,7 +154,7 @@ def run() -> None:
     main's status."""
     import atexit
 
-    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+    collect_garbage_less()
     status = {"code": 1}  # an uncaught exception (its traceback is printed before the exit handlers run)
 
     def finish() -> None:
