@@ -18,6 +18,7 @@ WRITERS = 6
 
 
 def test_the_same_dataset_logged_by_simultaneous_runs_is_linked_to_every_run(postgres_url, monkeypatch):
+    """...and the experiment they all find untagged is marked as model training once, none of them refused."""
     url = postgres_database(postgres_url, "race")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     mlflow.set_tracking_uri(url)
@@ -32,6 +33,7 @@ def test_the_same_dataset_logged_by_simultaneous_runs_is_linked_to_every_run(pos
         try:
             with mlflow.start_run(run_id=run_id):
                 start.wait()  # every writer reaches MLflow's look-up-then-insert at the same time
+                tracking.mark_model_training_experiment()
                 tracking.log_dataset(dataset.name, dataset.digest, str(dataset.root), table, SPLIT_TABLE)
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
@@ -42,6 +44,7 @@ def test_the_same_dataset_logged_by_simultaneous_runs_is_linked_to_every_run(pos
     for thread in threads:
         thread.join(120)
     assert not errors, errors
+    assert client.get_experiment(experiment).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND
     for run_id in runs:
         inputs = client.get_run(run_id).inputs.dataset_inputs
         assert sorted(i.dataset.name for i in inputs) == [f"{dataset.name}:{c}" for c in ("test", "train", "val")]

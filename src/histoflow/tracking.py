@@ -159,8 +159,15 @@ def mark_model_training_experiment() -> None:
     """Tag the active run's experiment as model training, unless its kind was set already."""
     client = mlflow.MlflowClient()
     experiment = client.get_experiment(mlflow.active_run().info.experiment_id)
-    if EXPERIMENT_KIND_TAG not in experiment.tags:
+    if EXPERIMENT_KIND_TAG in experiment.tags:
+        return
+    try:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    except mlflow.exceptions.MlflowException:
+        # Workers that start together all find the tag missing; MLflow's look-up-then-insert lets only the
+        # first insert, the others are refused (a unique-key violation on PostgreSQL). Theirs is set then.
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment.experiment_id).tags:
+            raise
 
 
 def ui_link(experiment_id: str, run_id: str) -> str:
