@@ -6,6 +6,10 @@ Each row runs twice in this process on a fresh model, Keras's default way (the r
            trainer creates the optimizer's and metrics' variables inside the first trace of its training
            step, so tf.function traces the step twice; histoflow.modeling.fitting.build_training_state
            creates them first.
+  validate one epoch of fit, then the evaluation's pass over the validation and test splits (the network's
+           screening extractor): Keras's validation (a test step traced for it alone) against
+           histoflow.modeling.fitting.InferenceValidation (the extractor's inference graph, traced once for
+           both); the variables built first in both.
   predict  the validation, test and a training-sized split through `model.predict` (which traces its step
            for the first batch's exact shape, then again for the next) against
            histoflow.modeling.inference.predict (one graph for any batch size).
@@ -27,8 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from histoflow.data.step import prepare_data  # noqa: E402
-from histoflow.modeling import inference, training_run  # noqa: E402
-from histoflow.modeling.fitting import build_training_state  # noqa: E402
+from histoflow.modeling import inference, screening, training_run  # noqa: E402
+from histoflow.modeling.fitting import InferenceValidation, build_training_state  # noqa: E402
 from histoflow.modeling.variants import make_train_config  # noqa: E402
 
 
@@ -55,6 +59,18 @@ def _fit(config, prepared, prebuild: bool) -> tuple[float, int]:
     return time.perf_counter() - start, len(traces)
 
 
+def _validate(config, prepared, ours: bool) -> tuple[float, int]:
+    model, (train_ds, val_ds, test_ds), traces = _fresh(config, prepared, "test_step")
+    start = time.perf_counter()
+    build_training_state(model, train_ds)
+    model.fit(train_ds, validation_data=None if ours else val_ds, epochs=1, verbose=0,
+              callbacks=[InferenceValidation(val_ds)] if ours else [])
+    extractor = screening.feature_model(model)
+    for data in (val_ds, test_ds):
+        inference.predict(extractor, data)
+    return time.perf_counter() - start, len(traces) + inference.forward(extractor).experimental_get_tracing_count()
+
+
 def _predict(config, prepared, ours: bool) -> tuple[float, int]:
     model, (train_ds, val_ds, test_ds), traces = _fresh(config, prepared, "predict_step")
     start = time.perf_counter()
@@ -78,7 +94,8 @@ def main() -> None:
         config = make_train_config(variant, data_dir=args.data_dir, max_images=args.max_images, epochs=1,
                                    image_size=args.image_size, batch_size=16, **extra)
         prepared = prepare_data(config)
-        for step, measure in (("fit, 1 epoch", _fit), ("predict val+test+train", _predict)):
+        for step, measure in (("fit, 1 epoch", _fit), ("fit + evaluation pass", _validate),
+                              ("predict val+test+train", _predict)):
             (keras_s, keras_n), (ours_s, ours_n) = measure(config, prepared, False), measure(config, prepared, True)
             print(f"| {config.model_name} | {step} | {keras_s:.1f} | {keras_n} | {ours_s:.1f} | {ours_n} | "
                   f"{ours_s / keras_s:.2f} |", flush=True)

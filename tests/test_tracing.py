@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from histoflow.modeling import inference
+from histoflow.modeling import inference, screening
 from histoflow.modeling.architectures import compile_model
-from histoflow.modeling.fitting import fit
+from histoflow.modeling.fitting import fit, validation_metrics
 
 
 def _model() -> keras.Model:
@@ -57,3 +57,24 @@ def test_a_model_with_several_outputs_gives_each_in_the_datasets_order():
     probabilities, features = inference.predict(both, _data(36, 16))
     assert probabilities.shape == (36, 2) and features.shape == (36, 4)
     np.testing.assert_allclose(probabilities, inference.predict(model, _data(36, 16)), atol=1e-6)
+
+
+def test_validation_in_a_fit_is_keras_s_own_through_the_inference_graph():
+    """A training run's fit validates every epoch through the network's inference graph, traced once and
+    reused by evaluation, with the loss and metrics Keras's own validation gives; Keras traces no test step."""
+    model = compile_model(_model(), 1e-3)
+    val = _data(21, 8)  # batches of 8, 8, 5
+    result = fit(model, _data(36, 16), val, epochs=2, extra_callbacks=[], class_weight=None, patience=5,
+                 lr_patience=5, inference_validation=True)
+    assert model.test_function is None
+    keras_own = fit(compile_model(_model(), 1e-3), _data(36, 16), val, epochs=2, extra_callbacks=[],
+                    class_weight=None, patience=5, lr_patience=5)  # the same model and data, validated by Keras
+    assert set(result.history) == set(keras_own.history)
+    for name in ("val_loss", "val_accuracy", "val_auc"):
+        assert result.history[name] == pytest.approx(keras_own.history[name], rel=1e-5), name
+    inference.predict(screening.feature_model(model), val)  # as evaluation runs it
+    assert inference.forward(screening.feature_model(model)).experimental_get_tracing_count() == 1
+    expected = model.evaluate(val, return_dict=True, verbose=0)
+    got = validation_metrics(model, val)
+    assert got == pytest.approx(expected, rel=1e-5) and set(got) == {"loss", "accuracy", "auc"}
+    assert model.evaluate(val, return_dict=True, verbose=0) == pytest.approx(expected, rel=1e-6)  # state left clean

@@ -18,7 +18,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from histoflow import tracking
-from histoflow.modeling import checkpoints, distributed
+from histoflow.modeling import checkpoints, distributed, inference, screening
 from histoflow.modeling.checkpoints import Checkpoint
 from histoflow.progress import LogProgress
 
@@ -197,6 +197,39 @@ class EpochMetrics(mlflow.keras.MlflowCallback):
         return None
 
 
+def validation_metrics(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, float]:
+    """The compiled loss and metrics of `model` over a (batched) dataset of (images, one-hot labels), as Keras's
+    evaluate gives them, from the network's traced inference graph (that of its screening extractor)."""
+    step = inference.forward(screening.feature_model(model))
+    model.reset_metrics()
+    total, count = 0.0, 0
+    for batch in dataset:
+        images, labels = batch[0], batch[1]
+        probabilities = step(images)[0]
+        n = int(labels.shape[0])
+        total += float(model.compute_loss(x=images, y=labels, y_pred=probabilities, training=False)) * n
+        count += n
+        model.compute_metrics(images, labels, probabilities)
+    results = {name: float(value) for name, value in model.get_metrics_result().items()}
+    model.reset_metrics()
+    return {**results, "loss": total / max(count, 1)}
+
+
+class InferenceValidation(keras.callbacks.Callback):
+    """Each epoch's validation (val_loss and the compiled metrics) through the network's inference graph, which
+    evaluation and serving trace anyway, instead of the test step Keras traces for validation alone: 7 s of
+    DenseNet121 fusion tracing per fit on this machine, 1.4 s of MobileNet. First among fit's callbacks: early
+    stopping, the learning-rate schedule, checkpoints and the loggers read the values it adds to the logs."""
+
+    def __init__(self, dataset: tf.data.Dataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs.update({f"val_{k}": v for k, v in validation_metrics(self.model, self.dataset).items()})
+
+
 @dataclass
 class FitResult:
     history: dict[str, list[float]]
@@ -231,11 +264,13 @@ def build_training_state(model: keras.Model, dataset: tf.data.Dataset) -> None:
 
 def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, *, epochs: int,
         extra_callbacks: list[keras.callbacks.Callback], class_weight: dict[int, float] | None,
-        patience: int, lr_patience: int, checkpoint_dir: Path | None = None) -> FitResult:
+        patience: int, lr_patience: int, checkpoint_dir: Path | None = None,
+        inference_validation: bool = False) -> FitResult:
     """model.fit with early stopping on validation loss; with `checkpoint_dir`, every epoch is saved there
     and a fit that finds a checkpoint continues from its last saved epoch (or, when fit had ended,
-    does not train again). Under MultiWorkerMirroredStrategy (`TF_CONFIG`), the custom distributed loop
-    trains instead, with the same callbacks and no checkpoint."""
+    does not train again). With `inference_validation` (a network that evaluation will run anyway), validation
+    goes through its inference graph (InferenceValidation). Under MultiWorkerMirroredStrategy (`TF_CONFIG`),
+    the custom distributed loop trains instead, with the same callbacks and no checkpoint."""
     if distributed.cluster() is not None:
         start = time.perf_counter()
         history = distributed.fit(model, strategy(), train_ds, val_ds, epochs,
@@ -257,10 +292,12 @@ def fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, 
     terminal = sys.stdout.isatty()
     start = time.perf_counter()
     build_training_state(model, train_ds)
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=1 if terminal else 2,
+    validation = [InferenceValidation(val_ds)] if inference_validation else []
+    history = model.fit(train_ds, validation_data=None if validation else val_ds, epochs=epochs,
+                        verbose=1 if terminal else 2,
                         shuffle=False,  # the tf.data pipeline shuffles
                         class_weight=class_weight,
-                        callbacks=[stopper, plateau, *([saver] if saver else []), *extra_callbacks,
+                        callbacks=[*validation, stopper, plateau, *([saver] if saver else []), *extra_callbacks,
                                    *([] if terminal else [EpochProgress()])])
     if saver is None:
         seconds = time.perf_counter() - start

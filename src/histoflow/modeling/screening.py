@@ -26,6 +26,7 @@ the low_tissue check (a warning at load), never an error.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +47,17 @@ MAX_FIT_IMAGES = 5000  # training images whose features estimate the mean and co
 FEATURE_LAYER = "probabilities"  # the softmax layer of every histoflow network: its input is the feature
 
 
+_EXTRACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def feature_model(model: keras.Model) -> keras.Model:
-    """The network with a second output: (probabilities, penultimate features)."""
-    names = {layer.name for layer in model.layers}
-    head = model.get_layer(FEATURE_LAYER) if FEATURE_LAYER in names else model.layers[-1]
-    return keras.Model(model.inputs, [model.outputs[0], head.input])
+    """The network with a second output: (probabilities, penultimate features). One per network, so that its
+    traced inference graph (inference.forward) serves the validation of every epoch and the evaluation."""
+    if model not in _EXTRACTORS:
+        names = {layer.name for layer in model.layers}
+        head = model.get_layer(FEATURE_LAYER) if FEATURE_LAYER in names else model.layers[-1]
+        _EXTRACTORS[model] = keras.Model(model.inputs, [model.outputs[0], head.input])
+    return _EXTRACTORS[model]
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def warm_up_head(config: TrainConfig, model: keras.Model, train_ds: tf.data.Data
         result = fit(model, train_ds, val_ds, epochs=config.warmup_epochs,
                      extra_callbacks=[EpochMetrics(prefix="warmup_")], class_weight=class_weight,
                      patience=config.patience, lr_patience=config.lr_patience,
-                     checkpoint_dir=checkpoint and checkpoint / checkpoints.WARMUP)
+                     checkpoint_dir=checkpoint and checkpoint / checkpoints.WARMUP, inference_validation=True)
     with model.distribute_strategy.scope():  # a new optimizer: its state belonged to the head alone
         compile_model(model, config.learning_rate, config.optimizer)
     print(f"warm-up done (best epoch {result.best_epoch}): fine-tuning {config.unfrozen_blocks} backbone stages "
@@ -235,7 +235,8 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
         warm = warm_up_head(config, model, train_ds, val_ds, weights, checkpoint)
         result = fit(model, train_ds, val_ds, epochs=config.epochs,
                      extra_callbacks=[EpochMetrics(), tensorboard(board)], class_weight=weights,
-                     patience=config.patience, lr_patience=config.lr_patience, checkpoint_dir=checkpoint)
+                     patience=config.patience, lr_patience=config.lr_patience, checkpoint_dir=checkpoint,
+                     inference_validation=True)
         if board.is_dir():
             mlflow.log_artifacts(str(board), TENSORBOARD_ARTIFACT)
     if cluster:
