@@ -4,6 +4,8 @@ TensorFlow nor the training code."""
 
 from __future__ import annotations
 
+# The data step's split table (path, patient, label and split of every image): the later steps read it.
+SPLIT_TABLE = "data/split.csv"
 MODEL_ARTIFACT = "model"
 KERAS_ARTIFACT_DIR = "keras"
 # The serving pyfunc (histoflow.serving.classifier): the model `register` registers.

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histoflow.artifacts import SPLIT_TABLE
 from histoflow.config import from_params, help_of, project_root, setting
 from histoflow.data.settings import DataConfig
 from histoflow.errors import ConfigError, HistoflowError
@@ -229,7 +230,6 @@ def run(config: WorkflowConfig) -> dict:
     from mlflow.tracking import MlflowClient
 
     from histoflow import tracking
-    from histoflow.data.step import SPLIT_TABLE
 
     config.validate()
     tracking.configure()

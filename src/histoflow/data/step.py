@@ -17,13 +17,13 @@ import mlflow
 import pandas as pd
 
 from histoflow import tracking
+from histoflow.artifacts import SPLIT_TABLE
 from histoflow.data.discovery import COLUMNS, Dataset, discover
 from histoflow.data.download import ensure_dataset
 from histoflow.data.settings import DataConfig, DataStepConfig
 from histoflow.data.splits import LEAKY_MODES, SPLITS, check_split, split_dataset
 from histoflow.errors import ConfigError, DataError
 
-SPLIT_TABLE = "data/split.csv"
 DATA_REPORT = "data/data_report.json"
 TABLE_COLUMNS = ["relpath", "label", "class_name", "patient", "group", "subtype", "magnification", "split"]
 

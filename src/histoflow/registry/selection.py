@@ -16,11 +16,11 @@ from histoflow.artifacts import (
     CLASSIFIER_ARTIFACT,
     OOF_ARTIFACT,
     SCREENING_ARTIFACT,
+    SPLIT_TABLE,
     STAIN_ARTIFACT,
     is_cross_validation,
 )
 from histoflow.data.stain import NO_STAIN_NORMALIZATION
-from histoflow.data.step import SPLIT_TABLE
 from histoflow.errors import HistoflowError
 from histoflow.modeling.calibration import Calibration, choose_threshold
 from histoflow.registry.settings import DEFAULT_METRIC, check_selection_metric
