@@ -1,6 +1,9 @@
 """TensorFlow traces each graph once: the training step of a fit, and the inference pass whatever the batch
 sizes (a split's last batch is smaller). Each trace of a DenseNet121 costs seconds (bench/tracing.py)."""
 
+import gc
+import weakref
+
 import keras
 import numpy as np
 import pytest
@@ -78,3 +81,14 @@ def test_validation_in_a_fit_is_keras_s_own_through_the_inference_graph():
     got = validation_metrics(model, val)
     assert got == pytest.approx(expected, rel=1e-5) and set(got) == {"loss", "accuracy", "auc"}
     assert model.evaluate(val, return_dict=True, verbose=0) == pytest.approx(expected, rel=1e-6)  # state left clean
+
+
+def test_a_model_s_traced_inference_graph_does_not_keep_it_alive():
+    """The graph cache is keyed by model and holds it weakly: a process that trains several models in turn (the
+    folds of a cross-validation) frees each, weights included, once it is dropped."""
+    model = _model()
+    inference.predict(model, _data(12, 16))
+    dropped = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dropped() is None

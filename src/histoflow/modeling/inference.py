@@ -39,7 +39,8 @@ def forward(model: keras.Model):
     smaller batch): seconds per trace for a DenseNet121."""
     if model not in _FORWARD:
         spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        _FORWARD[model] = tf.function(lambda images: model(images, training=False), input_signature=[spec],
+        network = weakref.ref(model)  # held weakly: the cache must not keep a model and its weights alive
+        _FORWARD[model] = tf.function(lambda images: network()(images, training=False), input_signature=[spec],
                                       autograph=False)
     return _FORWARD[model]
 
