@@ -176,3 +176,37 @@ def test_max_images_counts_readable_images_only(tmp_path):
         share = ds.frame["label"].mean()
         assert abs(share - everything.frame["label"].mean()) < 0.1  # still stratified by label
     assert discover(tmp_path, max_images=40, seed=1).digest == discover(tmp_path, max_images=40, seed=1).digest
+
+
+def test_a_file_is_decoded_again_only_when_it_changed(tmp_path, caplog):
+    """Discovery remembers its checks (histoflow.data.file_checks): a file left as it was is not decoded again;
+    one changed since, even to the same size with its old modification time, is; one modified within seconds
+    of its check is not remembered at all. The digest is the same either way."""
+    import os
+    import time
+
+    data, store = tmp_path / "data", tmp_path / "cache" / "checks.sqlite"
+    files = sorted(f for p in idc_patient_dirs(2) for f in p.rglob("*.png"))
+    copy_tree_subset(files, IDC, data)
+    fresh = discover(data, checks_store=store)
+    assert fresh.remembered_checks == 0 and len(fresh.frame) == len(files)
+    assert discover(data, checks_store=store).remembered_checks == 0  # just written: not remembered
+    time.sleep(2.1)  # file_checks.RACY_SECONDS
+    assert discover(data, checks_store=store).remembered_checks == 0
+    again = discover(data, checks_store=store)
+    assert again.remembered_checks == len(files) and again.digest == fresh.digest
+    assert again.frame.equals(fresh.frame)
+
+    victim = sorted(data.rglob("*.png"))[0]
+    before = victim.stat()
+    victim.write_bytes(b"\0" * before.st_size)  # same size, and the old modification time put back
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    changed = discover(data, checks_store=store)
+    assert changed.remembered_checks == len(files) - 1
+    assert changed.skipped["relpath"].tolist() == [str(victim.relative_to(data))]
+
+    # A store that cannot be opened: every file is checked, with one warning.
+    (tmp_path / "not-a-folder").write_text("")
+    unstored = discover(data, checks_store=tmp_path / "not-a-folder" / "checks.sqlite")
+    assert unstored.remembered_checks == 0 and unstored.digest == changed.digest
+    assert sum("cannot be used" in r.getMessage() for r in caplog.records) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 from pathlib import Path
@@ -28,6 +29,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+@functools.cache  # the 40-megapixel one: each case of the bad requests' test builds them all
 def _png(width: int, height: int, mode: str = "RGB", colour=0) -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, (width, height), colour).save(buffer, format="PNG")

@@ -54,6 +54,18 @@ def test_predictions_trace_the_model_once_for_any_batch_size(tta):
     assert inference.forward(model).experimental_get_tracing_count() == 1
 
 
+def test_the_dihedral_views_are_the_quarter_turns_of_the_images_then_of_their_mirrors():
+    """In tf.image.rot90's order and direction (counter-clockwise), the first view the images themselves (the
+    served model takes the features of the first view); in a graph, traced for any batch size, as served."""
+    images = np.random.default_rng(0).random((3, 5, 5, 2), dtype=np.float32)
+    expected = np.concatenate([np.rot90(v, k, axes=(1, 2)) for v in (images, images[:, :, ::-1]) for k in range(4)])
+    np.testing.assert_array_equal(inference.dihedral_views(tf.constant(images)).numpy(), expected)
+    np.testing.assert_array_equal(tf.image.rot90(images, 1).numpy(), expected[3:6])
+    graph = tf.function(inference.dihedral_views, input_signature=[tf.TensorSpec((None, 5, 5, 2), tf.float32)])
+    np.testing.assert_array_equal(graph(images[:2]).numpy().reshape(8, 2, 5, 5, 2),
+                                  expected.reshape(8, 3, 5, 5, 2)[:, :2])
+
+
 def test_a_model_with_several_outputs_gives_each_in_the_datasets_order():
     model = _model()
     both = keras.Model(model.inputs, [model.output, model.layers[-2].output])

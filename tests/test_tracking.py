@@ -3,6 +3,7 @@ runs) log the same dataset into one PostgreSQL MLflow store at the same moment."
 
 from __future__ import annotations
 
+import os
 import threading
 
 import mlflow
@@ -85,3 +86,24 @@ def test_an_experiment_another_process_created_first_is_still_the_one_runs_go_to
         pass
     assert looked == ["raced"] and run.info.experiment_id == created
 
+
+
+def test_a_flush_of_asynchronous_metrics_does_not_wait_for_mlflows_queue_poll(tracking_uri, monkeypatch):
+    """Training runs log their epochs asynchronously and flush at the end of fit and of the run: MLflow's logging
+    thread, left to poll its queue each second, keeps every flush waiting for the poll (~1 s, twice a run)."""
+    import time
+
+    monkeypatch.delenv(tracking.ASYNC_BUFFER_ENV, raising=False)
+    tracking.configure("flush")
+    assert os.environ[tracking.ASYNC_BUFFER_ENV] == tracking.ASYNC_BUFFER_S
+    with mlflow.start_run() as run:
+        for epoch in range(3):
+            mlflow.log_metrics({"train_loss": 1.0 / (epoch + 1)}, step=epoch, synchronous=False)
+        started = time.perf_counter()
+        mlflow.flush_async_logging()
+        flushed = time.perf_counter() - started
+    assert flushed < 0.5, flushed
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2]
+    monkeypatch.setenv(tracking.ASYNC_BUFFER_ENV, "5")
+    tracking.configure()
+    assert os.environ[tracking.ASYNC_BUFFER_ENV] == "5"  # a user's own setting is kept

@@ -27,6 +27,11 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 WAIT_ENV = "HISTOFLOW_TRACKING_WAIT"
 DEFAULT_WAIT_S = 600.0
 POLL_S = 5.0
+# MLflow's asynchronous logging thread otherwise waits on its queue in polls of a second, and every flush (a fit's
+# end, a run's end, the process's exit) waits for the poll to time out: ~2 s of every training run spent idle.
+# With a buffer it waits on its stop signal instead, and sends what came in during the interval as one batch
+# (fewer requests to a team's server). A user's own setting is kept.
+ASYNC_BUFFER_ENV, ASYNC_BUFFER_S = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1"
 
 
 TRACKED_PACKAGES = ("histoflow", "tensorflow", "tensorflow-cpu", "keras", "mlflow", "optuna", "scikit-learn",
@@ -96,6 +101,7 @@ def wait_for_server(uri: str, what: str, patience: float | None = None) -> None:
 
 def configure(experiment: str = "") -> str:
     """Point MLflow at the tracking store and experiment; returns the tracking URI."""
+    os.environ.setdefault(ASYNC_BUFFER_ENV, ASYNC_BUFFER_S)
     uri = tracking_uri()
     check_server(uri)
     mlflow.set_tracking_uri(uri)

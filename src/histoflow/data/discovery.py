@@ -7,8 +7,8 @@ Three layouts are recognised:
 - ``idc``: the IDC patches, ``<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<0|1>.png``;
 - ``folders``: ``<class>/<file>`` or ``<train|valid|test>/<class>/<file>``, optionally with a ``groups.csv``.
 
-Every selected file is decoded once here: unreadable ones are reported and skipped, and the content
-hashes give the dataset digest logged with every run.
+Every selected file is decoded once here, or once until it changes (histoflow.data.file_checks): unreadable
+ones are reported and skipped, and the content hashes give the dataset digest logged with every run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from histoflow.data.file_checks import Check, CheckStore, file_stat
 from histoflow.data.images import IMAGE_EXTENSIONS, decode_image
 from histoflow.data.settings import LAYOUTS, MAGNIFICATIONS, normalise_magnification
 from histoflow.errors import DataError, ImageDecodeError
@@ -66,6 +68,7 @@ class Dataset:
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["relpath", "reason"]))
     ignored_files: int = 0
     digest: str = ""
+    remembered_checks: int = 0  # files not decoded again: unchanged since an earlier check (file_checks)
 
     @property
     def name(self) -> str:
@@ -230,33 +233,44 @@ def _read_groups(root: Path) -> dict[str, str]:
 PARSERS = {"breakhis": _parse_breakhis, "idc": _parse_idc, "folders": _parse_folders}
 
 
-def _check_file(path: str) -> tuple[str, str | None]:
-    """(sha256, None) for a readable image, ("", reason) otherwise."""
+def _check_file(path: str, remembered: dict[str, Check]) -> Check:
+    """A readable image's sha256, or why the file is skipped; the remembered check while the file is as it was
+    then."""
     try:
+        stat = file_stat(os.stat(path))  # before reading: a change during the read shows next time
+        earlier = remembered.get(path)
+        if earlier is not None and earlier.stat == stat:
+            return earlier
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
-        return "", f"unreadable: {exc}"
+        return Check("", f"unreadable: {exc}", None)
     try:
         decode_image(data)
     except ImageDecodeError as exc:
-        return "", str(exc)
-    return hashlib.sha256(data).hexdigest(), None
+        return Check("", str(exc), stat)
+    return Check(hashlib.sha256(data).hexdigest(), None, stat)
 
 
-def _validate(frame: pd.DataFrame, workers: int = 8) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def _validate(frame: pd.DataFrame, store: CheckStore, workers: int = 8
+              ) -> tuple[pd.DataFrame, pd.DataFrame, list[str], int]:
+    """(readable rows, skipped rows with reasons, their hashes, how many checks were remembered)."""
+    paths = frame["path"].tolist()
+    started = time.time_ns()
+    remembered = store.recall(paths)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(progress(pool.map(_check_file, frame["path"]), total=len(frame),
+        results = list(progress(pool.map(lambda p: _check_file(p, remembered), paths), total=len(frame),
                                 desc=f"checking {len(frame)} images", unit="img"))
-    hashes = [h for h, _ in results]
-    reasons = [r for _, r in results]
-    bad = [r is not None for r in reasons]
+    reused = sum(remembered.get(p) is r for p, r in zip(paths, results, strict=True))
+    store.remember(((p, r) for p, r in zip(paths, results, strict=True) if remembered.get(p) is not r), started)
+    bad = [r.reason is not None for r in results]
     skipped = pd.DataFrame({"relpath": frame["relpath"][bad].tolist(),
-                            "reason": [r for r in reasons if r is not None]})
+                            "reason": [r.reason for r in results if r.reason is not None]})
     for row in skipped.itertuples():
         log.warning("skipping %s: %s", row.relpath, row.reason)
     keep = [not b for b in bad]
-    return frame[keep].reset_index(drop=True), skipped, [h for h, k in zip(hashes, keep, strict=True) if k]
+    return (frame[keep].reset_index(drop=True), skipped,
+            [r.sha256 for r, k in zip(results, keep, strict=True) if k], reused)
 
 
 def _digest(frame: pd.DataFrame, hashes: list[str]) -> str:
@@ -277,12 +291,12 @@ def _quotas(counts: dict[int, int], total: int) -> dict[int, int]:
     return {label: min(quotas[label], counts[label]) for label in counts}
 
 
-def _readable_subset(frame: pd.DataFrame, max_images: int, seed: int
-                     ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def _readable_subset(frame: pd.DataFrame, max_images: int, seed: int, store: CheckStore
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, list[str], int]:
     """A label-stratified random subset of `max_images` readable images (many patients, few images each,
     so splits stay possible): candidates are checked in a seeded random order until each label's quota
     is met, so unreadable files are replaced, not subtracted."""
-    kept, skipped, hashes = [], [], []
+    kept, skipped, hashes, reused = [], [], [], 0
     quotas = _quotas(frame["label"].value_counts().to_dict(), max_images)
     for label, part in frame.groupby("label"):
         order = part.sample(frac=1.0, random_state=seed)  # its first n rows are part.sample(n, random_state=seed)
@@ -290,7 +304,8 @@ def _readable_subset(frame: pd.DataFrame, max_images: int, seed: int
         while found < quotas[label] and start < len(order):
             chunk = order.iloc[start:start + quotas[label] - found]
             start += len(chunk)
-            good, bad, good_hashes = _validate(chunk)
+            good, bad, good_hashes, chunk_reused = _validate(chunk, store)
+            reused += chunk_reused
             kept.append(good)
             skipped.append(bad)
             hashes += good_hashes
@@ -298,7 +313,7 @@ def _readable_subset(frame: pd.DataFrame, max_images: int, seed: int
     frame = pd.concat(kept)
     order = np.argsort(frame["relpath"].to_numpy(), kind="stable")
     return (frame.iloc[order].reset_index(drop=True), pd.concat(skipped, ignore_index=True),
-            [hashes[i] for i in order])
+            [hashes[i] for i in order], reused)
 
 
 def discover(
@@ -307,8 +322,10 @@ def discover(
     magnification: str = "all",
     max_images: int = 0,
     seed: int = 42,
+    checks_store: Path | None = None,
 ) -> Dataset:
-    """Find, parse and check the images under data_dir."""
+    """Find, parse and check the images under data_dir. `checks_store`: the SQLite file of earlier checks
+    (histoflow.data.file_checks; default: in histoflow's cache folder)."""
     root = Path(data_dir).expanduser().resolve()
     if layout not in LAYOUTS:
         raise DataError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
@@ -333,10 +350,13 @@ def discover(
         frame = frame[frame["magnification"] == magnification].reset_index(drop=True)
         if frame.empty:
             raise DataError(f"no BreaKHis image at {magnification}X under {root}")
+    store = CheckStore(checks_store)
     if 0 < max_images < len(frame):
-        frame, skipped, hashes = _readable_subset(frame, int(max_images), seed)
+        frame, skipped, hashes, reused = _readable_subset(frame, int(max_images), seed, store)
     else:
-        frame, skipped, hashes = _validate(frame)
+        frame, skipped, hashes, reused = _validate(frame, store)
+    log.info("%d images checked under %s, %d of them as remembered from an earlier check", len(frame) + len(skipped),
+             root, reused)
     if frame.empty:
         raise DataError(
             f"no readable image under {root}: all {len(skipped)} image files were skipped "
@@ -351,4 +371,4 @@ def discover(
         )
     frame = frame[COLUMNS]
     return Dataset(root=root, layout=layout, class_names=class_names, frame=frame, skipped=skipped,
-                   ignored_files=ignored, digest=_digest(frame, hashes))
+                   ignored_files=ignored, digest=_digest(frame, hashes), remembered_checks=reused)
