@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -87,12 +88,9 @@ def test_an_experiment_another_process_created_first_is_still_the_one_runs_go_to
     assert looked == ["raced"] and run.info.experiment_id == created
 
 
-
 def test_a_flush_of_asynchronous_metrics_does_not_wait_for_mlflows_queue_poll(tracking_uri, monkeypatch):
     """Training runs log their epochs asynchronously and flush at the end of fit and of the run: MLflow's logging
     thread, left to poll its queue each second, keeps every flush waiting for the poll (~1 s, twice a run)."""
-    import time
-
     monkeypatch.delenv(tracking.ASYNC_BUFFER_ENV, raising=False)
     tracking.configure("flush")
     assert os.environ[tracking.ASYNC_BUFFER_ENV] == tracking.ASYNC_BUFFER_S

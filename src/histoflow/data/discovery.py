@@ -261,8 +261,8 @@ def _validate(frame: pd.DataFrame, store: CheckStore, workers: int = 8
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(progress(pool.map(lambda p: _check_file(p, remembered), paths), total=len(frame),
                                 desc=f"checking {len(frame)} images", unit="img"))
-    reused = sum(remembered.get(p) is r for p, r in zip(paths, results, strict=True))
-    store.remember(((p, r) for p, r in zip(paths, results, strict=True) if remembered.get(p) is not r), started)
+    recalled = [remembered.get(p) is r for p, r in zip(paths, results, strict=True)]
+    store.remember(((p, r) for p, r, old in zip(paths, results, recalled, strict=True) if not old), started)
     bad = [r.reason is not None for r in results]
     skipped = pd.DataFrame({"relpath": frame["relpath"][bad].tolist(),
                             "reason": [r.reason for r in results if r.reason is not None]})
@@ -270,7 +270,7 @@ def _validate(frame: pd.DataFrame, store: CheckStore, workers: int = 8
         log.warning("skipping %s: %s", row.relpath, row.reason)
     keep = [not b for b in bad]
     return (frame[keep].reset_index(drop=True), skipped,
-            [r.sha256 for r, k in zip(results, keep, strict=True) if k], reused)
+            [r.sha256 for r, k in zip(results, keep, strict=True) if k], sum(recalled))
 
 
 def _digest(frame: pd.DataFrame, hashes: list[str]) -> str:

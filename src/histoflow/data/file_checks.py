@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import PIL
 
@@ -36,18 +37,27 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS checks (
     sha256 TEXT, reason TEXT)"""
 
 
+class FileStat(NamedTuple):
+    """What a file's check is remembered by."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+
 @dataclass(frozen=True)
 class Check:
-    """A file's check: its content's sha256 (readable image) or the reason it is skipped, and the file's
-    (size, mtime_ns, ctime_ns, inode) when it was read (None: it could not be)."""
+    """A file's check: its content's sha256 (readable image) or the reason it is skipped, and the file's stat
+    when it was read (None: it could not be)."""
 
     sha256: str
     reason: str | None
-    stat: tuple[int, int, int, int] | None
+    stat: FileStat | None
 
 
-def file_stat(status: os.stat_result) -> tuple[int, int, int, int]:
-    return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino
+def file_stat(status: os.stat_result) -> FileStat:
+    return FileStat(status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino)
 
 
 class CheckStore:
@@ -83,7 +93,7 @@ class CheckStore:
                         "SELECT path, size, mtime_ns, ctime_ns, inode, sha256, reason FROM checks "
                         f"WHERE pillow = ? AND path IN ({','.join('?' * len(chunk))})", [PIL.__version__, *chunk])
                     for path, size, mtime, ctime, inode, sha256, reason in rows:
-                        found[path] = Check(sha256, reason, (size, mtime, ctime, inode))
+                        found[path] = Check(sha256, reason, FileStat(size, mtime, ctime, inode))
         except (sqlite3.Error, OSError) as exc:
             self._failed(exc)
             return {}
@@ -96,7 +106,7 @@ class CheckStore:
             return
         settled = checked_from_ns - int(RACY_SECONDS * 1e9)
         rows = [(path, *check.stat, PIL.__version__, check.sha256, check.reason) for path, check in checks
-                if check.stat is not None and max(check.stat[1], check.stat[2]) < settled]
+                if check.stat is not None and max(check.stat.mtime_ns, check.stat.ctime_ns) < settled]
         if not rows:
             return
         try:
@@ -104,4 +114,3 @@ class CheckStore:
                 connection.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         except (sqlite3.Error, OSError) as exc:
             self._failed(exc)
-
