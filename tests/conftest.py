@@ -47,9 +47,14 @@ def _seed_keras_home() -> Path:
 
 
 KERAS_HOME = _seed_keras_home()
-# histoflow's cache (decoded images, checkpoints, features) of this test process and its subprocesses: never the
-# user's, never the working tree.
-os.environ["HISTOFLOW_CACHE"] = tempfile.mkdtemp(prefix="histoflow-cache-")
+# histoflow's cache (decoded images, checkpoints, features, remembered image checks) of the test run and the
+# processes it starts: never the user's, never the working tree. One for the whole run: pytest-xdist's workers
+# inherit the controller's (its writes are atomic renames and a SQLite store, as for a user's processes), so each
+# real dataset's files are checked once per run, not once per worker.
+TEST_CACHE_ENV = "HISTOFLOW_TEST_RUN_CACHE"
+if not (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(TEST_CACHE_ENV)):
+    os.environ[TEST_CACHE_ENV] = tempfile.mkdtemp(prefix="histoflow-cache-")
+os.environ["HISTOFLOW_CACHE"] = os.environ[TEST_CACHE_ENV]
 
 # The suite's pytest-xdist workers share the machine's cores: one TensorFlow thread per pool in each process
 # (and in the processes they start), not pools as large as the machine in every process fighting over it

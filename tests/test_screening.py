@@ -149,7 +149,7 @@ def screened_model(request, tmp_path_factory):
     from histoflow.modeling.variants import make_train_config
     from histoflow.registry.selection import classifier_uri, run_split
 
-    data, size, epochs, images = {"idc": (IDC, 50, 2, 4000), "breakhis": (BREAKHIS, 64, 2, 0)}[request.param]
+    data, size, epochs, images = {"idc": (IDC, 50, 2, 2000), "breakhis": (BREAKHIS, 64, 2, 0)}[request.param]
     root = tmp_path_factory.mktemp(f"screening-{request.param}")
     with sqlite_store(root):
         config = make_train_config("baseline", data_dir=str(data), max_images=images, epochs=epochs, image_size=size,
