@@ -134,6 +134,33 @@ def test_a_damaged_cached_weights_file_is_not_called_a_failed_download(keras_hom
     assert "could not download" not in message and err.value.__cause__ is not None
 
 
+def test_a_weights_file_that_is_not_the_backbone_s_is_refused_naming_it(keras_home, tmp_path):
+    """A weights file cut short, of another format or of another network fails when the model is built (before
+    any training), naming the file and what was expected, with the cause kept."""
+    mobilenet = keras_home / "models" / "mobilenet_7_5_224_tf_no_top.h5"
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(mobilenet.read_bytes()[:100_000])
+    text = tmp_path / "notes.h5"
+    text.write_text("not weights")
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as h5:
+        h5.create_dataset("x", data=np.zeros(3))
+    expected = "keras.applications.MobileNet(include_top=False, alpha=0.75), as in Keras's own " \
+               "mobilenet_7_5_224_tf_no_top.h5"
+    for path, problem in ((cut, "cannot be read as HDF5"), (text, "cannot be read as HDF5"),
+                          (empty, "is HDF5 but holds no Keras layer weights")):
+        with pytest.raises(WeightsError) as err:
+            build_fusion("mobilenet", 32, weights=str(path), alpha=0.75)
+        assert f"weights file {path} {problem}" in str(err.value) and expected in str(err.value)
+    # Readable Keras weights of another network: MobileNet's file for alpha 0.5 (other shapes), Keras's layer
+    # count for another architecture.
+    with pytest.raises(WeightsError) as err:
+        build_fusion("mobilenet", 32, weights=str(mobilenet), alpha=0.5)
+    assert f"weights file {mobilenet} does not fit mobilenet" in str(err.value)
+    assert "MobileNet(include_top=False, alpha=0.5)" in str(err.value)
+    assert isinstance(err.value.__cause__, ValueError)
+
+
 def test_bad_backbone_parameters():
     with pytest.raises(ConfigError, match="backbone must be"):
         build_fusion("alexnet", 128)

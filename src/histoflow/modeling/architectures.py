@@ -64,6 +64,29 @@ def _resolve_weights(weights: str) -> str | None:
     return str(path)
 
 
+def _expected_weights(backbone: str, image_size: int, alpha: float) -> str:
+    spec = BACKBONES[backbone]
+    shape = f", alpha={alpha:g}" if backbone in ALPHA_BACKBONES else ""
+    return (f"the Keras HDF5 weights of keras.applications.{spec.application}(include_top=False{shape}), "
+            f"as in Keras's own {imagenet_weights_file(backbone, image_size, alpha)}")
+
+
+def check_weights_file(path: str, backbone: str, image_size: int, alpha: float = 1.0) -> None:
+    """Refuse a weights file that is not Keras's HDF5 weights layout (cut short, another format), naming the
+    file and what was expected: found before a model is built, not as h5py's error in the middle of it."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            layers = h5.attrs.get("layer_names")
+    except OSError as exc:
+        raise WeightsError(f"weights file {path} cannot be read as HDF5 ({exc}): it is damaged, cut short or not "
+                           f"a weights file; expected {_expected_weights(backbone, image_size, alpha)}") from exc
+    if layers is None:
+        raise WeightsError(f"weights file {path} is HDF5 but holds no Keras layer weights (no layer_names); "
+                           f"expected {_expected_weights(backbone, image_size, alpha)}")
+
+
 def _explain_imagenet_failure(exc: Exception, backbone: str, image_size: int, alpha: float) -> None:
     """Raise a WeightsError saying what to do (the cause kept) when building with weights="imagenet" failed
     because Keras could not download the weights, or could not read its cached file; return otherwise (the
@@ -164,6 +187,8 @@ def build_fusion(
     inputs = keras.Input((image_size, image_size, 3), name="image")
     scaled = _scaling_layers(spec.scaling, inputs)
     resolved = _resolve_weights(weights)
+    if resolved not in (None, "imagenet"):
+        check_weights_file(resolved, backbone, image_size, alpha)
     try:
         # input_tensor puts the backbone's layers in this model's own graph, so the taps (and
         # Grad-CAM's target layer) are reachable by name in the saved model.
@@ -172,8 +197,11 @@ def build_fusion(
             constructor = getattr(keras.applications, spec.application)
             base = constructor(include_top=False, weights=resolved, input_tensor=scaled, **kwargs)
     except Exception as exc:
-        if resolved != "imagenet":
+        if resolved is None:
             raise
+        if resolved != "imagenet":  # a file that reads but is another network's (layer count or shapes)
+            raise WeightsError(f"weights file {resolved} does not fit {backbone} ({type(exc).__name__}: {exc}); "
+                               f"expected {_expected_weights(backbone, image_size, alpha)}") from exc
         _explain_imagenet_failure(exc, backbone, image_size, alpha)
         raise
     _unfreeze(base, spec.taps, unfrozen_blocks, pretrained=resolved is not None)
