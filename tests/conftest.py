@@ -27,6 +27,9 @@ SHARED = Path(os.environ.get("HISTOFLOW_SHARED", REPO.parent / "shared"))
 IDC = SHARED / "data" / "idc"
 BREAKHIS = SHARED / "data" / "breakhis"
 KERAS_WEIGHTS = SHARED / "keras-weights"
+# Pretrained DenseNet121 without its top, passed by path (its bytes are not Keras's download, whose MD5 Keras
+# checks in its cache): what every DenseNet run on these machines uses (../shared/keras-weights/README.md).
+DENSENET_WEIGHTS = KERAS_WEIGHTS / "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 if not IDC.is_dir() or not BREAKHIS.is_dir():
     raise RuntimeError(f"the real test data is missing: expected {IDC} and {BREAKHIS}")

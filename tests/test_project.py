@@ -18,7 +18,16 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BREAKHIS, REPO, TINY_RUNS, TINY_SETTINGS, idc_patient_dirs, sqlite_store, working_tree_state
+from conftest import (
+    BREAKHIS,
+    DENSENET_WEIGHTS,
+    REPO,
+    TINY_RUNS,
+    TINY_SETTINGS,
+    idc_patient_dirs,
+    sqlite_store,
+    working_tree_state,
+)
 from histoflow import artifacts, workflow
 from histoflow.data.pipeline import make_dataset
 from histoflow.data.splits import patient_overlap
@@ -29,12 +38,13 @@ from histoflow.workflow import make_workflow_config
 
 pytestmark = pytest.mark.slow
 IMAGES, EPOCHS, SIZE = 60, 1, 32
-# The card's `mlflow run . -e densenet`: DenseNet121 from scratch with its backbone frozen (the fusion head
-# trains): the same run as a fine-tuned one, at a fraction of its cost here. A fusion model's Grad-CAM:
-# tests/test_training_run.py's warm-up run. No per-epoch checkpoint (three saves of DenseNet121's weights,
-# ~8 s): checkpoints and resume are tests/test_resume.py's.
+# The card's `mlflow run . -e densenet`: DenseNet121 with its pretrained weights (by path, as on these machines)
+# and its backbone frozen (the fusion head trains): the same run as a fine-tuned one, at a fraction of its cost.
+# A fusion model's Grad-CAM: tests/test_training_run.py's warm-up run. No per-epoch checkpoint (three saves of
+# DenseNet121's weights, ~8 s): checkpoints and resume are tests/test_resume.py's.
 DENSENET = {"data_dir": str(BREAKHIS), "max_images": IMAGES, "epochs": EPOCHS, "image_size": SIZE, "batch_size": 16,
-            "weights": "none", "unfrozen_blocks": 0, "gradcam_per_class": 0, "bootstrap": 200, "checkpoint_dir": "none"}
+            "weights": str(DENSENET_WEIGHTS), "unfrozen_blocks": 0, "gradcam_per_class": 0, "bootstrap": 200,
+            "checkpoint_dir": "none"}
 EXPERIMENT = "project-test"
 STEPS = ["data", "baseline", "tune", "register", "promote"]
 
