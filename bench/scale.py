@@ -30,10 +30,13 @@ EXTRACT = """
 import sys
 from histoflow.data.step import prepare_data
 from histoflow.modeling.variants import make_train_config
-from histoflow.tuning.feature_cache import load_or_extract
+from pathlib import Path
+from histoflow.modeling.features import load_or_extract
+from histoflow.modeling.training_run import stain_normalizer
 config = make_train_config("transfer", data_dir=sys.argv[1], image_size=int(sys.argv[2]), unfrozen_blocks=0,
                            weights=sys.argv[3])
-load_or_extract(config, prepare_data(config), sys.argv[4])
+prepared = prepare_data(config)
+load_or_extract(config, prepared, Path(sys.argv[4]) / "features", stain_normalizer(config, prepared))
 """
 
 

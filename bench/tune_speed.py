@@ -39,7 +39,6 @@ from histoflow.data.step import prepare_data  # noqa: E402
 from histoflow.modeling import training_run  # noqa: E402
 from histoflow.modeling.fitting import EpochMetrics, fit, set_seeds  # noqa: E402
 from histoflow.tuning import study as tuning  # noqa: E402
-from histoflow.tuning.feature_cache import load_or_extract  # noqa: E402
 from histoflow.tuning.settings import TuneConfig, make_tune_config  # noqa: E402
 
 METRIC = "val_auc"
@@ -114,7 +113,7 @@ def main() -> None:
     rows = []
     with mlflow.start_run(run_name="cached"):
         start = time.monotonic()
-        features = load_or_extract(config.train, prepared, config.cache_dir)
+        features = tuning.study_features(config, prepared)
         setup = time.monotonic() - start
         cached = study(args.seed)
         cached.optimize(tuning.objective(config, features, "bench-cached"), timeout=max(1.0, args.budget - setup))

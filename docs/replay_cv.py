@@ -28,13 +28,13 @@ from histoflow.data.pipeline import make_dataset
 from histoflow.modeling.calibration import fit_calibration
 from histoflow.modeling.inference import predict
 from histoflow.modeling.metrics import evaluate, paired_patient_bootstrap
+from histoflow.registry.selection import predictions
 
 COLUMNS = ("roc_auc", "balanced_accuracy", "recall", "specificity", "f1", "accuracy")
 
 
 def _table(run_id: str, split: str) -> pd.DataFrame:
-    experiment_id = mlflow.get_run(run_id).info.experiment_id
-    return mlflow.MlflowClient().load_table(experiment_id, f"evaluation/{split}_predictions.json", [run_id])
+    return predictions(mlflow.get_run(run_id), split)
 
 
 def _two_columns(positive: np.ndarray) -> np.ndarray:

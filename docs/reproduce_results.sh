@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce docs/results.md: every variant on the developer sets, patient split, plus leaky image splits.
 # Usage (from the repository root, venv active):
-#   bash docs/reproduce_results.sh [breakhis|densenet-breakhis|idc|densenet-idc|cv-breakhis|cv-idc|ensemble-idc|thresholds|compare|all]
+#   bash docs/reproduce_results.sh [breakhis|densenet-breakhis|idc|densenet-idc|cv-breakhis|cv-idc|cv-densenet-breakhis|cv-densenet-idc|ensemble-idc|thresholds|compare|all]
 # (runs go to $MLFLOW_TRACKING_URI, default ./mlflow.db)
 set -euo pipefail
 SHARED=${SHARED:-../shared}
@@ -71,6 +71,24 @@ if is cv-idc; then
   run $Y ${FT/unfrozen_blocks=3/unfrozen_blocks=1} -P learning_rate=1e-4
   run ${Y/epochs=20/epochs=10} $FT -P warmup_epochs=10 -P warmup_learning_rate=1e-3 -P learning_rate=1e-5
   run ${X/epochs=10/epochs=5} -P variant=densenet -P weights=none   # from scratch (no weights offline); 135 s an epoch: capped at 5
+fi
+# DenseNet121 with its pretrained ImageNet weights (by path: no download here), multi-scale fusion, the
+# backbone frozen: the head trains on the taps cached once per image and image size (shared by the folds),
+# 50 epochs with patience 10 (seconds each). The same folds as the rows above (seed 42), so compare pairs them.
+DENSENET_WEIGHTS="$SHARED/keras-weights/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
+DN="-P variant=densenet -P weights=$DENSENET_WEIGHTS -P unfrozen_blocks=0 -P augment=none -P learning_rate=1e-3"
+DCV="-e cv -P folds=5 -P epochs=50 -P patience=10 -P lr_patience=5 -P gradcam_per_class=1"
+if is cv-densenet-breakhis; then
+  run --experiment-name results-cv-breakhis $BH $DCV $DN -P image_size=224
+  run --experiment-name results-cv-breakhis $BH $DCV $DN -P image_size=128
+  run --experiment-name results-cv-breakhis $BH $DCV $DN -P image_size=224 -P augment=seed
+  # The best earlier row again (same folds, same settings), for the paired comparison.
+  run --experiment-name results-cv-breakhis $BH -P image_size=96 $CV -P variant=augmented
+fi
+if is cv-densenet-idc; then
+  run --experiment-name results-cv-idc -P data_dir=$SHARED/data/idc $DCV $DN -P image_size=96
+  run --experiment-name results-cv-idc -P data_dir=$SHARED/data/idc $DCV $DN -P image_size=50
+  run --experiment-name results-cv-idc -P data_dir=$SHARED/data/idc $DCV $DN -P image_size=96 -P augment=seed
 fi
 # The fold ensemble against its members on 42 IDC patients held out before a cross-validation of the other
 # 181 (the best setting: frozen MobileNet, HED jitter, 20 epochs, Youden), scored through the served models.

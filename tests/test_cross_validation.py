@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from sklearn.metrics import balanced_accuracy_score
 
 from conftest import BREAKHIS, sqlite_store
 from histoflow import artifacts
@@ -141,7 +142,7 @@ def test_the_fold_ensemble_is_registered_and_served(cv_store, tmp_path):
     from histoflow.registry.aliases import register
     from histoflow.registry.policy import load_policy
     from histoflow.registry.promotion import promote
-    from histoflow.registry.selection import RegistryError, best_run, keras_artifact, run_calibration
+    from histoflow.registry.selection import best_run, keras_artifact, run_calibration
     from histoflow.serving.requests import encode_file
 
     _, runs = cv_store
@@ -163,8 +164,14 @@ def test_the_fold_ensemble_is_registered_and_served(cv_store, tmp_path):
     expected = np.mean(members, axis=0)
     np.testing.assert_allclose(np.array([[p["benign"], p["malignant"]] for p in out["probabilities"]]), expected,
                                atol=1e-5)
-    with pytest.raises(RegistryError, match="no held-out split to evaluate it on; pass -P data_dir"):
-        promote("cv-ensemble", load_policy())
+    # No held-out images (every one trained some fold): the gate reads the out-of-fold predictions, and says so.
+    record = promote("cv-ensemble", load_policy(min_balanced_accuracy=0))
+    assert record["decision"] == "promoted" and record["evaluation_data"].startswith("out-of-fold predictions")
+    first = oof[oof["repeat"] == 0]
+    expected_ba = balanced_accuracy_score(first["label"], first["predicted"])
+    assert record["metrics"]["challenger"]["balanced_accuracy"] == pytest.approx(expected_ba)
+    promoted = MlflowClient().get_model_version("cv-ensemble", version.version)
+    assert promoted.tags["promotion.estimate"] == "out-of-fold" and "out-of-fold estimate" in promoted.description
     with pytest.raises(ConfigError, match="cv_validation_\\*_mean"):
         best_run("cv", "cv_validation_roc_auc_std")
 

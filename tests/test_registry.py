@@ -6,6 +6,7 @@ import json
 import os
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -15,7 +16,7 @@ from histoflow.errors import ConfigError, DataError
 from histoflow.registry.aliases import register, rollback
 from histoflow.registry.policy import Gate, load_policy
 from histoflow.registry.promotion import promote
-from histoflow.registry.selection import RegistryError, best_run
+from histoflow.registry.selection import TIE_RULE, RegistryError, best_run, select, serving_cost
 from histoflow.serving.batch_predict import batch_predict
 
 NAME = "histoflow-test"
@@ -37,9 +38,51 @@ def test_selection_uses_validation_metrics_only(use_store):
     with pytest.raises(RegistryError, match="no experiment"):
         best_run("no-such-experiment")
     _, _, runs = use_store
-    best = best_run("tiny", metric="validation_accuracy")
-    scores = {v: mlflow.get_run(r).data.metrics["validation_accuracy"] for v, r in runs.items()}
-    assert best.data.metrics["validation_accuracy"] == max(scores.values())
+    scores = {r: mlflow.get_run(r).data.metrics["validation_accuracy"] for r in runs.values()}
+    selection = select("tiny", metric="validation_accuracy")
+    # The best by the metric is the chosen run or one it was tied with (12 validation images: wide intervals).
+    considered = [selection.run, *selection.tied]
+    assert max(r.data.metrics["validation_accuracy"] for r in considered) == max(scores.values())
+    assert all(serving_cost(selection.run) <= serving_cost(r) for r in selection.tied)
+    assert best_run("tiny", metric="validation_accuracy").info.run_id == selection.run.info.run_id
+
+
+def _scored_run(name: str, patients: np.ndarray, labels: np.ndarray, malignant: np.ndarray, n_params: float) -> str:
+    """A finished training run as selection sees one: its validation predictions and metrics, its size."""
+    from histoflow.modeling.metrics import evaluate
+
+    frame = pd.DataFrame({"relpath": [f"p{p}/{i}.png" for i, p in enumerate(patients)], "patient": patients,
+                          "label": labels})
+    scores = evaluate(frame, np.stack([1 - malignant, malignant], axis=1))
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.log_params({"image_size": 96, "tta": "none"})
+        mlflow.log_metrics({**{f"validation_{k}": v for k, v in scores.items() if np.isfinite(v)},
+                            "n_params": n_params})
+        mlflow.set_tag("split_leaky", "false")
+        mlflow.log_table(frame.assign(probability_malignant=malignant, probability_uncalibrated=malignant),
+                         "evaluation/validation_predictions.json")
+    return run.info.run_id
+
+
+def test_runs_inside_the_interval_of_the_best_are_ties_and_the_cheapest_is_chosen(tracking_uri):
+    """Three runs scored on the same 200 validation images of 40 patients: a good network, a smaller one that
+    differs from it by noise, and one that guesses. The guess is no tie; of the other two the smaller is served,
+    though the larger's AUC is a little higher, and the description `register` gives the version says why."""
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(40), 5)
+    labels = np.repeat(rng.integers(0, 2, 40), 5)
+    good = np.clip(0.25 + 0.5 * labels + rng.normal(0, 0.2, len(labels)), 0, 1)
+    mlflow.set_experiment("ties")
+    large = _scored_run("large", patients, labels, good, 2e7)
+    small = _scored_run("small", patients, labels, np.clip(good + rng.normal(0, 0.05, len(labels)), 0, 1), 1e6)
+    guess = _scored_run("guess", patients, labels, rng.uniform(0, 1, len(labels)), 1e5)
+    auc = {r: mlflow.get_run(r).data.metrics["validation_roc_auc"] for r in (large, small, guess)}
+    assert auc[large] > auc[small] > 0.8 > 0.6 > auc[guess]  # what the setting is meant to be
+
+    selection = select("ties", "validation_roc_auc")
+    assert selection.run.info.run_id == small
+    assert [r.info.run_id for r in selection.tied] == [large]  # the guess, cheapest of all, is no tie
+    assert f"tied with {large} ({auc[large]:.4f})" in selection.describe() and TIE_RULE in selection.describe()
 
 
 def test_gate_thresholds():
@@ -111,6 +154,8 @@ def test_register_promote_reject_promote_rollback(use_store):
     assert first.tags["split_mode"] == "patient" and len(first.tags["dataset.digest"]) == 16
     assert first.tags["run_id"] == best_run("tiny", "validation_roc_auc").info.run_id
     assert "metric.validation_roc_auc" in first.tags and "selected by validation_roc_auc" in first.description
+    tied = select("tiny", "validation_roc_auc").tied  # what the description says about them: the selection test's
+    assert first.tags["selection.tied_with"] == ",".join(r.info.run_id for r in tied)
     served = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
     assert served.metadata.get_input_schema().input_names() == ["image"]
 

@@ -38,7 +38,6 @@ from histoflow.registry.policy import load_policy
 from histoflow.registry.promotion import promote
 from histoflow.registry.selection import RegistryError
 from histoflow.tuning import study as tuning
-from histoflow.tuning.feature_cache import load_or_extract
 from histoflow.tuning.settings import make_tune_config
 
 BUCKET = "histoflow-artifacts"
@@ -219,7 +218,7 @@ def test_a_study_s_workers_then_register_promote_and_serve_through_the_team_serv
     monkeypatch.chdir(tmp_path)
     settings = {**TUNE, "storage": postgres_database(postgres_url, "optuna"), "cache_dir": str(tmp_path / "cache")}
     config = make_tune_config("transfer", **settings)
-    load_or_extract(config.train, prepare_data(config.train), config.cache_dir)  # once, not in every worker
+    tuning.study_features(config, prepare_data(config.train))  # once, not in every worker
 
     final = _check_workers(_tune_with_workers(settings, tmp_path), settings["storage"], tmp_path)
     # The gate's floors are tests/test_registry.py's: here any challenger is promoted (no champion yet).

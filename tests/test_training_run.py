@@ -103,10 +103,11 @@ def test_a_training_run_logs_tensorboard_and_opens_as_model_training(use_store, 
 @pytest.mark.slow
 def test_a_warm_up_trains_the_head_alone_then_the_unfrozen_stages_train(tracking_uri, tmp_path):
     config = make_train_config("transfer", data_dir=str(BREAKHIS), max_images=40, **TINY, unfrozen_blocks=1,
-                               warmup_epochs=2, warmup_learning_rate=3e-3, learning_rate=1e-4, patience=5)
+                               warmup_epochs=2, warmup_learning_rate=3e-3, learning_rate=1e-4, patience=5,
+                               image_cache=str(tmp_path / "cache"))
     prepared = step.prepare_data(config)
     setup = training_run._training_setup(config, prepared)
-    model, (train_ds, val_ds, _) = setup.model, setup.datasets
+    model = setup.model
 
     def kernel(name: str, of: keras.Model = model) -> np.ndarray:
         return of.get_layer(name).kernel.numpy().copy()
@@ -114,29 +115,33 @@ def test_a_warm_up_trains_the_head_alone_then_the_unfrozen_stages_train(tracking
     backbone, head, frozen = kernel("conv_pw_13"), kernel("fusion1_dense"), kernel("conv_pw_11")
     folder = tmp_path / "checkpoint"
     with mlflow.start_run() as run:
-        warm = training_run.warm_up_head(config, model, train_ds, val_ds, None, folder)
+        warm = training_run.warm_up_head(config, setup, prepared, folder)
     np.testing.assert_array_equal(kernel("conv_pw_13"), backbone)  # the pretrained stage waited
     assert not np.allclose(kernel("fusion1_dense"), head)
     assert warm.epochs_run == 2 and checkpoints.has_checkpoint(folder) and not (folder / checkpoints.HISTORY).exists()
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "warmup_val_loss")
     assert sorted(m.step for m in history) == [0, 1]
+    # On the frozen backbone's features, extracted once into the cache (the seed copies of each image).
+    assert mlflow.get_run(run.info.run_id).data.tags["feature_cache"] == "miss"
     # Compiled again for the fine-tuning: its learning rate, and the unfrozen stage trains now.
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-4) and model.get_layer("conv_pw_13").trainable
     warmed = kernel("fusion1_dense")
 
     # A resumed run whose warm-up had finished takes its weights and trains no warm-up epoch again.
-    fresh = training_run._training_setup(config, prepared).model
+    fresh = training_run._training_setup(config, prepared)
     with mlflow.start_run():
-        again = training_run.warm_up_head(config, fresh, train_ds, val_ds, None, folder)
-    np.testing.assert_array_equal(kernel("fusion1_dense", fresh), warmed)
+        again = training_run.warm_up_head(config, fresh, prepared, folder)
+    np.testing.assert_array_equal(kernel("fusion1_dense", fresh.model), warmed)
     assert again.resumed_at == 2
 
-    # As a run: both phases' epochs, and the warm-up's summary.
+    # As a run: both phases' epochs, and the warm-up's summary; its features from the cache.
     run = mlflow.get_run(training_run.run(replace(config, checkpoint_dir=str(tmp_path / "runs"))))
     assert (run.data.params["warmup_epochs"], run.data.params["unfrozen_blocks"]) == ("2", "1")
     assert run.data.metrics["warmup_epochs_run"] == 2 and run.data.metrics["epochs_run"] == 1
     assert run.data.metrics["train_time_s"] > run.data.metrics["warmup_time_s"] > 0
     assert "warmup_train_loss" in run.data.metrics and "train_loss" in run.data.metrics
+    assert run.data.tags["feature_cache"] == "hit"
+    assert run.data.tags["histoflow.feature_cache.augment"].startswith("random trained as the seed copies")
     # The run's optimizer parameters are the fine-tuning's, not the warm-up's.
     assert float(run.data.params["optimizer_learning_rate"]) == pytest.approx(1e-4)
     # The fine-tuning trained the unfrozen stage (the top one), and only it.
@@ -148,6 +153,36 @@ def test_a_warm_up_trains_the_head_alone_then_the_unfrozen_stages_train(tracking
     # The fusion model's Grad-CAM figure (its deepest tap explained).
     assert "evaluation/gradcam.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id,
                                                                                              "evaluation")}
+
+
+@pytest.mark.slow
+def test_a_frozen_backbone_trains_its_head_on_cached_features_as_it_would_on_images(tracking_uri, tmp_path):
+    """Dropout 0, so that both routes draw nothing at random but the shuffle, which is the same: the head's
+    fit on the cached vectors and the fit of the whole model on the images are one computation."""
+    config = make_train_config("transfer", data_dir=str(BREAKHIS), max_images=40,
+                               **{**TINY, "epochs": 3, "gradcam_per_class": 0}, unfrozen_blocks=0, augment="seed",
+                               dropout=0.0, learning_rate=3e-3, bootstrap=0,
+                               image_cache=str(tmp_path / "cache"))
+    runs = {route: mlflow.get_run(training_run.run(replace(config, feature_cache=route))) for route in ("auto", "off")}
+    cached, images = runs["auto"], runs["off"]
+    assert cached.data.tags["feature_cache"] == "miss" and "feature_cache" not in images.data.tags
+    assert cached.data.params["feature_cache"] == "auto" and images.data.params["feature_cache"] == "off"
+    client = mlflow.MlflowClient()
+    curves = {route: [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_loss"),
+                                              key=lambda m: m.step)] for route, run in runs.items()}
+    assert len(curves["auto"]) == 3 and curves["auto"][0] != curves["auto"][-1]  # it trained
+    np.testing.assert_allclose(curves["auto"], curves["off"], rtol=2e-4)
+    for metric in ("test_roc_auc", "test_loss", "validation_loss"):  # the whole model evaluated on images
+        assert cached.data.metrics[metric] == pytest.approx(images.data.metrics[metric], rel=1e-3, abs=1e-4)
+
+    # Another split of the same images: their features come from the same store entry.
+    other = mlflow.get_run(training_run.run(replace(config, val_fraction=0.3, epochs=1)))
+    assert other.data.tags["feature_cache"] == "hit"
+    assert other.data.tags["feature_cache.path"] == cached.data.tags["feature_cache.path"]
+    # Augmentation drawn every epoch is not what the cache holds: images, unless asked for.
+    assert training_run.on_features(replace(config, augment="hed"), "fit") is False
+    assert training_run.on_features(replace(config, augment="hed", feature_cache="on"), "fit") is True
+    assert training_run.on_features(replace(config, unfrozen_blocks=1), "fit") is False
 
 
 def test_an_unreadable_split_table_says_why_and_keeps_mlflows_error(tracking_uri):

@@ -18,11 +18,12 @@ from histoflow.data.pipeline import make_dataset
 from histoflow.data.step import prepare_data
 from histoflow.errors import ConfigError
 from histoflow.modeling.architectures import build_fusion, compile_model
+from histoflow.modeling.features import head_dataset, head_model, load_or_extract
 from histoflow.modeling.fitting import set_seeds
+from histoflow.modeling.training_run import stain_normalizer
 from histoflow.modeling.variants import make_train_config
 from histoflow.tuning import study as tuning
-from histoflow.tuning.feature_cache import extract
-from histoflow.tuning.head_trainer import HeadTrainer, head_dataset, head_model
+from histoflow.tuning.head_trainer import HeadTrainer
 from histoflow.tuning.search_space import load_search_space
 from histoflow.tuning.settings import make_tune_config
 
@@ -109,7 +110,7 @@ def test_head_on_cached_vectors_is_the_full_models_head(keras_home):
     config = make_train_config("transfer", **{**DATA, "max_images": 40})
     prepared = prepare_data(config)
     frame = prepared.frame
-    features = extract(config, prepared)
+    features = _features(config, prepared)
     assert len(features["train"]) == 3 * (frame["split"] == "train").sum()  # the seed copies of each image
     full = build_fusion("mobilenet", 32, "imagenet", fusion_width=24, dropout=0.3, alpha=0.75, unfrozen_blocks=0)
     head = head_model([t.shape[1] for t in features["val"].taps], 24, 0.3)
@@ -120,6 +121,11 @@ def test_head_on_cached_vectors_is_the_full_models_head(keras_home):
     images = np.concatenate([x for x, _ in make_dataset(val["path"], val["label"], 32, 16).as_numpy_iterator()])
     np.testing.assert_allclose(_predict(head, list(features["val"].taps)), _predict(full, images), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(features["val"].labels, val["label"].to_numpy())
+
+
+def _features(config, prepared):
+    """The split's features, extracted without a cache folder."""
+    return load_or_extract(config, prepared, None, stain_normalizer(config, prepared)).splits
 
 
 def _predict(model, inputs) -> np.ndarray:
@@ -135,7 +141,7 @@ def _fit_head(model, features, seed: int) -> dict[str, list[float]]:
 @pytest.mark.slow
 def test_trials_share_one_traced_head_per_width_bucket_and_train_as_their_own_head(keras_home):
     config = make_train_config("transfer", **{**DATA, "max_images": 60})
-    features = extract(config, prepare_data(config))
+    features = _features(config, prepare_data(config))
     widths = [t.shape[1] for t in features["train"].taps]
 
     def own_head(width: int, dropout: float, lr: float, optimizer: str, batchnorm: bool) -> tuple[dict, np.ndarray]:
@@ -146,7 +152,7 @@ def test_trials_share_one_traced_head_per_width_bucket_and_train_as_their_own_he
     trainer = HeadTrainer(widths, max_width=256)
     assert [trainer.bucket(w) for w in (16, 17, 24, 32, 33, 200, 256)] == [16, 32, 32, 32, 64, 256, 256]
     references = {}  # the third trial is the first again (on the shared head, after another): one reference
-    for trial in [(24, 0.4, 3e-3, "adam", True), (20, 0.0, 1e-2, "adam", True), (24, 0.4, 3e-3, "adam", True),
+    for trial in [(24, 0.4, 3e-3, "adam", True), (20, 0.0, 5e-3, "adam", True), (24, 0.4, 3e-3, "adam", True),
                   (28, 0.2, 3e-2, "sgd", False)]:
         width, dropout, lr, optimizer, batchnorm = trial
         if trial not in references:

@@ -19,6 +19,7 @@ CALIBRATION_ARTIFACT = "evaluation/calibration.json"
 # Quality and out-of-distribution checks fitted on training and validation: the served model applies them.
 SCREENING_ARTIFACT = "evaluation/screening.npz"
 # A cross-validation's pooled out-of-fold predictions and its patient folds.
+PREDICTIONS_ARTIFACT = "evaluation/{split}_predictions.json"  # a split's images, labels and probabilities
 OOF_ARTIFACT = "cv/oof_predictions.csv"
 FOLDS_ARTIFACT = "cv/folds.csv"
 CV_STEP = "cv"  # the parent run's histoflow.step tag

@@ -45,6 +45,12 @@ ARCHIVES: dict[str, Archive] = {
         DATASET_DIRS["idc"], "idc", "https://www.kaggle.com/datasets/paultimothymooney/breast-histopathology-images"),
 }
 CONNECT_TIMEOUT_S = 20
+# data_dir=sample: the IDC patches shipped in the package (samples/README.md), for a first run without a download.
+SAMPLE = "sample"
+
+
+def sample_dir() -> Path:
+    return Path(__file__).parent / "samples" / "idc-sample"
 
 
 def archive_url(name: str) -> str:
@@ -181,7 +187,10 @@ def download(name: str, dest: str | os.PathLike | None = None, url: str = "", sh
 
 def ensure_dataset(data_dir: str | os.PathLike) -> Path:
     """data_dir, ready to read: a finished download or a folder of the user's as it is; an interrupted
-    download is redone, and the default folders (data/breakhis, data/idc) are downloaded when missing."""
+    download is redone, and the default folders (data/breakhis, data/idc) are downloaded when missing;
+    `sample` is the IDC sample shipped in the package."""
+    if str(data_dir).strip() == SAMPLE:
+        return sample_dir()
     path = Path(data_dir)
     state = download_state(path)
     if state is not None and state.get("state") == "complete":

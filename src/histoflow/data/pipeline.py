@@ -70,8 +70,8 @@ def _read_by_index(cached: CachedImages | None, paths: np.ndarray, image_size: i
                                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
 
 
-def _seed_view(image: tf.Tensor, view: tf.Tensor) -> tf.Tensor:
-    """The reports' copy `view` of an image: 0 the original, 1 rot90+flip, 2 rot180+flip."""
+def seed_view(image: tf.Tensor, view: tf.Tensor | int) -> tf.Tensor:
+    """The reports' copy `view` of an image (or of a batch): 0 the original, 1 rot90+flip, 2 rot180+flip."""
     return tf.cond(view == 0, lambda: image, lambda: tf.image.flip_left_right(tf.image.rot90(image, k=view)))
 
 
@@ -131,7 +131,7 @@ def make_dataset(
     augmenter = {"random": _random_augment, "hed": _hed_augment}.get(augment) if training else None
 
     def prepare(image, view, y):
-        image = scale(_seed_view(image, view) if views > 1 else image)
+        image = scale(seed_view(image, view) if views > 1 else image)
         return (augmenter(image) if augmenter else image), y
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -25,6 +25,7 @@ from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.modeling import checkpoints, distributed, evaluation, figures, resume
 from histoflow.modeling.architectures import build_baseline, build_cnn_lstm, build_fusion, compile_model, head_only
 from histoflow.modeling.calibration import Calibration
+from histoflow.modeling.features import CACHED_AUGMENT, copy_head, exact, head_dataset, head_model, load_or_extract
 from histoflow.modeling.fitting import (
     EpochMetrics,
     FitResult,
@@ -58,8 +59,10 @@ def stain_normalizer(config: TrainConfig, prepared: PreparedData) -> StainNormal
     return StainNormalizer(fit_reference(config.stain_norm, prepared.rows("train")["path"].tolist(), config.seed))
 
 
-def datasets(config: TrainConfig, prepared: PreparedData, stain: StainNormalizer | None = None):
-    """The train, validation and test pipelines (augmentation on the training split only)."""
+def datasets(config: TrainConfig, prepared: PreparedData, stain: StainNormalizer | None = None,
+             train: bool = True):
+    """The train, validation and test pipelines (augmentation on the training split only); without `train`,
+    None for the training split (a fit on cached features never reads its images)."""
     def part(name: str, training: bool, cached: bool):
         rows = prepared.rows(name)
         return make_dataset(rows["path"], rows["label"], config.image_size, config.batch_size,
@@ -67,7 +70,16 @@ def datasets(config: TrainConfig, prepared: PreparedData, stain: StainNormalizer
                             seed=config.seed, stain=stain,
                             cache_dir=local_folder(config.image_cache, "images") if cached else None)
     # Train and validation are read every epoch: from the disk cache. Test is read once: decoded as it streams.
-    return part("train", True, True), part("val", False, True), part("test", False, False)
+    return part("train", True, True) if train else None, part("val", False, True), part("test", False, False)
+
+
+def on_features(config: TrainConfig, phase: str) -> bool:
+    """Whether a phase ("warmup" or "fit") trains the head on cached features rather than on images."""
+    if not config.uses_backbone or config.feature_cache == "off" or distributed.cluster() is not None:
+        return False  # the workers of a cluster train in step on images
+    if phase == "warmup":  # the warm-up's point is a head fitted to the frozen features: the seed copies serve
+        return True
+    return config.unfrozen_blocks == 0 and (config.feature_cache == "on" or exact(config.augment))
 
 
 @dataclass(frozen=True)
@@ -82,25 +94,61 @@ class _TrainingSetup:
 
 def _training_setup(config: TrainConfig, prepared: PreparedData) -> _TrainingSetup:
     stain = stain_normalizer(config, prepared)
-    return _TrainingSetup(stain, datasets(config, prepared, stain), build(config),
+    train = not on_features(config, "fit")
+    return _TrainingSetup(stain, datasets(config, prepared, stain, train), build(config),
                          class_weights(prepared.rows("train")["label"].to_numpy(), config.class_weight))
 
 
-def warm_up_head(config: TrainConfig, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset,
-                 class_weight: dict[int, float] | None, checkpoint: Path | None) -> FitResult | None:
-    """`warmup_epochs` of the head alone on the frozen backbone (early stopping as in the fit), then the
-    model compiled again for fine-tuning its unfrozen stages at `learning_rate`; None without a warm-up.
-    Its epochs are logged as warmup_train_loss, warmup_val_loss, ... and checkpointed in the run's folder."""
+def fit_head_on_features(config: TrainConfig, model: keras.Model, prepared: PreparedData, stain: StainNormalizer,
+                         *, epochs: int, learning_rate: float, extra_callbacks: list[keras.callbacks.Callback],
+                         class_weight: dict[int, float] | None, checkpoint: Path | None) -> FitResult:
+    """The fusion head of `model` trained alone on its frozen backbone's cached features (extracted through
+    `model` on a miss), from the head's current weights, and put back into `model`. The same fit as on images
+    with a frozen backbone (the backbone's BatchNorm runs in inference mode either way), minus the backbone's
+    forward pass every epoch; evaluation then runs the whole model on the images."""
+    features = load_or_extract(config, prepared, local_folder(config.image_cache, "features"), stain, model)
+    print(f"backbone features {'read from' if features.hit else 'extracted into'} "
+          f"{features.path or 'memory'} ({features.seconds:.1f} s)", flush=True)
+    mlflow.set_tags({"feature_cache": "hit" if features.hit else "miss",
+                     "feature_cache.path": str(features.path or "")})
+    mlflow.log_metric("feature_cache_s", features.seconds)
+    if not exact(config.augment):
+        copies = CACHED_AUGMENT[config.augment]
+        mlflow.set_tag("histoflow.feature_cache.augment", f"{config.augment} trained as the {copies} copies, "
+                       "without colour jitter")
+    with precision_policy(config.mixed_precision):
+        head = compile_model(head_model(features.widths, config.fusion_width, config.dropout,
+                                        batchnorm=config.head_batchnorm), learning_rate, config.optimizer)
+    copy_head(model, head)
+    result = fit(head, head_dataset(features.splits["train"], config.batch_size, True, config.seed),
+                 head_dataset(features.splits["val"], config.batch_size, False, config.seed), epochs=epochs,
+                 extra_callbacks=extra_callbacks, class_weight=class_weight, patience=config.patience,
+                 lr_patience=config.lr_patience, checkpoint_dir=checkpoint)  # a head's test step traces in no time
+    copy_head(head, model)
+    return result
+
+
+def warm_up_head(config: TrainConfig, setup: _TrainingSetup, prepared: PreparedData,
+                 checkpoint: Path | None) -> FitResult | None:
+    """`warmup_epochs` of the head alone on the frozen backbone (early stopping as in the fit; on its cached
+    features unless feature_cache=off), then the model compiled again for fine-tuning its unfrozen stages at
+    `learning_rate`; None without a warm-up. Its epochs are logged as warmup_train_loss, warmup_val_loss, ...
+    and checkpointed in the run's folder."""
     if not config.warmup_epochs:
         return None
-    with head_only(model), model.distribute_strategy.scope():
-        compile_model(model, config.warmup_learning_rate, config.optimizer)
-        print(f"warm-up: {config.warmup_epochs} epochs of the head alone at {config.warmup_learning_rate:g}",
-              flush=True)
-        result = fit(model, train_ds, val_ds, epochs=config.warmup_epochs,
-                     extra_callbacks=[EpochMetrics(prefix="warmup_")], class_weight=class_weight,
-                     patience=config.patience, lr_patience=config.lr_patience,
-                     checkpoint_dir=checkpoint and checkpoint / checkpoints.WARMUP, inference_validation=True)
+    model, (train_ds, val_ds, _) = setup.model, setup.datasets
+    phase = {"epochs": config.warmup_epochs, "extra_callbacks": [EpochMetrics(prefix="warmup_")],
+             "class_weight": setup.class_weight}
+    warmup_checkpoint = checkpoint and checkpoint / checkpoints.WARMUP
+    print(f"warm-up: {config.warmup_epochs} epochs of the head alone at {config.warmup_learning_rate:g}", flush=True)
+    if on_features(config, "warmup"):
+        result = fit_head_on_features(config, model, prepared, setup.stain, checkpoint=warmup_checkpoint,
+                                      learning_rate=config.warmup_learning_rate, **phase)
+    else:
+        with head_only(model), model.distribute_strategy.scope():
+            compile_model(model, config.warmup_learning_rate, config.optimizer)
+            result = fit(model, train_ds, val_ds, patience=config.patience, lr_patience=config.lr_patience,
+                         checkpoint_dir=warmup_checkpoint, inference_validation=True, **phase)
     with model.distribute_strategy.scope():  # a new optimizer: its state belonged to the head alone
         compile_model(model, config.learning_rate, config.optimizer)
     print(f"warm-up done (best epoch {result.best_epoch}): fine-tuning {config.unfrozen_blocks} backbone stages "
@@ -232,11 +280,16 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     with tempfile.TemporaryDirectory() as tmp:
         # In the checkpoint, a resumed run's TensorBoard logs continue the interrupted run's.
         board = (checkpoint or Path(tmp)) / "tensorboard"
-        warm = warm_up_head(config, model, train_ds, val_ds, weights, checkpoint)
-        result = fit(model, train_ds, val_ds, epochs=config.epochs,
-                     extra_callbacks=[EpochMetrics(), tensorboard(board)], class_weight=weights,
-                     patience=config.patience, lr_patience=config.lr_patience, checkpoint_dir=checkpoint,
-                     inference_validation=True)
+        warm = warm_up_head(config, setup, prepared, checkpoint)
+        callbacks = [EpochMetrics(), tensorboard(board)]
+        if on_features(config, "fit"):
+            result = fit_head_on_features(config, model, prepared, stain, epochs=config.epochs,
+                                          learning_rate=config.learning_rate, extra_callbacks=callbacks,
+                                          class_weight=weights, checkpoint=checkpoint)
+        else:
+            result = fit(model, train_ds, val_ds, epochs=config.epochs, extra_callbacks=callbacks,
+                         class_weight=weights, patience=config.patience, lr_patience=config.lr_patience,
+                         checkpoint_dir=checkpoint, inference_validation=True)
         if board.is_dir():
             mlflow.log_artifacts(str(board), TENSORBOARD_ARTIFACT)
     if cluster:

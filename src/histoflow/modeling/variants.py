@@ -25,6 +25,7 @@ TTA_MODES = ("none", "dihedral8")
 # Where this machine keeps a run's files, not what the run does: neither logged nor compared on resume.
 LOCAL_FIELDS = ("image_cache", "checkpoint_dir", "resume")
 CALIBRATIONS = ("temperature", "none")
+FEATURE_CACHE_MODES = ("auto", "on", "off")
 THRESHOLD_POLICIES = ("argmax", "youden", "sensitivity:<0..1>", "specificity:<0..1>")
 def parse_threshold_policy(policy: str) -> tuple[str, float | None]:
     """'youden' -> ('youden', None); 'sensitivity:0.95' -> ('sensitivity', 0.95); ConfigError otherwise."""
@@ -57,6 +58,11 @@ class TrainConfig(DataConfig, RunTarget):
                                     "stages are fine-tuned with it (a random head's first gradients would "
                                     "otherwise reach the pretrained filters)")
     warmup_learning_rate: float = setting(1e-3, "the head warm-up's learning rate")
+    feature_cache: str = setting("auto", "train the head on the frozen backbone's features, computed once per image "
+                                         "and cached: auto (the head warm-up; and a frozen backbone's whole fit "
+                                         "when augment is none or seed, which the cache holds exactly), on (also "
+                                         "random and hed, trained as the seed copies without colour jitter) or "
+                                         "off (every epoch through the backbone)")
     fusion_width: int = setting(64, "units of each tap's dense layer in the fusion head")
     head_batchnorm: bool = setting(True, "BatchNormalization in the fusion head")
     dropout: float = setting(0.45, "dropout before the classifier")
@@ -77,9 +83,10 @@ class TrainConfig(DataConfig, RunTarget):
     tta: str = setting("none", "test-time augmentation of evaluation and of the served model: none or dihedral8 "
                                "(the mean over the 8 rotations and mirror images)")
     gradcam_per_class: int = setting(3, "test images per class in the Grad-CAM figure")
-    image_cache: str = setting(USER_CACHE, "where the training and validation images are kept once decoded "
-                                           "(default: <cache>/images, the user's cache folder or $HISTOFLOW_CACHE; "
-                                           "none: decode them every epoch)")
+    image_cache: str = setting(USER_CACHE, "where the training and validation images are kept once decoded, and "
+                                           "a frozen backbone's features (default: <cache>/images and "
+                                           "<cache>/features, the user's cache folder or $HISTOFLOW_CACHE; none: "
+                                           "decode them every epoch, features kept for the run only)")
     checkpoint_dir: str = setting(USER_CACHE, "where every epoch is saved until the run ends (default: "
                                               "<cache>/checkpoints; none: no checkpoints)")
     resume: str = setting("", "the id of a killed training run to continue from its last saved epoch")
@@ -120,6 +127,8 @@ class TrainConfig(DataConfig, RunTarget):
             (self.warmup_epochs == 0 or self.unfrozen_blocks > 0,
              "warmup_epochs needs unfrozen_blocks > 0: with a frozen backbone every epoch trains the head alone"),
             (0.0 < self.warmup_learning_rate < 1.0, "warmup_learning_rate must be in (0, 1)"),
+            (self.feature_cache in FEATURE_CACHE_MODES,
+             f"feature_cache must be one of {', '.join(FEATURE_CACHE_MODES)}; got {self.feature_cache!r}"),
             (1 <= self.fusion_width <= 4096, "fusion_width must be in 1..4096"),
             (1 <= self.batch_size <= 4096, "batch_size must be in 1..4096"),
             (self.epochs >= 1, "epochs must be >= 1"),
@@ -139,7 +148,7 @@ class TrainConfig(DataConfig, RunTarget):
 CNN_MODELS = {"baseline": "baseline_cnn", "augmented": "baseline_cnn", "cnn_lstm": "cnn_lstm"}
 # What only a model with a backbone has: the CNN variants neither take nor log these.
 BACKBONE_FIELDS = ("backbone", "weights", "alpha", "unfrozen_blocks", "warmup_epochs", "warmup_learning_rate",
-                   "fusion_width", "head_batchnorm")
+                   "feature_cache", "fusion_width", "head_batchnorm")
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     # The reports' CNN: Adam 1e-3, Dropout 0.5, no augmentation.
     "baseline": {"augment": "none", "learning_rate": 1e-3, "dropout": 0.5},

@@ -14,11 +14,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from histoflow import tracking
 from histoflow.artifacts import is_cross_validation
 from histoflow.registry.policy import Aliases, load_policy
-from histoflow.registry.selection import (
-    RegistryError,
-    best_run,
-    classifier_uri,
-)
+from histoflow.registry.selection import RegistryError, classifier_uri, select
 from histoflow.registry.settings import RegisterConfig, RollbackConfig
 
 
@@ -41,11 +37,13 @@ def alias_version(name: str, alias: str):
 
 def register(experiment: str, metric: str, name: str, aliases: Aliases, include_leaky: bool = False):
     """Register the best run's serving model under `name` and point the challenger alias at it."""
-    run = best_run(experiment, metric, include_leaky)
+    selection = select(experiment, metric, include_leaky)
+    run = selection.run
     uri = classifier_uri(run)
     tags = {k: run.data.tags.get(k, "") for k in ("variant", "model", "dataset.name", "dataset.digest",
                                                    "split_mode", "split_leaky")}
-    tags.update({"run_id": run.info.run_id, "selected_by": metric})
+    tags.update({"run_id": run.info.run_id, "selected_by": metric,
+                 "selection.tied_with": ",".join(r.info.run_id for r in selection.tied)})
     tags.update({f"metric.{k}": f"{v:.4f}" for k, v in run.data.metrics.items()
                  if k.startswith(("validation_", "test_")) or k.startswith("cv_") and k.endswith("_mean")})
     version = mlflow.register_model(uri, name, tags=tags)
@@ -57,8 +55,8 @@ def register(experiment: str, metric: str, name: str, aliases: Aliases, include_
     client.update_model_version(name, version.version, description=(
         f"{tags['variant']} ({tags['model']}) trained on {tags['dataset.name']} (digest {tags['dataset.digest']}, "
         f"{tags['split_mode']} split) in run {run.info.run_id}"
-        + (", the average of its fold models" if cv else "") + f"; selected by {metric} = "
-        f"{m.get(metric, float('nan')):.4f}. " + ("Held-out folds (mean)" if cv else "Test") + ": "
+        + (", the average of its fold models" if cv else "") + f"; {selection.describe()}. "
+        + ("Held-out folds (mean)" if cv else "Test") + ": "
         f"accuracy {test['accuracy']:.4f}, balanced accuracy {test['balanced_accuracy']:.4f}, "
         f"ROC AUC {test['roc_auc']:.4f}. Input: base64 image files; output: label, confidence, probabilities, "
         "threshold."))

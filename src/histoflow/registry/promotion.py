@@ -3,6 +3,11 @@
 Both models are evaluated with MLflow's evaluation API on the same images (the challenger's test
 split, or a folder), and `mlflow.validate_evaluation_results` applies the gate of the promotion policy
 (registry/gate.yaml); the decision is recorded on the version and as promotion/decision.json.
+
+A cross-validation's fold ensemble has no test split (every image trained some fold). Without a folder,
+its gate reads the cross-validation's out-of-fold predictions instead, each image predicted by the fold
+model that did not train on it: an estimate of the ensemble's, said so in the version's description; a
+champion is compared only when its own out-of-fold predictions cover the same images.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.models import make_metric
+from mlflow.models.evaluation import EvaluationResult
 from mlflow.models.evaluation.validation import ModelValidationFailedException
-from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_score, recall_score
 
 from histoflow import tracking
-from histoflow.artifacts import is_cross_validation
+from histoflow.artifacts import OOF_ARTIFACT, is_cross_validation
 from histoflow.data.discovery import discover
 from histoflow.errors import DataError
 from histoflow.registry.aliases import alias_version
@@ -58,12 +64,7 @@ def evaluation_data(version, data_dir: str = "", layout: str = "auto", max_image
         frame, classes = dataset.frame, dataset.class_names
         source = f"{dataset.root} (all {len(frame)} images, digest {dataset.digest})"
     else:
-        run = mlflow.get_run(version.run_id)
-        if is_cross_validation(run):
-            raise RegistryError(f"version {version.version} averages the fold models of cross-validation run "
-                                f"{version.run_id}: every image of its data was in some fold's training part, so "
-                                "there is no held-out split to evaluate it on; pass -P data_dir=<held-out folder>")
-        _, split, classes = run_split(run)
+        _, split, classes = run_split(mlflow.get_run(version.run_id))
         frame = split[split["split"] == "test"]
         if max_images:
             frame = frame.sample(n=min(max_images, len(frame)), random_state=seed)
@@ -96,6 +97,41 @@ def _evaluate(uri: str, data: pd.DataFrame, positive: str):
     )
 
 
+def _out_of_fold(run) -> pd.DataFrame:
+    """The first repeat's pooled out-of-fold rows (relpath, label, decision at the fold's threshold, ...)."""
+    oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=OOF_ARTIFACT))
+    return oof[oof["repeat"] == oof["repeat"].min()].sort_values("relpath", ignore_index=True)
+
+
+def _scores(frame: pd.DataFrame) -> EvaluationResult:
+    """The gated metrics of out-of-fold decisions, as MLflow's evaluation names them."""
+    y, called = frame["label"].to_numpy(), frame["predicted"].to_numpy()
+    return EvaluationResult(metrics={
+        "balanced_accuracy": float(balanced_accuracy_score(y, called)),
+        "recall_score": float(recall_score(y, called, zero_division=0)),
+        "precision_score": float(precision_score(y, called, zero_division=0)),
+        "accuracy_score": float(accuracy_score(y, called)), "f1_score": float(f1_score(y, called, zero_division=0))},
+        artifacts={})
+
+
+def _out_of_fold_results(name: str, challenger, champion) -> tuple[EvaluationResult, EvaluationResult | None, str]:
+    """The gate's inputs for a cross-validation's ensemble without held-out images: both models' out-of-fold
+    estimates on the same images, or the challenger's alone when there is no champion."""
+    oof = _out_of_fold(mlflow.get_run(challenger.run_id))
+    source = (f"out-of-fold predictions of cross-validation run {challenger.run_id} ({len(oof)} images, each "
+              "predicted by the fold model that did not train on it): an estimate of its fold ensemble's")
+    if champion is None:
+        return _scores(oof), None, source
+    theirs = mlflow.get_run(champion.run_id)
+    same = is_cross_validation(theirs) and (other := _out_of_fold(theirs))["relpath"].equals(oof["relpath"])
+    if not same:
+        raise RegistryError(f"version {challenger.version} of {name!r} averages the fold models of cross-validation "
+                            f"run {challenger.run_id}: every image of its data trained some fold, and the champion "
+                            f"(version {champion.version}) has no out-of-fold predictions of the same images to "
+                            "compare with; pass -P data_dir=<held-out folder>")
+    return _scores(oof), _scores(other), source
+
+
 def promote(name: str, policy: Policy, data_dir: str = "", layout: str = "auto", max_images: int = 0) -> dict:
     """Evaluate the challenger against the champion on the same images; move the champion alias only on a pass."""
     client = MlflowClient()
@@ -106,10 +142,15 @@ def promote(name: str, policy: Policy, data_dir: str = "", layout: str = "auto",
     champion = alias_version(name, aliases.champion)
     if champion is not None and champion.version == challenger.version:
         raise RegistryError(f"@{aliases.challenger} is already @{aliases.champion} (version {champion.version})")
-    data, classes, source = evaluation_data(challenger, data_dir, layout, max_images)
     roles = {f"@{aliases.challenger}": challenger, **({f"@{aliases.champion}": champion} if champion else {})}
-    _check_classes(name, roles, classes, source)
-    positive = classes[-1]
+    out_of_fold = not data_dir and is_cross_validation(mlflow.get_run(challenger.run_id))
+    if out_of_fold:
+        candidate, baseline, source = _out_of_fold_results(name, challenger, champion)
+        positive = model_classes(f"models:/{name}/{challenger.version}")[-1]
+    else:
+        data, classes, source = evaluation_data(challenger, data_dir, layout, max_images)
+        _check_classes(name, roles, classes, source)
+        positive = classes[-1]
     with mlflow.start_run(run_name=f"promote-{name}-v{challenger.version}") as active:
         # Before the evaluations: a parameter MLflow refuses fails the command before minutes of work.
         tracking.log_new_params({"name": name, "data_dir": data_dir, "layout": layout, "max_images": max_images,
@@ -117,13 +158,13 @@ def promote(name: str, policy: Policy, data_dir: str = "", layout: str = "auto",
         mlflow.set_tags({"histoflow.step": "promote", "model_name": name,
                          "challenger_version": challenger.version,
                          "champion_version": champion.version if champion else ""})
-        # One nested run per model: MLflow's evaluation logs the same metric names for both.
-        with mlflow.start_run(run_name=f"challenger-v{challenger.version}", nested=True):
-            candidate = _evaluate(f"models:/{name}/{challenger.version}", data, positive)
-        baseline = None
-        if champion is not None:
-            with mlflow.start_run(run_name=f"champion-v{champion.version}", nested=True):
-                baseline = _evaluate(f"models:/{name}/{champion.version}", data, positive)
+        if not out_of_fold:  # one nested run per model: MLflow's evaluation logs the same metric names for both
+            with mlflow.start_run(run_name=f"challenger-v{challenger.version}", nested=True):
+                candidate = _evaluate(f"models:/{name}/{challenger.version}", data, positive)
+            baseline = None
+            if champion is not None:
+                with mlflow.start_run(run_name=f"champion-v{champion.version}", nested=True):
+                    baseline = _evaluate(f"models:/{name}/{champion.version}", data, positive)
         scores = {"challenger": {k: float(candidate.metrics[k]) for k in GATED}}
         if baseline is not None:
             scores["champion"] = {k: float(baseline.metrics[k]) for k in GATED}
@@ -156,6 +197,11 @@ def promote(name: str, policy: Policy, data_dir: str = "", layout: str = "auto",
             "promotion.run_id": record["promote_run_id"],
             "promotion.against": champion.version if champion else "none"}
     tags.update({f"promotion.{role}.{k}": f"{v:.4f}" for role, values in scores.items() for k, v in values.items()})
+    if out_of_fold:
+        tags["promotion.estimate"] = "out-of-fold"
+        client.update_model_version(name, challenger.version, description=(
+            f"{challenger.description or ''} Promotion {decision} on the cross-validation's out-of-fold estimate "
+            f"(no held-out images: {source})").strip())
     for key, value in tags.items():
         client.set_model_version_tag(name, challenger.version, key, value)
     print(f"{name} version {challenger.version}: {decision} ({reason.splitlines()[0][:200]})")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
@@ -15,6 +16,7 @@ from histoflow.artifacts import (
     CALIBRATION_ARTIFACT,
     CLASSIFIER_ARTIFACT,
     OOF_ARTIFACT,
+    PREDICTIONS_ARTIFACT,
     SCREENING_ARTIFACT,
     SPLIT_TABLE,
     STAIN_ARTIFACT,
@@ -23,6 +25,7 @@ from histoflow.artifacts import (
 from histoflow.data.stain import NO_STAIN_NORMALIZATION
 from histoflow.errors import HistoflowError
 from histoflow.modeling.calibration import Calibration, choose_threshold
+from histoflow.modeling.metrics import INTERVAL_METRICS, paired_patient_bootstrap, patient_bootstrap
 from histoflow.registry.settings import DEFAULT_METRIC, check_selection_metric
 
 
@@ -30,9 +33,40 @@ class RegistryError(HistoflowError):
     """The registry is not in a state the operation needs (no run, no challenger, nothing to roll back)."""
 
 
-def best_run(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool = False):
-    """The finished run of the experiment with the highest validation metric: a training run (validation_*)
-    or a cross-validation (cv_validation_*_mean; folds of a cross-validation are not candidates)."""
+# Candidates compared with the best for a tie: beyond these, a run's metric is far enough below to matter.
+TIE_CANDIDATES = 20
+TIE_RULE = ("runs whose difference from the best lies inside its 95 % interval are ties, and the cheapest to serve "
+            "(parameters x pixels x networks x TTA views) of them is chosen, then the earliest")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen run, and the runs it was tied with (the best by the metric first, when another was chosen)."""
+
+    run: object
+    metric: str
+    tied: tuple = ()
+
+    def describe(self) -> str:
+        """The selection in words, for the registered version's description."""
+        value = self.run.data.metrics[self.metric]
+        if not self.tied:
+            return f"selected by {self.metric} = {value:.4f}"
+        others = ", ".join(f"{r.info.run_id} ({r.data.metrics[self.metric]:.4f})" for r in self.tied)
+        return (f"selected by {self.metric} = {value:.4f}, tied with {others}: {TIE_RULE}; serving cost "
+                f"{serving_cost(self.run):.3g} against {', '.join(f'{serving_cost(r):.3g}' for r in self.tied)}")
+
+
+def serving_cost(run) -> float:
+    """A run's cost per served image, roughly: parameters x input pixels x networks (a cross-validation's
+    ensemble has one per fold) x test-time augmentation views. Only runs are compared by it, not machines."""
+    params, metrics = run.data.params, run.data.metrics
+    networks = int(params.get("folds", 1)) if is_cross_validation(run) else 1
+    views = 8 if params.get("tta", "none") == "dihedral8" else 1
+    return metrics.get("n_params", float("inf")) * int(params.get("image_size", 0)) ** 2 * networks * views
+
+
+def _candidates(experiment: str, metric: str, include_leaky: bool) -> list:
     check_selection_metric(metric)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
@@ -40,14 +74,80 @@ def best_run(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool 
     query = f"attributes.status = 'FINISHED' and metrics.{metric} >= 0"
     if not include_leaky:
         query += " and tags.split_leaky = 'false'"
-    # Ties (frequent on small validation sets) go to the earliest run, so that the choice is reproducible.
     order = [f"metrics.{metric} DESC", "attributes.start_time ASC"]
     runs = [r for r in mlflow.search_runs([exp.experiment_id], query, order_by=order, output_format="list")
             if "cv.parent_run_id" not in r.data.tags]  # a cross-validation's folds are parts of one result
     if not runs:
         raise RegistryError(f"experiment {experiment!r} has no finished training run with metric {metric!r}"
                             + ("" if include_leaky else " on a patient split (include_leaky to allow image splits)"))
-    return runs[0]
+    return runs
+
+
+def predictions(run, split: str) -> pd.DataFrame | None:
+    """What a training run's evaluation logged for a split (relpath, patient, label, probability_malignant,
+    probability_uncalibrated), or None when it logged none."""
+    artifact = PREDICTIONS_ARTIFACT.format(split=split)
+    if not _has_artifact(run, artifact):
+        return None
+    table = MlflowClient().load_table(run.info.experiment_id, artifact, [run.info.run_id])
+    return table.drop(columns=["run_id"], errors="ignore")
+
+
+def _validation_predictions(run) -> pd.DataFrame | None:
+    return predictions(run, "validation")
+
+
+def _tied(best, other, metric: str, best_predictions: pd.DataFrame | None) -> bool:
+    """Whether `other`'s metric is inside the 95 % interval of the difference from the best's.
+
+    A cross-validation's mean: inside the best's t-interval over folds. A training run's validation metric:
+    the paired patient bootstrap of the difference where both runs scored the same validation images (ROC AUC,
+    balanced accuracy), else the best's own patient bootstrap interval. A run without what that needs is no tie.
+    """
+    name = metric.removeprefix("cv_validation_").removesuffix("_mean").removeprefix("validation_")
+    if metric.startswith("cv_"):
+        low = best.data.metrics.get(f"cv_validation_{name}_ci_low")
+        return low is not None and other.data.metrics[metric] >= low
+    mine = _validation_predictions(other)
+    if best_predictions is None or mine is None:
+        return False
+    a, b = (_decisions(run, table) for run, table in ((best, best_predictions), (other, mine)))
+    same = len(a) == len(b) and (a["relpath"].to_numpy() == b["relpath"].to_numpy()).all()
+    if same and name in ("roc_auc", "balanced_accuracy"):
+        paired = paired_patient_bootstrap(a["patient"], a["label"], np.zeros(len(a)),
+                                          (a["probability_malignant"], a["decision"]),
+                                          (b["probability_malignant"], b["decision"]))
+        return name in paired and paired[name][1] <= 0.0
+    if name not in INTERVAL_METRICS:
+        return False
+    probabilities = np.stack([1 - a["probability_malignant"], a["probability_malignant"]], axis=1)
+    low, _ = patient_bootstrap(a["patient"], a["label"].to_numpy(), probabilities, run_calibration(best).threshold,
+                               names=(name,))[name]
+    return bool(np.isfinite(low)) and other.data.metrics[metric] >= low
+
+
+def _decisions(run, table: pd.DataFrame) -> pd.DataFrame:
+    threshold = run_calibration(run).threshold
+    return table.sort_values("relpath", ignore_index=True).assign(
+        decision=lambda t: (t["probability_malignant"] >= threshold).astype(int))
+
+
+def select(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool = False) -> Selection:
+    """The run to register: among the finished runs of the experiment (training runs by validation_*,
+    cross-validations by cv_validation_*_mean; folds are not candidates), the best by the metric, unless
+    others are tied with it (TIE_RULE): a difference inside the noise of a validation split is no reason to
+    serve a costlier model, and picking by it picks by chance."""
+    runs = _candidates(experiment, metric, include_leaky)
+    best = runs[0]
+    predictions = None if metric.startswith("cv_") else _validation_predictions(best)
+    tied = [best] + [r for r in runs[1:TIE_CANDIDATES] if _tied(best, r, metric, predictions)]
+    chosen = min(tied, key=lambda r: (serving_cost(r), r.info.start_time))
+    return Selection(chosen, metric, tuple(r for r in tied if r is not chosen))
+
+
+def best_run(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool = False):
+    """The run `select` chooses."""
+    return select(experiment, metric, include_leaky).run
 
 
 def run_split(run) -> tuple[Path, pd.DataFrame, list[str]]:

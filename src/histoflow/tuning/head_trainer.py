@@ -6,42 +6,20 @@ CPU, twice the training), so trials share traced heads (HeadTrainer) and one cos
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from histoflow.modeling.architectures import compile_model, fusion_head
+from histoflow.modeling.architectures import compile_model
+from histoflow.modeling.features import head_model
 from histoflow.modeling.fitting import set_seeds
-from histoflow.tuning.feature_cache import SplitFeatures
 
 # Head steps take a few milliseconds, so the Python round trip of one step per call is a tenth of a
 # trial; 32 steps per call cut it (the arithmetic and the results are the same).
 HEAD_STEPS_PER_EXECUTION = 32
-
-
-def head_model(widths: Sequence[int], fusion_width: int, dropout: float, num_classes: int = 2,
-               dropout_layer: Callable[..., keras.layers.Layer] = keras.layers.Dropout,
-               batchnorm: bool = True) -> keras.Model:
-    """The fusion head alone, on pooled tap vectors.
-
-    Its inputs carry the names of the full model's pooling layers, so every layer name matches
-    build_fusion's and weights move between the two by name.
-    """
-    inputs = [keras.Input((width,), name=f"fusion{i}_gap") for i, width in enumerate(widths, start=1)]
-    return keras.Model(inputs, fusion_head(inputs, fusion_width, dropout, num_classes, dropout_layer, batchnorm),
-                       name="fusion_head")
-
-
-def head_dataset(part: SplitFeatures, batch_size: int, training: bool, seed: int,
-                 num_classes: int = 2) -> tf.data.Dataset:
-    """Batches of (tap vectors, one-hot labels); shuffled every epoch when training, as the image pipeline."""
-    ds = tf.data.Dataset.from_tensor_slices((part.taps, tf.one_hot(part.labels, num_classes)))
-    if training:
-        ds = ds.shuffle(len(part), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 class VariableRateDropout(keras.layers.Layer):

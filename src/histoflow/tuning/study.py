@@ -1,6 +1,6 @@
 """Optuna tuning of the fusion head over the search space of tuning/search_space.yaml, then one full run.
 
-Trials train the head alone on cached backbone features (histoflow.tuning.feature_cache, .head_trainer),
+Trials train the head alone on cached backbone features (histoflow.modeling.features, histoflow.tuning.head_trainer),
 each as an MLflow run nested under the study's run. The best parameters are then trained as an
 ordinary run of the variant (histoflow.modeling.training_run), ready for `register`.
 
@@ -29,14 +29,15 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import KerasPruningCallback
 
 from histoflow import tracking
+from histoflow.config import local_folder
 from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.errors import ConfigError
 from histoflow.modeling import distributed, training_run
+from histoflow.modeling.features import CachedFeatures, cache_key, head_dataset, load_or_extract
 from histoflow.modeling.fitting import EpochMetrics, class_weights, fit
 from histoflow.modeling.variants import TrainConfig
 from histoflow.tuning import workers
-from histoflow.tuning.feature_cache import CachedFeatures, cache_key, load_or_extract
-from histoflow.tuning.head_trainer import HeadTrainer, head_dataset
+from histoflow.tuning.head_trainer import HeadTrainer
 from histoflow.tuning.search_space import SearchSpace
 from histoflow.tuning.settings import MAX_FUSION_WIDTH, METRICS, STUDY_FIELDS, TuneConfig
 from histoflow.tuning.workers import COUNTED, STATE_TAGS
@@ -219,6 +220,12 @@ def _final_run(config: TuneConfig, best: FrozenTrial, study_name: str, parent_ru
     return run_id
 
 
+def study_features(config: TuneConfig, prepared: PreparedData) -> CachedFeatures:
+    """The study's cached features (extracted into `cache_dir` on the first call)."""
+    return load_or_extract(config.train, prepared, local_folder(config.cache_dir, "features"),
+                           training_run.stain_normalizer(config.train, prepared))
+
+
 def run(config: TuneConfig) -> TuneResult:
     """Run (or resume) the study as an MLflow parent run, then train the best parameters in full."""
     distributed.refuse_cluster("tune")
@@ -226,7 +233,7 @@ def run(config: TuneConfig) -> TuneResult:
     prepared = prepare_data(config.train, config.train.split_table)
     digest = prepared.dataset.digest
     study = open_study(config, digest, cache_key(config.train, digest))  # a bad storage fails early
-    features = load_or_extract(config.train, prepared, config.cache_dir)
+    features = study_features(config, prepared)
     finished_before = len(study.get_trials(deepcopy=False, states=tuple(STATE_TAGS)))
     counted = len(study.get_trials(deepcopy=False, states=COUNTED))
     new_trials = max(0, config.n_trials - counted)
