@@ -389,11 +389,10 @@ def scoring_server(classifier, tiny_store):
 
     model_dir, _ = classifier
     port = free_port()
-    process = subprocess.Popen(
+    process = start_server(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_dir, "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_TRACKING_URI": tiny_store[1]}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        env={**os.environ, "MLFLOW_TRACKING_URI": tiny_store[1]})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{url}/ping", process)
@@ -403,6 +402,16 @@ def scoring_server(classifier, tiny_store):
         process.wait(timeout=30)
 
 
+def start_server(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    """A server process in its own session, its stderr in a file: a pipe nobody reads blocks the server once it
+    holds 64 KB (MLflow prints a progress line per model file as it starts; uvicorn logs every request)."""
+    log = tempfile.NamedTemporaryFile(prefix="histoflow-server-", suffix=".log", delete=False)  # noqa: SIM115
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    process.log_path = Path(log.name)
+    log.close()
+    return process
+
+
 def wait_for(url: str, process, timeout: float = 120.0) -> None:
     import time
     import urllib.request
@@ -410,7 +419,9 @@ def wait_for(url: str, process, timeout: float = 120.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            said = process.stderr.read()[-3000:] if process.stderr else ""
+            log = getattr(process, "log_path", None)
+            said = log.read_text(errors="replace")[-3000:] if log else (process.stderr.read()[-3000:]
+                                                                           if process.stderr else "")
             raise RuntimeError(f"server exited with {process.returncode}: {said}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:

@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import free_port, wait_for
+from conftest import free_port, start_server, wait_for
 from histoflow.errors import ConfigError
 from histoflow.serving.requests import encode_file
 from histoflow.serving.settings import AppConfig
@@ -121,8 +121,7 @@ def page(scoring_server):
     port = free_port()
     env = {**os.environ, "PORT": str(port), "SCORING_URL": f"{scoring_server}/invocations",
            "GRADIO_ANALYTICS_ENABLED": "False", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = start_server(command, env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, process, timeout=180)

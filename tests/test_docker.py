@@ -43,6 +43,7 @@ def test_generated_dockerfile_bakes_the_model_in(build_dir):
     model_dir = build_dir / "model_dir"
     assert any(p.suffix == ".keras" for p in (model_dir / "artifacts").iterdir())
     assert (model_dir / "code" / "histoflow" / "data" / "images.py").is_file()  # the training preprocessing
+    assert not (model_dir / "code" / "histoflow" / "data" / "samples").exists()  # the sample images stay out
     assert (model_dir / "model_code.py").is_file()
     requirements = (model_dir / "requirements.txt").read_text()
     assert re.search(r"^tensorflow(-cpu)?==", requirements, re.M) and "pillow==" in requirements

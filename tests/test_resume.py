@@ -15,7 +15,7 @@ import keras
 import mlflow
 import pytest
 
-from conftest import BREAKHIS, free_port, new_sqlite_database, wait_for
+from conftest import BREAKHIS, free_port, new_sqlite_database, start_server, wait_for
 from histoflow.errors import ConfigError
 from histoflow.modeling import training_run
 from histoflow.modeling.variants import make_train_config
@@ -109,11 +109,10 @@ class _Server:
         self.root, self.port, self.relay_port = root, free_port(), free_port()
         new_sqlite_database(root / "server.db")
         self.uri = f"http://127.0.0.1:{self.relay_port}"
-        self.process = subprocess.Popen(
+        self.process = start_server(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True)
+             "--workers", "1"])
         self.listener: socket.socket | None = None
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()

@@ -19,6 +19,8 @@ import base64
 import io
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -268,26 +270,35 @@ def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_
     for reference in stains:
         check_method(reference.get("method", "none"))
     example = pd.DataFrame({INPUT_COLUMN: [encode_file(example_image)]})
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(MODEL_CODE),
-        artifacts={**{f"keras_model_{i}": str(path) for i, path in enumerate(keras_paths)},
-                   **{f"screening_{i}": str(path) for i, path in enumerate(checks) if path}},
-        model_config={"class_names": list(class_names), "image_size": int(image_size),
-                      "calibration": calibration.to_dict(),
-                      "members": [{"temperature": t, "stain": ref}
-                                  for t, ref in zip(temperatures, stains, strict=True)],
-                      "tta": tta},
-        code_paths=[str(Path(histoflow.__file__).parent)],
-        signature=signature(tta),
-        input_example=example,
-        pip_requirements=pinned_requirements(*SERVING_PACKAGES),
-        metadata={"class_names": list(class_names), "image_size": int(image_size), **calibration.to_dict(),
-                  "members": len(keras_paths), "tta": tta,
-                  "stain_norm": sorted({ref.get("method", "none") for ref in stains}),
-                  "input": f"base64 image files (PNG, JPEG, TIFF, BMP), column {INPUT_COLUMN!r}, at most "
-                           f"{MAX_IMAGES_PER_REQUEST} and {MAX_REQUEST_CHARS:,} base64 characters per request, "
-                           f"{MAX_PIXELS:,} pixels per image; params: tta (none or dihedral8), explain (true: "
-                           "Grad-CAM overlays)",
-                  **(metadata or {})},
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(MODEL_CODE),
+            artifacts={**{f"keras_model_{i}": str(path) for i, path in enumerate(keras_paths)},
+                       **{f"screening_{i}": str(path) for i, path in enumerate(checks) if path}},
+            model_config={"class_names": list(class_names), "image_size": int(image_size),
+                          "calibration": calibration.to_dict(),
+                          "members": [{"temperature": t, "stain": ref}
+                                      for t, ref in zip(temperatures, stains, strict=True)],
+                          "tta": tta},
+            code_paths=[_package_code(Path(histoflow.__file__).parent, Path(tmp))],
+            signature=signature(tta),
+            input_example=example,
+            pip_requirements=pinned_requirements(*SERVING_PACKAGES),
+            metadata={"class_names": list(class_names), "image_size": int(image_size), **calibration.to_dict(),
+                      "members": len(keras_paths), "tta": tta,
+                      "stain_norm": sorted({ref.get("method", "none") for ref in stains}),
+                      "input": f"base64 image files (PNG, JPEG, TIFF, BMP), column {INPUT_COLUMN!r}, at most "
+                               f"{MAX_IMAGES_PER_REQUEST} and {MAX_REQUEST_CHARS:,} base64 characters per request, "
+                               f"{MAX_PIXELS:,} pixels per image; params: tta (none or dihedral8), explain (true: "
+                               "Grad-CAM overlays)",
+                      **(metadata or {})},
+        )
+
+
+def _package_code(package: Path, folder: Path) -> str:
+    """A copy of this package for the model's code, without what serving never reads: the sample images that
+    ship for a first training run (`data_dir=sample`), and compiled files."""
+    target = folder / package.name
+    shutil.copytree(package, target, ignore=shutil.ignore_patterns("samples", "__pycache__"))
+    return str(target)
