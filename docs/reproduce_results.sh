@@ -6,7 +6,8 @@
 set -euo pipefail
 SHARED=${SHARED:-../shared}
 export KERAS_HOME=${KERAS_HOME:-$PWD/.keras-home}      # MobileNet ImageNet weights, offline
-mkdir -p "$KERAS_HOME/models" && cp -n "$SHARED"/keras-weights/*.h5 "$KERAS_HOME/models/"
+# MobileNet only: the DenseNet121 file is passed by path (its bytes fail the MD5 Keras checks in its folder).
+mkdir -p "$KERAS_HOME/models" && cp -n "$SHARED"/keras-weights/mobilenet*.h5 "$KERAS_HOME/models/"
 run() { mlflow run . --env-manager local "$@"; }
 BH="-P data_dir=$SHARED/data/breakhis"
 IDC="-P data_dir=$SHARED/data/idc -P image_size=50"   # IDC patches are 50x50: no upsampling
@@ -76,12 +77,13 @@ fi
 # backbone frozen: the head trains on the taps cached once per image and image size (shared by the folds),
 # 50 epochs with patience 10 (seconds each). The same folds as the rows above (seed 42), so compare pairs them.
 DENSENET_WEIGHTS="$SHARED/keras-weights/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
-DN="-P variant=densenet -P weights=$DENSENET_WEIGHTS -P unfrozen_blocks=0 -P augment=none -P learning_rate=1e-3"
+DN="-P variant=densenet -P weights=$DENSENET_WEIGHTS -P unfrozen_blocks=0 -P augment=none -P learning_rate=1e-3 -P head_batchnorm=false"
 DCV="-e cv -P folds=5 -P epochs=50 -P patience=10 -P lr_patience=5 -P gradcam_per_class=1"
 if is cv-densenet-breakhis; then
   run --experiment-name results-cv-breakhis $BH $DCV $DN -P image_size=224
   run --experiment-name results-cv-breakhis $BH $DCV $DN -P image_size=128
   run --experiment-name results-cv-breakhis $BH $DCV $DN -P image_size=224 -P augment=seed
+  run --experiment-name results-cv-breakhis $BH $DCV ${DN/head_batchnorm=false/head_batchnorm=true} -P image_size=224
   # The best earlier row again (same folds, same settings), for the paired comparison.
   run --experiment-name results-cv-breakhis $BH -P image_size=96 $CV -P variant=augmented
 fi
