@@ -20,6 +20,7 @@ colour jitter (CACHED_AUGMENT), and a run trained on them says so (histoflow.mod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -73,7 +74,7 @@ class SplitFeatures:
 @dataclass(frozen=True)
 class CachedFeatures:
     path: Path | None  # None: computed without a cache folder (image_cache=none)
-    key: str  # the features' identity for this split: store entry + split assignment
+    key: str  # the features' identity for this split (cache_key)
     hit: bool
     splits: dict[str, SplitFeatures]
     seconds: float  # spent extracting (miss) or loading (hit)
@@ -88,8 +89,15 @@ def _weights_identity(weights: str) -> str:
     path = Path(weights).expanduser()
     if weights in ("imagenet", "none", "None", "") or not path.is_file():
         return weights
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Once per file and version in a process: a store lookup and a study's key both need it (29 MB for DenseNet)."""
     sha = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             sha.update(block)
     return "sha256:" + sha.hexdigest()
@@ -115,13 +123,14 @@ def _hash(fields: object) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def cache_key(config: TrainConfig, digest: str) -> str:
-    """The identity of a split's features (a tuning study is tied to it): the store's settings and the split's."""
-    return _hash({"format": FORMAT_VERSION, "dataset_digest": digest, "backbone": config.backbone,
+def cache_key(config: TrainConfig, prepared: PreparedData) -> str:
+    """The identity of a split's features (a tuning study is tied to it): what the store's entry depends on that
+    is known before the stain reference is fitted, and the split assignment itself."""
+    return _hash({"format": FORMAT_VERSION, "dataset_digest": prepared.dataset.digest, "backbone": config.backbone,
                   "weights": _weights_identity(config.weights), "alpha": config.alpha,
                   "image_size": config.image_size, "augment": CACHED_AUGMENT[config.augment],
-                  "stain_norm": config.stain_norm, "split": config.split, "val_fraction": config.val_fraction,
-                  "test_fraction": config.test_fraction, "seed": config.seed})
+                  "stain_norm": config.stain_norm,
+                  "assignment": prepared.frame[["relpath", "split"]].to_numpy().tolist()})
 
 
 def extractor(config: TrainConfig, model: keras.Model | None = None) -> keras.Model:
@@ -205,9 +214,7 @@ def load_or_extract(config: TrainConfig, prepared: PreparedData, cache_dir: Path
         if path is not None:
             _save(path, store, fields)
     splits = {s: store.split(prepared.rows(s), training=s == "train") for s in SPLITS}
-    assignment = _hash(prepared.frame[["relpath", "split"]].to_numpy().tolist())
-    return CachedFeatures(path, _hash([cache_key(config, digest), assignment]), hit, splits,
-                          time.perf_counter() - start)
+    return CachedFeatures(path, cache_key(config, prepared), hit, splits, time.perf_counter() - start)
 
 
 def head_model(widths: Sequence[int], fusion_width: int, dropout: float, num_classes: int = 2,

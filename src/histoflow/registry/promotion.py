@@ -114,10 +114,11 @@ def _scores(frame: pd.DataFrame) -> EvaluationResult:
         artifacts={})
 
 
-def _out_of_fold_results(name: str, challenger, champion) -> tuple[EvaluationResult, EvaluationResult | None, str]:
-    """The gate's inputs for a cross-validation's ensemble without held-out images: both models' out-of-fold
-    estimates on the same images, or the challenger's alone when there is no champion."""
-    oof = _out_of_fold(mlflow.get_run(challenger.run_id))
+def _out_of_fold_results(name: str, challenger, run, champion) -> tuple[EvaluationResult, EvaluationResult | None,
+                                                                        str]:
+    """The gate's inputs for a cross-validation's ensemble (`run`) without held-out images: both models'
+    out-of-fold estimates on the same images, or the challenger's alone when there is no champion."""
+    oof = _out_of_fold(run)
     source = (f"out-of-fold predictions of cross-validation run {challenger.run_id} ({len(oof)} images, each "
               "predicted by the fold model that did not train on it): an estimate of its fold ensemble's")
     if champion is None:
@@ -143,9 +144,10 @@ def promote(name: str, policy: Policy, data_dir: str = "", layout: str = "auto",
     if champion is not None and champion.version == challenger.version:
         raise RegistryError(f"@{aliases.challenger} is already @{aliases.champion} (version {champion.version})")
     roles = {f"@{aliases.challenger}": challenger, **({f"@{aliases.champion}": champion} if champion else {})}
-    out_of_fold = not data_dir and is_cross_validation(mlflow.get_run(challenger.run_id))
+    source_run = mlflow.get_run(challenger.run_id)
+    out_of_fold = not data_dir and is_cross_validation(source_run)
     if out_of_fold:
-        candidate, baseline, source = _out_of_fold_results(name, challenger, champion)
+        candidate, baseline, source = _out_of_fold_results(name, challenger, source_run, champion)
         positive = model_classes(f"models:/{name}/{challenger.version}")[-1]
     else:
         data, classes, source = evaluation_data(challenger, data_dir, layout, max_images)

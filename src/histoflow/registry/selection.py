@@ -93,12 +93,9 @@ def predictions(run, split: str) -> pd.DataFrame | None:
     return table.drop(columns=["run_id"], errors="ignore")
 
 
-def _validation_predictions(run) -> pd.DataFrame | None:
-    return predictions(run, "validation")
-
-
-def _tied(best, other, metric: str, best_predictions: pd.DataFrame | None) -> bool:
-    """Whether `other`'s metric is inside the 95 % interval of the difference from the best's.
+def _tied(best, other, metric: str, a: pd.DataFrame | None) -> bool:
+    """Whether `other`'s metric is inside the 95 % interval of the difference from the best's (`a`: the best's
+    validation decisions, _decisions).
 
     A cross-validation's mean: inside the best's t-interval over folds. A training run's validation metric:
     the paired patient bootstrap of the difference where both runs scored the same validation images (ROC AUC,
@@ -108,10 +105,9 @@ def _tied(best, other, metric: str, best_predictions: pd.DataFrame | None) -> bo
     if metric.startswith("cv_"):
         low = best.data.metrics.get(f"cv_validation_{name}_ci_low")
         return low is not None and other.data.metrics[metric] >= low
-    mine = _validation_predictions(other)
-    if best_predictions is None or mine is None:
+    b = _decisions(other)
+    if a is None or b is None:
         return False
-    a, b = (_decisions(run, table) for run, table in ((best, best_predictions), (other, mine)))
     same = len(a) == len(b) and (a["relpath"].to_numpy() == b["relpath"].to_numpy()).all()
     if same and name in ("roc_auc", "balanced_accuracy"):
         paired = paired_patient_bootstrap(a["patient"], a["label"], np.zeros(len(a)),
@@ -121,15 +117,21 @@ def _tied(best, other, metric: str, best_predictions: pd.DataFrame | None) -> bo
     if name not in INTERVAL_METRICS:
         return False
     probabilities = np.stack([1 - a["probability_malignant"], a["probability_malignant"]], axis=1)
-    low, _ = patient_bootstrap(a["patient"], a["label"].to_numpy(), probabilities, run_calibration(best).threshold,
+    low, _ = patient_bootstrap(a["patient"], a["label"].to_numpy(), probabilities, a.attrs["threshold"],
                                names=(name,))[name]
     return bool(np.isfinite(low)) and other.data.metrics[metric] >= low
 
 
-def _decisions(run, table: pd.DataFrame) -> pd.DataFrame:
+def _decisions(run) -> pd.DataFrame | None:
+    """A run's validation predictions in relpath order with its served decision (its threshold in attrs)."""
+    table = predictions(run, "validation")
+    if table is None:
+        return None
     threshold = run_calibration(run).threshold
-    return table.sort_values("relpath", ignore_index=True).assign(
+    frame = table.sort_values("relpath", ignore_index=True).assign(
         decision=lambda t: (t["probability_malignant"] >= threshold).astype(int))
+    frame.attrs["threshold"] = threshold
+    return frame
 
 
 def select(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool = False) -> Selection:
@@ -139,8 +141,8 @@ def select(experiment: str, metric: str = DEFAULT_METRIC, include_leaky: bool = 
     serve a costlier model, and picking by it picks by chance."""
     runs = _candidates(experiment, metric, include_leaky)
     best = runs[0]
-    predictions = None if metric.startswith("cv_") else _validation_predictions(best)
-    tied = [best] + [r for r in runs[1:TIE_CANDIDATES] if _tied(best, r, metric, predictions)]
+    decisions = None if metric.startswith("cv_") else _decisions(best)  # once, not per candidate
+    tied = [best] + [r for r in runs[1:TIE_CANDIDATES] if _tied(best, r, metric, decisions)]
     chosen = min(tied, key=lambda r: (serving_cost(r), r.info.start_time))
     return Selection(chosen, metric, tuple(r for r in tied if r is not chosen))
 

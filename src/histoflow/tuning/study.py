@@ -232,7 +232,7 @@ def run(config: TuneConfig) -> TuneResult:
     tracking.configure(config.train.experiment)  # first: a tracking server that is down fails before any work
     prepared = prepare_data(config.train, config.train.split_table)
     digest = prepared.dataset.digest
-    study = open_study(config, digest, cache_key(config.train, digest))  # a bad storage fails early
+    study = open_study(config, digest, cache_key(config.train, prepared))  # a bad storage fails early
     features = study_features(config, prepared)
     finished_before = len(study.get_trials(deepcopy=False, states=tuple(STATE_TAGS)))
     counted = len(study.get_trials(deepcopy=False, states=COUNTED))
