@@ -53,6 +53,18 @@ def test_densenet_fusion_head_structure():
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_the_fusion_ablation_keeps_the_last_tap_alone_under_its_own_name():
+    model = build_fusion("mobilenet", 64, weights="none", alpha=0.5, fusion_width=8, taps="last")
+    names = {layer.name for layer in model.layers}
+    assert {"fusion3_gap", "fusion3_dense", "fusion3_bn"} <= names
+    assert not {n for n in names if n.startswith(("fusion1", "fusion2"))}
+    assert model.get_layer("fusion3_gap")._inbound_nodes[0].parent_nodes[0].operation.name == \
+        BACKBONES["mobilenet"].taps[-1]
+    assert model.get_layer("head_dense").input.shape[-1] == 8  # one tap's branch feeds the head
+    with pytest.raises(ConfigError, match="fusion_taps must be one of all, last"):
+        build_fusion("mobilenet", 64, weights="none", alpha=0.5, taps="first")
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_has_its_three_taps(name):
     size = max(BACKBONES[name].min_size, 96)

@@ -218,7 +218,7 @@ def test_a_study_s_workers_then_register_promote_and_serve_through_the_team_serv
     monkeypatch.chdir(tmp_path)
     settings = {**TUNE, "storage": postgres_database(postgres_url, "optuna"), "cache_dir": str(tmp_path / "cache")}
     config = make_tune_config("transfer", **settings)
-    tuning.study_features(config, prepare_data(config.train))  # once, not in every worker
+    tuning.study_features(config, tuning.study_parts(config, prepare_data(config.train)))  # once, not per worker
 
     final = _check_workers(_tune_with_workers(settings, tmp_path), settings["storage"], tmp_path)
     # The gate's floors are tests/test_registry.py's: here any challenger is promoted (no champion yet).

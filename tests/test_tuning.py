@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -106,14 +107,47 @@ def test_study_runs_nested_trials_prunes_resumes_and_caches(tracking_uri, keras_
     assert finals == [] and "optuna.final_run_id" not in parent.data.tags  # final=false: the trials only
 
 
-def test_head_on_cached_vectors_is_the_full_models_head(keras_home):
-    config = make_train_config("transfer", **{**DATA, "max_images": 40})
+@pytest.mark.slow
+def test_a_study_on_folds_scores_each_trial_on_the_folds_validation_patients_and_cross_validates_the_best(
+        tracking_uri, keras_home, tmp_path):
+    client = MlflowClient()
+    config = _config(tmp_path, n_trials=2, folds=2, study_name="tune-folds", trial_epochs=2)
+    parts = tuning.study_parts(config, prepare_data(config.train))
+    result = tuning.run(config)
+    assert result.new_trials == 2 and result.final_run_id is not None
+
+    # Each trial: one head per fold, judged on that fold's inner validation patients; its value their mean.
+    for run in _children(result.parent_run_id):
+        history = client.get_metric_history(run.info.run_id, "fold_val_auc")
+        assert [m.step for m in history] == [0, 1]
+        assert run.data.metrics["final_val_auc"] == pytest.approx(np.mean([m.value for m in history]))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "fold1_val_auc")] == [0, 1]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # one extraction shared by the folds
+    assert client.get_run(result.parent_run_id).data.params["folds"] == "2"
+
+    # The best parameters cross-validated on the very folds: the patients a trial was judged on are each
+    # fold's validation patients, never its held-out ones.
+    final = client.get_run(result.final_run_id)
+    assert final.data.tags["histoflow.step"] == "cv" and final.data.params["folds"] == "2"
+    assert float(final.data.params["learning_rate"]) == result.best_trial.params["learning_rate"]
+    assert "cv_test_roc_auc_mean" in final.data.metrics
+    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=final.info.run_id, artifact_path="cv/folds.csv"))
+    for k, part in enumerate(parts):
+        fold = folds[folds["fold"] == k].set_index("relpath")["split"]
+        assert fold.loc[part.frame["relpath"]].tolist() == part.frame["split"].tolist()
+
+
+@pytest.mark.parametrize("taps,numbers", [("all", (1, 2, 3)), ("last", (3,))])
+def test_head_on_cached_vectors_is_the_full_models_head(keras_home, taps, numbers):
+    config = make_train_config("transfer", **{**DATA, "max_images": 40, "fusion_taps": taps})
     prepared = prepare_data(config)
     frame = prepared.frame
     features = _features(config, prepared)
     assert len(features["train"]) == 3 * (frame["split"] == "train").sum()  # the seed copies of each image
-    full = build_fusion("mobilenet", 32, "imagenet", fusion_width=24, dropout=0.3, alpha=0.75, unfrozen_blocks=0)
-    head = head_model([t.shape[1] for t in features["val"].taps], 24, 0.3)
+    assert features["val"].numbers == numbers and len(features["val"].taps) == len(numbers)
+    full = build_fusion("mobilenet", 32, "imagenet", fusion_width=24, dropout=0.3, alpha=0.75, unfrozen_blocks=0,
+                        taps=taps)
+    head = head_model([t.shape[1] for t in features["val"].taps], 24, 0.3, numbers=numbers)
     for layer in head.layers:  # the same layer names: weights move across by name
         if layer.weights:
             layer.set_weights(full.get_layer(layer.name).get_weights())
@@ -208,6 +242,8 @@ def test_a_study_resumes_only_on_the_same_features_and_space(tmp_path):
     ("transfer", {"sampler": "grid"}, "sampler must be one of tpe, random"),
     ("transfer", {"pruner": "hyperband"}, "pruner must be one of median, none"),
     ("transfer", {"metric": "test_auc"}, "metric must be one of"),
+    ("transfer", {"folds": "21"}, "folds must be 1 .one split. or in 2..20"),
+    ("transfer", {"folds": "5", "split": "image"}, "tune with folds cross-validates by patient"),
     ("transfer", {"learning_rate": "1e-3"}, "learning_rate: searched by the study"),
     ("transfer", {"fusion_width": "32", "dropout": "0.1"}, "dropout, fusion_width: searched by the study"),
     ("transfer", {"search_space": "no/such/space.yaml"}, "search space file no/such/space.yaml not found"),

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from histoflow.errors import ConfigError, WeightsError
-from histoflow.modeling.catalog import ALPHA_BACKBONES, BACKBONE_BLOCKS, BACKBONES, OPTIMIZERS
+from histoflow.modeling.catalog import ALPHA_BACKBONES, BACKBONE_BLOCKS, BACKBONES, FUSION_TAPS, OPTIMIZERS
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype="float32")
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype="float32")
@@ -166,8 +166,12 @@ def build_fusion(
     unfrozen_blocks: int = BACKBONE_BLOCKS,
     head_batchnorm: bool = True,
     num_classes: int = 2,
+    taps: str = "all",
 ) -> keras.Model:
     """Backbone taps -> (GAP -> Dense(fusion_width) -> BN) each, concat -> Dense 16 -> BN -> Dropout -> softmax.
+
+    taps: which taps the head fuses (FUSION_TAPS): all of them, the seeds' multi-scale fusion, or the last
+    block's alone (the ablation); a tap's layers keep its number, fusion3_* being the deepest's either way.
 
     unfrozen_blocks: how many of the backbone's stages are trained, counted from the top; the stages
     end at the taps (strides 8, 16, 32): 0 freezes the backbone, 1 trains what follows the second tap,
@@ -205,10 +209,11 @@ def build_fusion(
         _explain_imagenet_failure(exc, backbone, image_size, alpha)
         raise
     _unfreeze(base, spec.taps, unfrozen_blocks, pretrained=resolved is not None)
-    pooled = [keras.layers.GlobalAveragePooling2D(name=f"fusion{i}_gap")(base.get_layer(tap).output)
-              for i, tap in enumerate(spec.taps, start=1)]
-    return keras.Model(inputs, fusion_head(pooled, fusion_width, dropout, num_classes, batchnorm=head_batchnorm),
-                       name=f"{backbone}_fusion")
+    numbers = tap_numbers(taps, len(spec.taps))
+    pooled = [keras.layers.GlobalAveragePooling2D(name=f"fusion{i}_gap")(base.get_layer(spec.taps[i - 1]).output)
+              for i in numbers]
+    return keras.Model(inputs, fusion_head(pooled, fusion_width, dropout, num_classes, batchnorm=head_batchnorm,
+                                           numbers=numbers), name=f"{backbone}_fusion")
 
 
 def _upstream(model: keras.Model, name: str) -> set[str]:
@@ -257,20 +262,28 @@ def head_only(model: keras.Model) -> Iterator[keras.Model]:
             layer.trainable = flags[layer.name]
 
 
+def tap_numbers(taps: str, n_taps: int) -> tuple[int, ...]:
+    """The numbers (1 = finest) of the taps a head fuses: `all` of a backbone's `n_taps`, or the `last` alone."""
+    if taps not in FUSION_TAPS:
+        raise ConfigError(f"fusion_taps must be one of {', '.join(FUSION_TAPS)}; got {taps!r}")
+    return tuple(range(1, n_taps + 1)) if taps == "all" else (n_taps,)
+
+
 def fusion_head(pooled: Sequence[keras.KerasTensor], fusion_width: int, dropout: float,
                 num_classes: int = 2, dropout_layer: Callable[..., keras.layers.Layer] = keras.layers.Dropout,
-                batchnorm: bool = True) -> keras.KerasTensor:
+                batchnorm: bool = True, numbers: Sequence[int] | None = None) -> keras.KerasTensor:
     """(Dense(fusion_width) [-> BN]) per pooled tap, concat -> Dense 16 [-> BN] -> Dropout -> softmax.
 
     The one definition of the head: build_fusion puts it on the backbone's pooled taps, tuning on
     cached pooled vectors (histoflow.tuning.head_trainer), so a tuned head is the head the full model
     trains. Tuning swaps in a dropout whose rate is a variable (``dropout_layer``), the same operation.
+    ``numbers``: the taps' numbers, which name their layers (default 1, 2, ...).
     """
     def normalised(x: keras.KerasTensor, name: str) -> keras.KerasTensor:
         return keras.layers.BatchNormalization(name=name)(x) if batchnorm else x
 
     branches = [normalised(keras.layers.Dense(fusion_width, activation="relu", name=f"fusion{i}_dense")(x),
-                           f"fusion{i}_bn") for i, x in enumerate(pooled, start=1)]
+                           f"fusion{i}_bn") for i, x in zip(numbers or range(1, len(pooled) + 1), pooled, strict=True)]
     x = keras.layers.Concatenate(name="fusion_concat")(branches)
     x = normalised(keras.layers.Dense(16, activation="relu", name="head_dense")(x), "head_bn")
     x = dropout_layer(dropout, name="head_dropout")(x)

@@ -54,6 +54,9 @@ BACKBONES: dict[str, Backbone] = {
         ("block4_sepconv2_bn", "block13_sepconv2_bn", "block14_sepconv2_act"),
         "tf", 71, "xception_weights_tf_dim_ordering_tf_kernels_notop.h5"),
 }
+# Which of a backbone's taps the fusion head fuses: every one (the seeds' multi-scale fusion), or the last
+# block's alone (its ablation).
+FUSION_TAPS = ("all", "last")
 BACKBONE_BLOCKS = 3  # stages that unfrozen_blocks counts, from the top: the layers after each tap but the last
 ALPHA_BACKBONES = {"mobilenet": (0.25, 0.5, 0.75, 1.0), "mobilenet_v2": (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)}
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")

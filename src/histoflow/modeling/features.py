@@ -41,7 +41,7 @@ from histoflow.data.splits import SPLITS
 from histoflow.data.stain import StainNormalizer
 from histoflow.data.step import PreparedData
 from histoflow.modeling import inference
-from histoflow.modeling.architectures import build_fusion, fusion_head
+from histoflow.modeling.architectures import build_fusion, fusion_head, tap_numbers
 from histoflow.modeling.catalog import BACKBONES
 from histoflow.modeling.variants import TrainConfig
 from histoflow.progress import progress
@@ -64,8 +64,9 @@ def exact(augment: str) -> bool:
 
 @dataclass(frozen=True)
 class SplitFeatures:
-    taps: tuple[np.ndarray, ...]  # one (images, channels) float32 array per tap, finest first
+    taps: tuple[np.ndarray, ...]  # one (images, channels) float32 array per tap the head fuses, finest first
     labels: np.ndarray  # integer class per row
+    numbers: tuple[int, ...]  # the taps' numbers in the backbone (1 = finest): what their head layers are named
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,6 +83,10 @@ class CachedFeatures:
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(t.shape[1] for t in self.splits["train"].taps)
+
+    @property
+    def numbers(self) -> tuple[int, ...]:
+        return self.splits["train"].numbers
 
 
 def _weights_identity(weights: str) -> str:
@@ -130,15 +135,20 @@ def cache_key(config: TrainConfig, prepared: PreparedData) -> str:
                   "weights": _weights_identity(config.weights), "alpha": config.alpha,
                   "image_size": config.image_size, "augment": CACHED_AUGMENT[config.augment],
                   "stain_norm": config.stain_norm,
+                  # the taps only when not all: the keys of the studies and runs before the setting stay valid
+                  **({} if config.fusion_taps == "all" else {"taps": config.fusion_taps}),
                   "assignment": prepared.frame[["relpath", "split"]].to_numpy().tolist()})
 
 
 def extractor(config: TrainConfig, model: keras.Model | None = None) -> keras.Model:
-    """The fusion model (`model`, or a new one of `config`) cut at its pooled taps: the exact inputs its head
-    gets. A run's own model saves building the backbone twice; its backbone must still hold `config.weights`."""
+    """The fusion model (`model`, or a new one of `config`) cut at every one of its backbone's taps, pooled:
+    the exact inputs a head gets, whichever taps it fuses (pooling has no weights, so the store holds them all
+    and any head reads its own). A run's own model saves building the backbone twice; its backbone must still
+    hold `config.weights`."""
     model = model or build_fusion(config.backbone, config.image_size, config.weights, fusion_width=1, dropout=0.0,
                                   alpha=config.alpha, unfrozen_blocks=0)
-    taps = [model.get_layer(f"fusion{i}_gap").output for i in range(1, len(BACKBONES[config.backbone].taps) + 1)]
+    taps = [keras.layers.GlobalAveragePooling2D(name=f"tap{i}_gap")(model.get_layer(tap).output)
+            for i, tap in enumerate(BACKBONES[config.backbone].taps, start=1)]
     return keras.Model(model.input, taps, name=f"{config.backbone}_taps")
 
 
@@ -149,16 +159,17 @@ class _Store:
     relpaths: np.ndarray
     taps: tuple[np.ndarray, ...]
 
-    def split(self, rows: pd.DataFrame, training: bool) -> SplitFeatures:
-        """The split's rows; a training split as each of its copies, in make_dataset's order (row k is copy
-        k % views of image k // views), so that the same shuffle visits the same copies in the same order."""
+    def split(self, rows: pd.DataFrame, training: bool, numbers: tuple[int, ...]) -> SplitFeatures:
+        """The split's rows, of the taps `numbers`; a training split as each of its copies, in make_dataset's
+        order (row k is copy k % views of image k // views), so that the same shuffle visits the same copies
+        in the same order."""
         position = pd.Index(self.relpaths).get_indexer(rows["relpath"])
         if (position < 0).any():
             raise KeyError(f"{int((position < 0).sum())} images are not in the feature store")
         views = self.taps[0].shape[0] if training else 1
         labels = np.repeat(rows["label"].to_numpy(dtype="int32"), views)
         return SplitFeatures(tuple(t[:views, position].transpose(1, 0, 2).reshape(-1, t.shape[-1])
-                                   for t in self.taps), labels)
+                                   for t in (self.taps[i - 1] for i in numbers)), labels, numbers)
 
 
 def extract(config: TrainConfig, frame: pd.DataFrame, stain: StainNormalizer,
@@ -213,21 +224,23 @@ def load_or_extract(config: TrainConfig, prepared: PreparedData, cache_dir: Path
         store = extract(config, prepared.frame, stain, network)
         if path is not None:
             _save(path, store, fields)
-    splits = {s: store.split(prepared.rows(s), training=s == "train") for s in SPLITS}
+    numbers = tap_numbers(config.fusion_taps, len(store.taps))
+    splits = {s: store.split(prepared.rows(s), s == "train", numbers) for s in SPLITS}
     return CachedFeatures(path, cache_key(config, prepared), hit, splits, time.perf_counter() - start)
 
 
 def head_model(widths: Sequence[int], fusion_width: int, dropout: float, num_classes: int = 2,
                dropout_layer: Callable[..., keras.layers.Layer] = keras.layers.Dropout,
-               batchnorm: bool = True) -> keras.Model:
-    """The fusion head alone, on pooled tap vectors.
+               batchnorm: bool = True, numbers: Sequence[int] | None = None) -> keras.Model:
+    """The fusion head alone, on pooled tap vectors (of the taps `numbers`, default 1, 2, ...).
 
     Its inputs carry the names of the full model's pooling layers, so every layer name matches
     build_fusion's and weights move between the two by name (copy_head).
     """
-    inputs = [keras.Input((width,), name=f"fusion{i}_gap") for i, width in enumerate(widths, start=1)]
-    return keras.Model(inputs, fusion_head(inputs, fusion_width, dropout, num_classes, dropout_layer, batchnorm),
-                       name="fusion_head")
+    numbers = tuple(numbers or range(1, len(widths) + 1))
+    inputs = [keras.Input((width,), name=f"fusion{i}_gap") for i, width in zip(numbers, widths, strict=True)]
+    return keras.Model(inputs, fusion_head(inputs, fusion_width, dropout, num_classes, dropout_layer, batchnorm,
+                                           numbers), name="fusion_head")
 
 
 def copy_head(source: keras.Model, target: keras.Model) -> None:

@@ -46,7 +46,8 @@ def build(config: TrainConfig, within: tf.distribute.Strategy | None = None) -> 
     with (within or strategy()).scope(), precision_policy(config.mixed_precision):
         if config.uses_backbone:
             model = build_fusion(config.backbone, config.image_size, config.weights, config.fusion_width,
-                                 config.dropout, config.alpha, config.unfrozen_blocks, config.head_batchnorm)
+                                 config.dropout, config.alpha, config.unfrozen_blocks, config.head_batchnorm,
+                                 taps=config.fusion_taps)
         elif config.variant == "cnn_lstm":
             model = build_cnn_lstm(config.image_size, config.dropout)
         else:
@@ -118,7 +119,8 @@ def fit_head_on_features(config: TrainConfig, model: keras.Model, prepared: Prep
                        "without colour jitter")
     with precision_policy(config.mixed_precision):
         head = compile_model(head_model(features.widths, config.fusion_width, config.dropout,
-                                        batchnorm=config.head_batchnorm), learning_rate, config.optimizer)
+                                        batchnorm=config.head_batchnorm, numbers=features.numbers),
+                             learning_rate, config.optimizer)
     copy_head(model, head)
     result = fit(head, head_dataset(features.splits["train"], config.batch_size, True, config.seed),
                  head_dataset(features.splits["val"], config.batch_size, False, config.seed), epochs=epochs,

@@ -14,7 +14,7 @@ from typing import Any
 from histoflow.config import RUN_TARGET_FIELDS, USER_CACHE, RunTarget, require, setting, typed_params
 from histoflow.data.settings import AUGMENTATIONS, STAIN_METHODS, DataConfig
 from histoflow.errors import ConfigError
-from histoflow.modeling.catalog import ALPHA_BACKBONES, BACKBONE_BLOCKS, BACKBONES, OPTIMIZERS
+from histoflow.modeling.catalog import ALPHA_BACKBONES, BACKBONE_BLOCKS, BACKBONES, FUSION_TAPS, OPTIMIZERS
 
 VARIANTS = ("baseline", "augmented", "cnn_lstm", "densenet", "transfer")
 # The variants built on a pretrained backbone: they have the fusion head, and features to cache for tuning.
@@ -65,6 +65,8 @@ class TrainConfig(DataConfig, RunTarget):
                                          "off (every epoch through the backbone)")
     fusion_width: int = setting(64, "units of each tap's dense layer in the fusion head")
     head_batchnorm: bool = setting(True, "BatchNormalization in the fusion head")
+    fusion_taps: str = setting("all", "the backbone taps the head fuses: all (multi-scale fusion) or last (the "
+                                      "deepest block alone, the fusion's ablation)")
     dropout: float = setting(0.45, "dropout before the classifier")
     optimizer: str = setting("adam", f"the optimizer: {', '.join(OPTIMIZERS)}")
     learning_rate: float = setting(1e-5, "the optimizer's learning rate")
@@ -130,6 +132,7 @@ class TrainConfig(DataConfig, RunTarget):
             (self.feature_cache in FEATURE_CACHE_MODES,
              f"feature_cache must be one of {', '.join(FEATURE_CACHE_MODES)}; got {self.feature_cache!r}"),
             (1 <= self.fusion_width <= 4096, "fusion_width must be in 1..4096"),
+            (self.fusion_taps in FUSION_TAPS, f"fusion_taps must be one of {', '.join(FUSION_TAPS)}"),
             (1 <= self.batch_size <= 4096, "batch_size must be in 1..4096"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.patience >= 1 and self.lr_patience >= 1, "patience and lr_patience must be >= 1"),
@@ -148,7 +151,7 @@ class TrainConfig(DataConfig, RunTarget):
 CNN_MODELS = {"baseline": "baseline_cnn", "augmented": "baseline_cnn", "cnn_lstm": "cnn_lstm"}
 # What only a model with a backbone has: the CNN variants neither take nor log these.
 BACKBONE_FIELDS = ("backbone", "weights", "alpha", "unfrozen_blocks", "warmup_epochs", "warmup_learning_rate",
-                   "feature_cache", "fusion_width", "head_batchnorm")
+                   "feature_cache", "fusion_width", "head_batchnorm", "fusion_taps")
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     # The reports' CNN: Adam 1e-3, Dropout 0.5, no augmentation.
     "baseline": {"augment": "none", "learning_rate": 1e-3, "dropout": 0.5},

@@ -69,8 +69,10 @@ class HeadTrainer:
     The optimizer and BatchNorm in the head change the traced step: each pair has its own buckets.
     """
 
-    def __init__(self, widths: Sequence[int], max_width: int, num_classes: int = 2) -> None:
+    def __init__(self, widths: Sequence[int], max_width: int, num_classes: int = 2,
+                 numbers: Sequence[int] | None = None) -> None:
         self.widths, self.max_width, self.num_classes = tuple(widths), max_width, num_classes
+        self.numbers = tuple(numbers or range(1, len(self.widths) + 1))  # the taps' numbers: their layers' names
         self.models: dict[tuple[int, str, bool], keras.Model] = {}
 
     def bucket(self, fusion_width: int) -> int:
@@ -84,11 +86,13 @@ class HeadTrainer:
         key = (self.bucket(fusion_width), optimizer, batchnorm)
         if key not in self.models:
             self.models[key] = compile_model(
-                head_model(self.widths, key[0], 0.0, self.num_classes, VariableRateDropout, batchnorm), learning_rate,
+                head_model(self.widths, key[0], 0.0, self.num_classes, VariableRateDropout, batchnorm, self.numbers),
+                learning_rate,
                 optimizer, steps_per_execution=HEAD_STEPS_PER_EXECUTION)
         model = self.models[key]
         set_seeds(seed)  # after any new bucket: its construction must not shift the trial's random draws
-        narrow = head_model(self.widths, fusion_width, dropout, self.num_classes, batchnorm=batchnorm)
+        narrow = head_model(self.widths, fusion_width, dropout, self.num_classes, batchnorm=batchnorm,
+                            numbers=self.numbers)
         n_taps = len(self.widths)
         for layer in model.layers:
             if isinstance(layer, VariableRateDropout):

@@ -28,7 +28,7 @@ from histoflow.modeling.variants import TrainConfig
 
 DEFAULT_SEARCH_SPACE = "tuning/search_space.yaml"
 # What a trial on cached features can vary: the head, its optimizer and its batches.
-SEARCHABLE = ("learning_rate", "dropout", "fusion_width", "optimizer", "batch_size", "head_batchnorm")
+SEARCHABLE = ("learning_rate", "dropout", "fusion_width", "optimizer", "batch_size", "head_batchnorm", "class_weight")
 # What only the final run uses: the trials see the frozen backbone's features whatever it is.
 FINAL_RUN_ONLY = ("unfrozen_blocks",)
 RANGE_KEYS = {"low", "high", "log", "step"}

@@ -35,6 +35,9 @@ class TuneConfig:
     pruner: str = setting("median", f"Optuna's pruner: {', '.join(PRUNERS)}")
     metric: str = setting("val_auc", f"what trials are ranked by: {', '.join(METRICS)}")
     trial_epochs: int = setting(20, "epochs of each trial (the head alone, on cached features)")
+    folds: int = setting(1, "1: trials are scored on the run's validation split and the best trained as one run; "
+                            "2..20: on the inner validation splits of the cv entry point's patient folds (the "
+                            "mean), and the best cross-validated on those folds")
     cache_dir: str = setting(USER_CACHE, "where the backbone's features are kept (default: <cache>/features)")
     heartbeat_interval: int = setting(60, "seconds between a running trial's heartbeats (0: none)")
     grace_period: int = setting(0, "seconds without a heartbeat before a trial's worker counts as dead (0: twice "
@@ -52,6 +55,10 @@ class TuneConfig:
             (self.pruner in PRUNERS, f"pruner must be one of {', '.join(PRUNERS)}; got {self.pruner!r}"),
             (self.metric in METRICS, f"metric must be one of {', '.join(METRICS)}; got {self.metric!r}"),
             (self.trial_epochs >= 1, "trial_epochs must be >= 1"),
+            (self.folds == 1 or 2 <= self.folds <= 20, f"folds must be 1 (one split) or in 2..20; got {self.folds}"),
+            (self.folds == 1 or self.train.split == "patient",
+             "tune with folds cross-validates by patient: split must be patient"),
+            (self.folds == 1 or not self.train.split_table, "tune with folds makes its own folds: no split_table"),
             (bool(self.storage.strip()), "storage must be a SQLAlchemy URL, e.g. sqlite:///optuna.db"),
             (self.cache_dir.strip().lower() != FOLDER_OFF,
              "cache_dir must be a folder: trials train on cached features"),

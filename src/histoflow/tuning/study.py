@@ -4,6 +4,12 @@ Trials train the head alone on cached backbone features (histoflow.modeling.feat
 each as an MLflow run nested under the study's run. The best parameters are then trained as an
 ordinary run of the variant (histoflow.modeling.training_run), ready for `register`.
 
+With ``folds`` > 1 a trial is scored on the cv entry point's patient folds instead of one split: its head is
+trained once per fold and judged on that fold's inner validation patients (never its held-out ones), the value
+the mean; the best parameters are then cross-validated on the same folds (histoflow.modeling.cross_validation),
+so `register` compares a CV mean whose held-out folds no trial has seen. On a few dozen patients one
+validation split of ~10 ranks trials by noise; five of them average it.
+
 ``n_trials`` is the study's total: a run on an existing study (same study_name and storage) adds
 only the trials still missing, so re-running an interrupted command finishes it, and a larger
 n_trials extends the study. Complete and pruned trials count; failed ones are retried. Workers on
@@ -22,6 +28,7 @@ from dataclasses import dataclass, replace
 import keras
 import matplotlib.pyplot as plt
 import mlflow
+import numpy as np
 import optuna
 import sqlalchemy
 from mlflow.tracking import MlflowClient
@@ -30,12 +37,13 @@ from optuna_integration import KerasPruningCallback
 
 from histoflow import tracking
 from histoflow.config import local_folder
+from histoflow.data.splits import cv_folds
 from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.errors import ConfigError
-from histoflow.modeling import distributed, training_run
+from histoflow.modeling import cross_validation, distributed, training_run
 from histoflow.modeling.features import CachedFeatures, cache_key, head_dataset, load_or_extract
 from histoflow.modeling.fitting import EpochMetrics, class_weights, fit
-from histoflow.modeling.variants import TrainConfig
+from histoflow.modeling.variants import CVConfig, TrainConfig
 from histoflow.tuning import workers
 from histoflow.tuning.head_trainer import HeadTrainer
 from histoflow.tuning.search_space import SearchSpace
@@ -95,49 +103,67 @@ def open_study(config: TuneConfig, digest: str, key: str) -> optuna.Study:
     return study
 
 
-def _train_head(config: TuneConfig, features: CachedFeatures, trainer: HeadTrainer, trial_config: TrainConfig,
-                trial: optuna.Trial, epoch_metrics: EpochMetrics) -> float:
-    """Fit the head on the cached vectors; the value is the metric at the epoch early stopping keeps."""
+def _train_head(config: TuneConfig, parts: list[CachedFeatures], trainer: HeadTrainer, trial_config: TrainConfig,
+                trial: optuna.Trial) -> float:
+    """Fit the head on each part's cached vectors (one split, or one per fold); a part's value is the metric at
+    the epoch early stopping keeps, the trial's their mean. With folds the pruner judges the running mean after
+    each fold (per-epoch reports of different folds would not be comparable)."""
     t = trial_config
-    # The same seed for every trial: differences come from the parameters.
-    model = trainer.start(t.fusion_width, t.dropout, t.learning_rate, t.seed, t.optimizer, t.head_batchnorm)
-    train_part, val_part = features.splits["train"], features.splits["val"]
-    result = fit(model, head_dataset(train_part, t.batch_size, True, t.seed),
-                 head_dataset(val_part, t.batch_size, False, t.seed), epochs=config.trial_epochs,
-                 extra_callbacks=[epoch_metrics, KerasPruningCallback(trial, config.metric)],
-                 class_weight=class_weights(train_part.labels, t.class_weight), patience=t.patience,
-                 lr_patience=t.lr_patience)
-    mlflow.log_metrics({"train_time_s": result.seconds, "best_epoch": result.best_epoch,
-                        "epochs_run": result.epochs_run})
-    # The epoch of lowest val_loss: the weights the full run's early stopping would keep.
-    return result.history[config.metric][result.best_epoch - 1]
+    values, seconds, best_epochs, epochs_run = [], 0.0, [], []
+    for k, features in enumerate(parts):
+        folded = len(parts) > 1
+        epoch_metrics = EpochMetrics(batched=True, prefix=f"fold{k}_" if folded else "")
+        pruning = [] if folded else [KerasPruningCallback(trial, config.metric)]
+        # The same seed for every trial (and fold): differences come from the parameters.
+        model = trainer.start(t.fusion_width, t.dropout, t.learning_rate, t.seed, t.optimizer, t.head_batchnorm)
+        train_part, val_part = features.splits["train"], features.splits["val"]
+        try:
+            result = fit(model, head_dataset(train_part, t.batch_size, True, t.seed),
+                         head_dataset(val_part, t.batch_size, False, t.seed), epochs=config.trial_epochs,
+                         extra_callbacks=[epoch_metrics, *pruning],
+                         class_weight=class_weights(train_part.labels, t.class_weight), patience=t.patience,
+                         lr_patience=t.lr_patience)
+        finally:
+            epoch_metrics.flush()  # also the epochs of a trial the pruner stopped
+        # The epoch of lowest val_loss: the weights the full run's early stopping would keep.
+        values.append(result.history[config.metric][result.best_epoch - 1])
+        seconds += result.seconds
+        best_epochs.append(result.best_epoch)
+        epochs_run.append(result.epochs_run)
+        if folded:
+            mean = float(np.mean(values))
+            mlflow.log_metric(f"fold_{config.metric}", values[-1], step=k)
+            trial.report(mean, k)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"mean {config.metric} {mean:.4f} after {k + 1} of {len(parts)} folds")
+    mlflow.log_metrics({"train_time_s": seconds, "best_epoch": float(np.mean(best_epochs)),
+                        "epochs_run": float(np.mean(epochs_run))})
+    if len(parts) > 1:
+        mlflow.log_metric(f"std_{config.metric}", float(np.std(values, ddof=1)))
+    return float(np.mean(values))
 
 
-def objective(config: TuneConfig, features: CachedFeatures, study_name: str) -> Callable[[optuna.Trial], float]:
-    """One trial: the head trained on the cached features, as a nested MLflow run of the active one."""
+def objective(config: TuneConfig, parts: list[CachedFeatures], study_name: str) -> Callable[[optuna.Trial], float]:
+    """One trial: the head trained on the cached features (of each fold), as a nested MLflow run of the active one."""
     keras.backend.clear_session()  # earlier studies' graphs in this process
-    trainer = HeadTrainer(features.widths, MAX_FUSION_WIDTH)
+    trainer = HeadTrainer(parts[0].widths, MAX_FUSION_WIDTH, numbers=parts[0].numbers)
 
     def run_trial(trial: optuna.Trial) -> float:
         params = config.space.suggest(trial)
         trial.set_user_attr("worker", workers.worker_id())  # who to look for when it goes stale
         pruned: optuna.TrialPruned | None = None
-        epoch_metrics = EpochMetrics(batched=True)
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.set_tags({"histoflow.step": "tune-trial", "optuna.study_name": study_name,
                              "optuna.trial_number": str(trial.number)})
             mlflow.log_params({**params, "trial_epochs": config.trial_epochs})
             try:
-                value = _train_head(config, features, trainer, replace(config.train, **params), trial,
-                                    epoch_metrics)
+                value = _train_head(config, parts, trainer, replace(config.train, **params), trial)
             except optuna.TrialPruned as exc:
                 pruned = exc  # raised after the run closes: a pruned trial is a finished run, not a failed one
             except BaseException:
                 mlflow.set_tag("state", STATE_TAGS[TrialState.FAIL])
                 raise
-            finally:
-                epoch_metrics.flush()  # also the epochs of a trial the pruner stopped
             if pruned is not None:
                 state = TrialState.PRUNED
             else:  # Optuna fails a trial whose value is NaN (e.g. AUC of a one-class validation split)
@@ -151,20 +177,22 @@ def objective(config: TuneConfig, features: CachedFeatures, study_name: str) -> 
     return run_trial
 
 
-def _log_setup(config: TuneConfig, study: optuna.Study, prepared: PreparedData, features: CachedFeatures) -> None:
+def _log_setup(config: TuneConfig, study: optuna.Study, prepared: PreparedData, parts: list[CachedFeatures],
+               key: str) -> None:
     t = config.train
     searched = set(config.space.searched)
     training = {k: v for k, v in t.to_params().items() if k not in searched and k != "model"}
     study_settings = {k: getattr(config, k) for k in STUDY_FIELDS}
     tracking.log_new_params({**training, **study_settings, "study_name": study.study_name,
-                             "storage": workers.safe_url(config.storage), "feature_cache_key": features.key,
+                             "storage": workers.safe_url(config.storage), "feature_cache_key": key,
                              "search_space_digest": config.space.digest()})
     mlflow.set_tags({"histoflow.step": "tune", "optuna.study_name": study.study_name,
                      "optuna.direction": METRICS[config.metric], "variant": t.variant, "model": t.model_name,
                      "optuna.searched": ",".join(sorted(searched)),
-                     "feature_cache": "hit" if features.hit else "miss", "feature_cache.path": str(features.path)})
+                     "feature_cache": "hit" if all(p.hit for p in parts) else "miss",
+                     "feature_cache.path": str(parts[0].path)})
     mlflow.log_text(config.space.text, "optuna/search_space.yaml")
-    mlflow.log_metric("feature_cache_s", features.seconds)
+    mlflow.log_metric("feature_cache_s", sum(p.seconds for p in parts))
     log_data(prepared)
 
 
@@ -210,8 +238,11 @@ def final_config(config: TuneConfig, best: FrozenTrial, study_name: str, experim
 
 
 def _final_run(config: TuneConfig, best: FrozenTrial, study_name: str, parent_run_id: str, experiment: str) -> str:
-    """The best parameters as an ordinary training run of the variant (same logging, ready for register)."""
-    run_id = training_run.run(final_config(config, best, study_name, experiment))
+    """The best parameters as an ordinary training run of the variant, or (folds) cross-validated on the
+    trials' folds (same logging, ready for register)."""
+    final = final_config(config, best, study_name, experiment)
+    run_id = (training_run.run(final) if config.folds == 1
+              else cross_validation.run(CVConfig(final, folds=config.folds)))
     client = MlflowClient()
     client.set_tag(run_id, "optuna.study_name", study_name)
     client.set_tag(run_id, "optuna.parent_run_id", parent_run_id)
@@ -220,10 +251,27 @@ def _final_run(config: TuneConfig, best: FrozenTrial, study_name: str, parent_ru
     return run_id
 
 
-def study_features(config: TuneConfig, prepared: PreparedData) -> CachedFeatures:
-    """The study's cached features (extracted into `cache_dir` on the first call)."""
-    return load_or_extract(config.train, prepared, local_folder(config.cache_dir, "features"),
-                           training_run.stain_normalizer(config.train, prepared))
+def study_parts(config: TuneConfig, prepared: PreparedData) -> list[PreparedData]:
+    """What trials are scored on: the run's split, or (folds > 1) the cv entry point's folds of its first
+    repeat (the same data and seed make the same folds, so the final cross-validation holds out the same
+    patients the trials never judged on)."""
+    if config.folds == 1:
+        return [prepared]
+    t = config.train
+    return [replace(prepared, frame=fold.frame) for fold in cv_folds(
+        prepared.dataset.frame, config.folds, 1, t.val_fraction, t.seed, prepared.dataset.class_names)]
+
+
+def study_key(config: TuneConfig, parts: list[PreparedData]) -> str:
+    """The features' identity the study is tied to: the split's cache key, or one for all the folds."""
+    keys = [cache_key(config.train, p) for p in parts]
+    return keys[0] if len(keys) == 1 else hashlib.sha256(" ".join(keys).encode()).hexdigest()[:24]
+
+
+def study_features(config: TuneConfig, parts: list[PreparedData]) -> list[CachedFeatures]:
+    """Each part's cached features (the dataset extracted into `cache_dir` on the first call, then shared)."""
+    folder = local_folder(config.cache_dir, "features")
+    return [load_or_extract(config.train, p, folder, training_run.stain_normalizer(config.train, p)) for p in parts]
 
 
 def run(config: TuneConfig) -> TuneResult:
@@ -232,16 +280,20 @@ def run(config: TuneConfig) -> TuneResult:
     tracking.configure(config.train.experiment)  # first: a tracking server that is down fails before any work
     prepared = prepare_data(config.train, config.train.split_table)
     digest = prepared.dataset.digest
-    study = open_study(config, digest, cache_key(config.train, prepared))  # a bad storage fails early
-    features = study_features(config, prepared)
+    parts = study_parts(config, prepared)
+    key = study_key(config, parts)
+    study = open_study(config, digest, key)  # a bad storage fails early
+    features = study_features(config, parts)
     finished_before = len(study.get_trials(deepcopy=False, states=tuple(STATE_TAGS)))
     counted = len(study.get_trials(deepcopy=False, states=COUNTED))
     new_trials = max(0, config.n_trials - counted)
     with mlflow.start_run(run_name=f"tune-{study.study_name}") as parent:
-        _log_setup(config, study, prepared, features)
+        _log_setup(config, study, prepared, features, key)
         print(f"study {study.study_name}: {counted} trials so far, {new_trials} to run to reach {config.n_trials}; "
               f"searching {', '.join(config.space.searched) or 'nothing'} ({config.space.source}); features "
-              f"{'from' if features.hit else 'extracted into'} {features.path} ({features.seconds:.1f} s)")
+              f"{'from' if features[0].hit else 'extracted into'} {features[0].path} "
+              f"({sum(f.seconds for f in features):.1f} s)"
+              + (f"; each trial scored on {config.folds} patient folds" if config.folds > 1 else ""))
         if new_trials:
             # The callback stops this worker once the study holds n_trials, counting other workers' trials.
             study.optimize(objective(config, features, study.study_name), n_trials=new_trials,
