@@ -101,6 +101,9 @@ TUNE="-e tune -P variant=densenet -P weights=$DENSENET_WEIGHTS -P augment=none -
   -P trial_epochs=50 -P storage=sqlite:///$PWD/optuna-results.db"
 if is tune-densenet-breakhis; then
   run --experiment-name results-cv-breakhis $BH $TUNE -P image_size=224
+  # The same without BatchNorm in the head (the study above chose it, and its cross-validation called every
+  # held-out image malignant: tuning/densenet_space_small.yaml says why).
+  run --experiment-name results-cv-breakhis $BH ${TUNE/densenet_space.yaml/densenet_space_small.yaml} -P image_size=224
 fi
 if is tune-densenet-idc; then   # ~6,500 training patches a fold: batches of 256
   run --experiment-name results-cv-idc -P data_dir=$SHARED/data/idc $TUNE -P image_size=96 -P batch_size=256
