@@ -111,7 +111,7 @@ def test_study_runs_nested_trials_prunes_resumes_and_caches(tracking_uri, keras_
 def test_a_study_on_folds_scores_each_trial_on_the_folds_validation_patients_and_cross_validates_the_best(
         tracking_uri, keras_home, tmp_path):
     client = MlflowClient()
-    config = _config(tmp_path, n_trials=2, folds=2, study_name="tune-folds", trial_epochs=2)
+    config = _config(tmp_path, n_trials=2, folds=2, study_name="tune-folds", trial_epochs=2, augment="seed")
     parts = tuning.study_parts(config, prepare_data(config.train))
     result = tuning.run(config)
     assert result.new_trials == 2 and result.final_run_id is not None
@@ -135,6 +135,13 @@ def test_a_study_on_folds_scores_each_trial_on_the_folds_validation_patients_and
     for k, part in enumerate(parts):
         fold = folds[folds["fold"] == k].set_index("relpath")["split"]
         assert fold.loc[part.frame["relpath"]].tolist() == part.frame["split"].tolist()
+
+    # ... and each fold's head starts where the best trial's started (the same draw, dropout seeds and batches;
+    # with augment=seed the final run trains on the cached copies, as the trials do): its first epoch is the
+    # trial's first epoch on that fold.
+    for k, fold_run in enumerate(final.data.tags["cv.fold_run_ids"].split(",")):
+        trial = client.get_metric_history(result.best_trial.user_attrs["mlflow_run_id"], f"fold{k}_val_loss")[0]
+        assert client.get_metric_history(fold_run, "val_loss")[0].value == pytest.approx(trial.value, rel=1e-4)
 
 
 @pytest.mark.parametrize("taps,numbers", [("all", (1, 2, 3)), ("last", (3,))])
@@ -194,11 +201,12 @@ def test_trials_share_one_traced_head_per_width_bucket_and_train_as_their_own_he
         expected_history, expected = references[trial]
         model = trainer.start(width, dropout, lr, seed=7, optimizer=optimizer, batchnorm=batchnorm)
         history = _fit_head(model, features, 7)
-        # The same up to float rounding: the wider matrix products sum in another order.
+        # The same up to float rounding: the wider matrix products sum in another order (oneDNN's kernels, on
+        # CPUs where TensorFlow turns them on, round differently again: 1.3e-3 after 4 epochs measured).
         for key in ("loss", "val_loss", "val_auc"):
-            np.testing.assert_allclose(history[key], expected_history[key], rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(history[key], expected_history[key], rtol=5e-3, atol=1e-4)
         np.testing.assert_allclose(_predict(model, list(features["val"].taps)), expected,
-                                   rtol=1e-3, atol=1e-4)
+                                   rtol=5e-3, atol=1e-4)
         # The padded units never left zero, so they took no part.
         dense = model.get_layer("fusion1_dense")
         assert not np.any(dense.get_weights()[0][:, width:]) and not np.any(dense.get_weights()[1][width:])

@@ -23,8 +23,16 @@ from histoflow.data.pipeline import augmented_size, make_dataset
 from histoflow.data.stain import StainNormalizer, fit_reference
 from histoflow.data.step import PreparedData, log_data, prepare_data
 from histoflow.modeling import checkpoints, distributed, evaluation, figures, resume
-from histoflow.modeling.architectures import build_baseline, build_cnn_lstm, build_fusion, compile_model, head_only
+from histoflow.modeling.architectures import (
+    build_baseline,
+    build_cnn_lstm,
+    build_fusion,
+    compile_model,
+    head_only,
+    tap_numbers,
+)
 from histoflow.modeling.calibration import Calibration
+from histoflow.modeling.catalog import BACKBONES
 from histoflow.modeling.features import CACHED_AUGMENT, copy_head, exact, head_dataset, head_model, load_or_extract
 from histoflow.modeling.fitting import (
     EpochMetrics,
@@ -48,11 +56,24 @@ def build(config: TrainConfig, within: tf.distribute.Strategy | None = None) -> 
             model = build_fusion(config.backbone, config.image_size, config.weights, config.fusion_width,
                                  config.dropout, config.alpha, config.unfrozen_blocks, config.head_batchnorm,
                                  taps=config.fusion_taps)
+            _draw_head_as_a_trial(config, model)
         elif config.variant == "cnn_lstm":
             model = build_cnn_lstm(config.image_size, config.dropout)
         else:
             model = build_baseline(config.image_size, config.dropout)
         return compile_model(model, config.learning_rate, config.optimizer)
+
+
+def _draw_head_as_a_trial(config: TrainConfig, model: keras.Model) -> None:
+    """The fusion head's weights drawn again right after set_seeds(seed), as a tuning trial draws its own
+    (HeadTrainer.start): a study's best settings then train from the trial's very start. Built after the
+    backbone, the head would start elsewhere, and on a few hundred training images the start alone can decide
+    between a good head and a degenerate one (docs/results.md, "Tuned")."""
+    numbers = tap_numbers(config.fusion_taps, len(BACKBONES[config.backbone].taps))
+    widths = [model.get_layer(f"fusion{i}_gap").output.shape[-1] for i in numbers]
+    set_seeds(config.seed)
+    copy_head(head_model(widths, config.fusion_width, config.dropout, batchnorm=config.head_batchnorm,
+                         numbers=numbers), model)
 
 
 def stain_normalizer(config: TrainConfig, prepared: PreparedData) -> StainNormalizer:
@@ -117,6 +138,7 @@ def fit_head_on_features(config: TrainConfig, model: keras.Model, prepared: Prep
         copies = CACHED_AUGMENT[config.augment]
         mlflow.set_tag("histoflow.feature_cache.augment", f"{config.augment} trained as the {copies} copies, "
                        "without colour jitter")
+    set_seeds(config.seed)  # its dropout layers' seeds as a tuning trial's head draws them
     with precision_policy(config.mixed_precision):
         head = compile_model(head_model(features.widths, config.fusion_width, config.dropout,
                                         batchnorm=config.head_batchnorm, numbers=features.numbers),
