@@ -24,6 +24,7 @@ from histoflow.modeling.fitting import set_seeds
 from histoflow.modeling.training_run import stain_normalizer
 from histoflow.modeling.variants import make_train_config
 from histoflow.tuning import study as tuning
+from histoflow.tuning import workers
 from histoflow.tuning.head_trainer import HeadTrainer
 from histoflow.tuning.search_space import load_search_space
 from histoflow.tuning.settings import make_tune_config
@@ -282,6 +283,16 @@ def test_the_default_search_space_is_the_projects_file():
     assert set(space.searched) == {"learning_rate", "dropout", "fusion_width"}
     assert space.fixed == {"optimizer": "adam", "batch_size": 64, "head_batchnorm": True, "unfrozen_blocks": 0}
     assert space.searched["learning_rate"].log and space.searched["fusion_width"].high == 256
+
+
+def test_the_default_study_database_is_in_the_cache_root_not_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HISTOFLOW_CACHE", str(tmp_path / "cache"))
+    for given in ({}, {"storage": ""}, {"storage": "  "}):
+        assert make_tune_config("transfer", **given).storage == f"sqlite:///{tmp_path / 'cache' / 'optuna.db'}"
+    assert make_tune_config("transfer", storage="sqlite:///elsewhere.db").storage == "sqlite:///elsewhere.db"
+    # Its folder is made when the study opens it (SQLite makes the file only).
+    study = optuna.create_study(storage=workers.storage(make_tune_config("transfer").storage, 1, 0, 0))
+    assert study.trials == [] and (tmp_path / "cache" / "optuna.db").is_file()
 
 
 @pytest.mark.parametrize("text,message", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from histoflow.config import FOLDER_OFF, USER_CACHE, require, setting, typed_params
+from histoflow.config import FOLDER_OFF, USER_CACHE, cache_root, require, setting, typed_params
 from histoflow.errors import ConfigError
 from histoflow.modeling.variants import BACKBONE_VARIANTS, TrainConfig, make_train_config
 from histoflow.tuning.search_space import DEFAULT_SEARCH_SPACE, SearchSpace, load_search_space
@@ -29,8 +29,8 @@ class TuneConfig:
     timeout: float = setting(0.0, "stop starting trials after this many seconds (0: no limit)")
     study_name: str = setting("", "the Optuna study (default: <variant>-<backbone>-<hash of the features and the "
                                   "search space>, so the same data and space resume the same study)")
-    storage: str = setting("sqlite:///optuna.db", "the study's database: a SQLAlchemy URL (PostgreSQL for workers "
-                                                  "on several machines)")
+    storage: str = setting(USER_CACHE, "the study's database: a SQLAlchemy URL (PostgreSQL for workers on several "
+                                       "machines; default: sqlite:///<cache>/optuna.db)")
     sampler: str = setting("tpe", f"Optuna's sampler: {', '.join(SAMPLERS)}")
     pruner: str = setting("median", f"Optuna's pruner: {', '.join(PRUNERS)}")
     metric: str = setting("val_auc", f"what trials are ranked by: {', '.join(METRICS)}")
@@ -59,7 +59,6 @@ class TuneConfig:
             (self.folds == 1 or self.train.split == "patient",
              "tune with folds cross-validates by patient: split must be patient"),
             (self.folds == 1 or not self.train.split_table, "tune with folds makes its own folds: no split_table"),
-            (bool(self.storage.strip()), "storage must be a SQLAlchemy URL, e.g. sqlite:///optuna.db"),
             (self.cache_dir.strip().lower() != FOLDER_OFF,
              "cache_dir must be a folder: trials train on cached features"),
             (self.heartbeat_interval >= 0, "heartbeat_interval must be >= 0 seconds (0 = no heartbeats)"),
@@ -76,6 +75,12 @@ class TuneConfig:
 STUDY_FIELDS = tuple(f.name for f in fields(TuneConfig) if f.name not in ("train", "space"))
 
 
+def default_storage() -> str:
+    """The study database when none is given: in the cache root, never the working folder (`mlflow run .` runs
+    in the project itself). Every trial is an MLflow run as well; the database is what a study resumes from."""
+    return f"sqlite:///{cache_root() / 'optuna.db'}"
+
+
 def make_tune_config(variant: str, **params: Any) -> TuneConfig:
     """Validated settings from (possibly string) parameters: the study's here, the training run's via
     make_train_config; the search space's fixed values apply unless given, its searched ones cannot be."""
@@ -83,6 +88,8 @@ def make_tune_config(variant: str, **params: Any) -> TuneConfig:
         raise ConfigError(f"tune applies to the variants {', '.join(BACKBONE_VARIANTS)} (a frozen backbone whose "
                           f"features can be cached); got {variant!r}")
     settings = typed_params(TuneConfig, {k: v for k, v in params.items() if k in STUDY_FIELDS})
+    if not str(settings.get("storage", USER_CACHE)).strip():
+        settings["storage"] = default_storage()
     space = load_search_space(settings.get("search_space", DEFAULT_SEARCH_SPACE))
     given = {k: v for k, v in params.items() if k not in STUDY_FIELDS and v not in (None, "")}
     searched = sorted(set(given) & set(space.searched))

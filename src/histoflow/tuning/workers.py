@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -26,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 log = logging.getLogger(__name__)
+SQLITE = "sqlite:///"
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 STATE_TAGS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
@@ -115,6 +117,8 @@ def storage(url: str, n_trials: int, heartbeat_interval: int, grace_period: int)
     heartbeats = {} if heartbeat_interval == 0 else {
         "heartbeat_interval": heartbeat_interval, "grace_period": grace_period or None,
         "heartbeat_stale_trial_callback": _stale_trial_callback(n_trials)}
+    if url.startswith(SQLITE):  # SQLite creates the file, not its folder (the default's is the cache root)
+        Path(url.removeprefix(SQLITE)).expanduser().parent.mkdir(parents=True, exist_ok=True)
     with experimental():
         return optuna.storages.RDBStorage(url, **heartbeats)
 
