@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from conftest import BREAKHIS, IDC
@@ -29,6 +30,32 @@ def test_decodes_every_format_and_mode_to_rgb(fmt, mode):
     assert array.shape == (460, 700, 3) and array.dtype == np.uint8
     if fmt in ("PNG", "TIFF", "BMP") and mode == "RGB":
         assert np.array_equal(array, np.asarray(original))  # lossless formats decode exactly
+
+
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if array.ndim == 3:  # 16-bit RGB: Pillow cannot write it; tifffile can
+        tifffile.imwrite(buffer, array, photometric="rgb")
+    else:
+        Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_16_bit_32_bit_and_float_microscopy_exports_decode_on_the_8_bit_scale():
+    """A 16-bit grey export of a real tile was decoded as an all-white tile (Pillow clips at 255)."""
+    grey = np.asarray(Image.open(BREAKHIS_ORIGINAL).convert("L"))
+    rgb = np.asarray(Image.open(BREAKHIS_ORIGINAL).convert("RGB"))
+    as_rgb = np.repeat(grey[..., None], 3, axis=2)
+    for fmt in ("PNG", "TIFF"):
+        assert np.array_equal(decode_image(_encoded(grey.astype(np.uint16) * 257, fmt)), as_rgb)
+    assert np.array_equal(decode_image(_encoded(grey.astype(np.float32) / 255, "TIFF")), as_rgb)
+    assert np.array_equal(decode_image(_encoded(rgb.astype(np.uint16) * 257, "TIFF")), rgb)
+    # A 12-bit camera's values in a 16-bit file: on the 12-bit scale (4,095 -> 255), not a near-black tile.
+    twelve = decode_image(_encoded(grey.astype(np.uint16) * 16, "PNG")).astype(int)
+    assert np.abs(twelve - as_rgb).max() <= 1
+    # Values beyond the scale (32-bit integers, floats above 1) are scaled by the image's own maximum.
+    wide = decode_image(_encoded(grey.astype(np.int32) * 1_000_000, "TIFF"))
+    assert wide.max() == 255 and np.corrcoef(wide[..., 0].ravel(), grey.ravel())[0, 1] > 0.999
 
 
 def test_bad_bytes_raise_clear_errors():

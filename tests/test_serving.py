@@ -304,6 +304,20 @@ def test_any_size_and_format(server):
         assert p["confidence"] == pytest.approx(p["probabilities"][p["model_label"]])
 
 
+def test_a_16_bit_export_is_scored_as_its_8_bit_image_not_as_a_white_tile(server, test_images):
+    grey = np.asarray(Image.open(test_images[0]).convert("L"))
+    files = []
+    for pixels in (grey, grey.astype(np.uint16) * 257):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        files.append(_b64(buffer.getvalue()))
+    response = requests.post(f"{server}/invocations", json={"inputs": files}, timeout=60)
+    assert response.status_code == 200, response.text[:300]
+    eight, sixteen = response.json()["predictions"]
+    assert sixteen["probabilities"] == pytest.approx(eight["probabilities"], abs=1e-6)
+    assert sixteen["quality"] == pytest.approx(eight["quality"]) and sixteen["flags"] == eight["flags"]
+
+
 def test_in_process_requests_keep_the_size_limit_per_chunk(classifier):
     model_uri, _ = classifier
     pyfunc = mlflow.pyfunc.load_model(model_uri)

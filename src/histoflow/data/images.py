@@ -32,7 +32,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                     f"{max_pixels:,} pixels"
                 )
             im.load()
-            rgb = im.convert("RGB")
+            rgb = _eight_bit(im).convert("RGB")
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -43,6 +43,25 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageDecodeError(f"image has no pixels (shape {array.shape})")
     return array
+
+
+# Bit depths microscopy cameras write into 16-bit files: the smallest that holds a file's maximum is its scale.
+SIGNIFICANT_BITS = (8, 10, 12, 14, 16)
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """One-channel 16-bit, 32-bit and float images (microscopy exports) on the 8-bit scale: Pillow's
+    convert("RGB") clips their values at 255, which turns a 16-bit tile white. Integers are read on the scale of
+    the smallest of 8, 10, 12, 14 or 16 bits that holds the image's maximum (a 12-bit camera's file: 4,095 ->
+    255), floats on [0, 1]; values beyond either, on the image's own maximum. 16-bit RGB files need nothing:
+    Pillow keeps their high bytes."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(values.max()) if values.size else 0.0
+    scales = [1.0] if im.mode == "F" else [2.0**bits - 1 for bits in SIGNIFICANT_BITS]
+    full = next((s for s in scales if peak <= s), peak)
+    return Image.fromarray(np.clip(np.round(values * (255.0 / full)), 0, 255).astype(np.uint8), mode="L")
 
 
 def read_image(path: str) -> np.ndarray:
