@@ -240,6 +240,8 @@ def _bad_requests(good: str) -> dict[str, dict]:
         "base64 of a non-image": {"json": {"inputs": {"image": [_b64(b"%PDF-1.4 not an image")]}}},
         "truncated image": {"json": {"inputs": {"image": [_b64(truncated)]}}},
         "0-byte image": {"json": {"inputs": {"image": [""]}}},
+        "null entry": {"json": {"inputs": [good, None]}},
+        "null in a column": {"json": {"dataframe_split": {"columns": ["image"], "data": [[None]]}}},
         "too many pixels": {"json": {"inputs": {"image": [_b64(_png(8000, 5001, "L"))]}}},
         "too many images": {"json": {"inputs": {"image": [good] * (MAX_IMAGES_PER_REQUEST + 1)}}},
         "empty list": {"json": {"inputs": []}},
@@ -257,6 +259,7 @@ def _bad_requests(good: str) -> dict[str, dict]:
 EXPECTED_MESSAGES = {
     "not base64": "not valid base64", "base64 of a non-image": "not an image",
     "truncated image": "truncated", "0-byte image": "empty file",
+    "null entry": "image 1: the entry is null", "null in a column": "image 0: the entry is null",
     "too many pixels": f"{MAX_PIXELS:,} pixels", "too many images": f"the limit is {MAX_IMAGES_PER_REQUEST}",
     "empty list": "no images", "wrong JSON key": "exactly one of the input fields",
     "wrong column": "image", "malformed JSON": "valid JSON", "wrong content type": "content types",

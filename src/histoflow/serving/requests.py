@@ -91,8 +91,16 @@ def request_items(model_input: Any, max_images: int | None = MAX_IMAGES_PER_REQU
     return items
 
 
+def _is_null(item: Any) -> bool:
+    # MLflow's scoring server turns a JSON null of a string input into the string "None" (numpy's str of it):
+    # as base64 those 4 characters are 3 bytes that no image format starts with, so nothing is lost.
+    return item is None or item == "None" or (isinstance(item, float) and np.isnan(item)) or item is pd.NA
+
+
 def decode_item(i: int, item: Any) -> np.ndarray:
     """One base64 image file -> RGB uint8 array; RequestError names the item."""
+    if _is_null(item):
+        raise RequestError(f"image {i}: the entry is null, not a base64 image file")
     if isinstance(item, (bytes, bytearray)):
         data = bytes(item)  # already decoded (binary columns, in-process calls)
     elif isinstance(item, str):
