@@ -1,5 +1,6 @@
 """The served model: requests (decoding and limits) -> classifier (the pyfunc) -> model_code (its
-models-from-code file); batch_predict scores a folder with a registered model."""
+models-from-code file); http_errors (its scoring server's answers to malformed requests); batch_predict scores a
+folder with a registered model."""
 
 
 def __getattr__(name: str):

@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +39,8 @@ from histoflow.errors import ConfigError
 from histoflow.modeling.calibration import Calibration, apply_temperature
 from histoflow.modeling.screening import INDETERMINATE, NO_DISTANCE, UNFITTED, Screening, flags
 from histoflow.modeling.variants import TTA_MODES
+from histoflow.serving.http_errors import SERVER_MODEL_PATH_ENV
+from histoflow.serving.http_errors import install as install_http_errors
 from histoflow.serving.requests import (
     INPUT_COLUMN,
     MAX_IMAGES_PER_REQUEST,
@@ -127,6 +130,8 @@ class ImageClassifier(PythonModel):
     def load_context(self, context) -> None:
         import tensorflow as tf
 
+        if os.environ.get(SERVER_MODEL_PATH_ENV):  # inside MLflow's scoring server: its answers to bad requests
+            install_http_errors()
         config = context.model_config or {}
         self.class_names: list[str] = list(config["class_names"])
         self.image_size = int(config["image_size"])
