@@ -233,8 +233,8 @@ def test_batch_predict_writes_images_and_patients(use_store, classifier, tmp_pat
     written = pd.read_csv(tmp_path / "out" / "predictions.csv")
     files = [f for _, _, names in os.walk(folder, followlinks=True) for f in names if f.endswith(".png")]
     assert len(written) == len(scored) == len(files) > 0
-    assert {"path", "label", "model_label", "confidence", "p_benign", "p_malignant", "patient", "true_label", "flags",
-            "tissue_fraction", "focus", "ood_score", "colour_score"} <= set(written)
+    assert {"path", "label", "model_label", "positive_class", "positive_probability", "p_benign", "p_malignant",
+            "patient", "true_label", "flags", "tissue_fraction", "focus", "ood_score", "colour_score"} <= set(written)
     assert ((written["p_benign"] + written["p_malignant"]).round(5) == 1).all()
     assert (written.loc[written["flags"].isna(), "label"] == written.loc[written["flags"].isna(), "model_label"]).all()
     assert set(written["true_label"]) == {"benign", "malignant"}

@@ -90,7 +90,8 @@ def test_served_probabilities_and_labels_are_the_evaluations(classifier, test_im
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     images = pd.DataFrame({"image": [encode_file(p) for p in test_images]})
     out = pyfunc.predict(images)
-    assert list(out.columns) == ["label", "model_label", "confidence", "probabilities", "threshold", "flags",
+    assert list(out.columns) == ["label", "model_label", "positive_class", "positive_probability", "probabilities",
+                                 "threshold", "flags",
                                  "quality"]
     probs = np.array([[row["benign"], row["malignant"]] for row in out["probabilities"]])
     # The same images through the training input pipeline, the .keras file and the run's calibration.
@@ -112,7 +113,7 @@ def test_served_probabilities_and_labels_are_the_evaluations(classifier, test_im
     assert out["model_label"].tolist() == [["benign", "malignant"][k]
                                            for k in (probs[:, 1] >= fitted.threshold).astype(int)]
     assert (out["threshold"] == fitted.threshold).all() and not out["flags"].str.contains("stain_fallback").any()
-    assert np.allclose(out["confidence"], np.where(probs[:, 1] >= fitted.threshold, probs[:, 1], probs[:, 0]))
+    assert (out["positive_class"] == "malignant").all() and np.allclose(out["positive_probability"], probs[:, 1])
     assert pyfunc.metadata.signature.inputs.input_names() == ["image"]
     # A request may switch test-time augmentation off: one view, the same calibration.
     single = pyfunc.predict(images, params={"tta": "none"})
@@ -224,7 +225,7 @@ def test_server_endpoints_and_formats(server, classifier, test_images):
         predictions = response.json()["predictions"]
         assert [p["label"] for p in predictions] == expected["label"].tolist(), name
         for got, want in zip(predictions, expected.to_dict("records"), strict=True):
-            assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-5)
+            assert got["positive_probability"] == pytest.approx(want["positive_probability"], abs=1e-5)
             assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
             assert got["flags"] == want["flags"] and got["quality"] == pytest.approx(want["quality"], rel=1e-6)
     explained = requests.post(f"{server}/invocations", json={"inputs": images[:2], "params": {"explain": True}},
@@ -309,7 +310,7 @@ def test_any_size_and_format(server):
     assert max(lossless) - min(lossless) < 1e-5
     for p in predictions:  # the label follows the threshold the response names
         assert p["model_label"] == ("malignant" if p["probabilities"]["malignant"] >= p["threshold"] else "benign")
-        assert p["confidence"] == pytest.approx(p["probabilities"][p["model_label"]])
+        assert p["positive_probability"] == pytest.approx(p["probabilities"][p["positive_class"]])
 
 
 def test_a_16_bit_export_is_scored_as_its_8_bit_image_not_as_a_white_tile(server, test_images):

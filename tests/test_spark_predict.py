@@ -48,7 +48,8 @@ def _compare(spark_scored: pd.DataFrame, here: pd.DataFrame) -> None:
     assert list(there.index) == list(here.index)
     for column in ("label", "model_label", "flags", "patient"):
         assert there[column].tolist() == here[column].tolist(), column
-    for column in ("p_benign", "p_malignant", "confidence", "tissue_fraction", "focus", "ood_score", "colour_score"):
+    for column in ("p_benign", "p_malignant", "positive_probability", "tissue_fraction", "focus", "ood_score",
+                   "colour_score"):
         np.testing.assert_allclose(there[column], here[column], atol=1e-6, err_msg=column)
 
 

@@ -58,8 +58,8 @@ def register(experiment: str, metric: str, name: str, aliases: Aliases, include_
         + (", the average of its fold models" if cv else "") + f"; {selection.describe()}. "
         + ("Held-out folds (mean)" if cv else "Test") + ": "
         f"accuracy {test['accuracy']:.4f}, balanced accuracy {test['balanced_accuracy']:.4f}, "
-        f"ROC AUC {test['roc_auc']:.4f}. Input: base64 image files; output: label, confidence, probabilities, "
-        "threshold."))
+        f"ROC AUC {test['roc_auc']:.4f}. Input: base64 image files; output: label, positive_class, "
+        "positive_probability, probabilities, threshold."))
     client.set_registered_model_alias(name, aliases.challenger, version.version)
     print(f"registered {name} version {version.version} from run {run.info.run_id} as @{aliases.challenger}")
     return client.get_model_version(name, version.version)

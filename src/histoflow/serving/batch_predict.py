@@ -1,7 +1,7 @@
 """The `predict` entry point: score every image of a folder with a registered model, as a run.
 
-Writes predictions.csv (path, the served model's columns: label, model_label, confidence, threshold,
-flags, one probability column per class, the quality measures) and, where the
+Writes predictions.csv (path, the served model's columns: label, model_label, positive_class,
+positive_probability, threshold, flags, one probability column per class, the quality measures) and, where the
 folder's layout gives patients, patients.csv with the patient-level call made by the same rule as
 evaluation (histoflow.modeling.metrics.patient_table).
 """

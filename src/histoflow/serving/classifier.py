@@ -1,4 +1,4 @@
-"""The served model: a pyfunc that takes image files (base64) and returns label, confidence, probabilities.
+"""The served model: a pyfunc that takes image files (base64) and returns label, probabilities and threshold.
 
 It is logged with MLflow's models-from-code (`model_code.py`; pickling TensorFlow objects fails) and
 carries the trained `.keras` file(s), the class names and image size, the calibration, the stain reference,
@@ -65,7 +65,8 @@ def signature(tta: str = "none") -> ModelSignature:
     adds each image's Grad-CAM overlay (base64 PNG, column gradcam)."""
     return ModelSignature(
         inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("string", "model_label"), ColSpec("double", "confidence"),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("string", "model_label"),
+                        ColSpec("string", "positive_class"), ColSpec("double", "positive_probability"),
                         ColSpec(Map("double"), "probabilities"), ColSpec("double", "threshold"),
                         ColSpec("string", "flags"), ColSpec(Map("double"), "quality"),
                         ColSpec("string", "gradcam", required=False)]),
@@ -114,7 +115,9 @@ class ImageClassifier(PythonModel):
 
     - `probabilities` (class -> p): calibrated (the temperature fitted on the run's validation split);
     - `model_label`: the positive class when its probability reaches `threshold` (chosen there), else the other;
-    - `confidence`: the probability of model_label;
+    - `positive_class` (malignant, IDC) and `positive_probability`, its calibrated probability: model_label is the
+      positive class when positive_probability reaches `threshold`. (A "confidence" of the label would read 0.35
+      for a positive call at a threshold of 0.3: these names say what the number is.)
     - `flags`: comma-separated checks the image fails (histoflow.modeling.screening: low_tissue,
       out_of_focus, out_of_distribution, unusual_colour), and stain_fallback (too little tissue to
       normalise the stain: scored unchanged; informative only);
@@ -223,7 +226,8 @@ class ImageClassifier(PythonModel):
         frame = pd.DataFrame({
             "label": [INDETERMINATE if f else label for f, label in zip(failed, model_labels, strict=True)],
             "model_label": model_labels,
-            "confidence": probabilities[np.arange(len(decided)), decided].astype(float),
+            "positive_class": self.class_names[1],
+            "positive_probability": probabilities[:, 1].astype(float),
             "probabilities": [dict(zip(self.class_names, map(float, row), strict=True)) for row in probabilities],
             "threshold": np.full(len(decided), self.calibration.threshold, dtype=float),
             "flags": [",".join(f + ([FALLBACK_FLAG] if fell_back else []))
