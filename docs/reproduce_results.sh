@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce docs/results.md: every variant on the developer sets, patient split, plus leaky image splits.
 # Usage (from the repository root, venv active):
-#   bash docs/reproduce_results.sh [breakhis|densenet-breakhis|idc|densenet-idc|cv-breakhis|cv-idc|cv-densenet-breakhis|cv-densenet-idc|tune-densenet-breakhis|tune-densenet-idc|ensemble-idc|thresholds|compare|all]
+#   bash docs/reproduce_results.sh [breakhis|densenet-breakhis|idc|densenet-idc|cv-breakhis|cv-idc|cv-densenet-breakhis|cv-densenet-idc|tune-densenet-breakhis|tune-densenet-idc|finetune-densenet-breakhis|finetune-densenet-idc|ensemble-densenet-idc|ensemble-idc|thresholds|compare|all]
 # (runs go to $MLFLOW_TRACKING_URI, default ./mlflow.db)
 set -euo pipefail
 SHARED=${SHARED:-../shared}
@@ -107,6 +107,40 @@ if is tune-densenet-breakhis; then
 fi
 if is tune-densenet-idc; then   # ~6,500 training patches a fold: batches of 256
   run --experiment-name results-cv-idc -P data_dir=$SHARED/data/idc $TUNE -P image_size=96 -P batch_size=256
+fi
+# The studies' best heads as fixed settings (no study needed), frozen, then the backbone fine-tuned from them: the
+# head warm-up on the cached features is the frozen row's very fit (same seed, settings and head start), then the
+# top stage (unfrozen_blocks=1) or all stages (3) train at 1e-5 on the images. BreaKHis at 224 and 128 px, IDC at
+# 96 and 50 px (Youden threshold on IDC, as its tuned row).
+TUNED_BH="-P dropout=0.21 -P fusion_width=83 -P class_weight=balanced -P optimizer=adam"
+TUNED_IDC="-P dropout=0.13 -P fusion_width=154 -P batch_size=256 -P threshold_policy=youden"
+FT="-e cv -P folds=5 -P patience=10 -P lr_patience=5 -P gradcam_per_class=1 -P variant=densenet -P weights=$DENSENET_WEIGHTS
+  -P augment=none -P head_batchnorm=false"
+FROZEN="$FT -P unfrozen_blocks=0 -P epochs=50"
+if is finetune-densenet-breakhis; then
+  X="--experiment-name results-cv-breakhis $BH $TUNED_BH"
+  run $X $FROZEN -P learning_rate=2.1e-3 -P image_size=224
+  run $X $FROZEN -P learning_rate=2.1e-3 -P image_size=128
+  FT_BH="$FT -P warmup_epochs=50 -P warmup_learning_rate=2.1e-3 -P learning_rate=1e-5 -P image_size=224"
+  run $X $FT_BH -P unfrozen_blocks=1 -P epochs=10
+  run $X $FT_BH -P unfrozen_blocks=3 -P epochs=5   # ~2x the top stage's epoch: capped at 5
+  run --experiment-name results-cv-breakhis $BH $DCV $DN -P image_size=224   # the default head again
+fi
+if is finetune-densenet-idc; then
+  X="--experiment-name results-cv-idc -P data_dir=$SHARED/data/idc $TUNED_IDC"
+  run $X $FROZEN -P learning_rate=4.3e-4 -P image_size=96
+  run $X $FT -P warmup_epochs=50 -P warmup_learning_rate=4.3e-4 -P learning_rate=3e-5 -P image_size=96 \
+    -P unfrozen_blocks=1 -P epochs=5   # batches of 256: 3e-5
+  run --experiment-name results-cv-idc -P data_dir=$SHARED/data/idc $DCV $DN -P image_size=50 -P threshold_policy=youden
+fi
+# The fold ensemble of the tuned frozen DenseNet121 against its members, as below (ensemble-idc).
+if is ensemble-densenet-idc; then
+  HOLD=${HOLD:-$(mktemp -d)}
+  python docs/ensemble_holdout.py split "$SHARED/data/idc" "$HOLD"
+  run --experiment-name results-ensemble-idc -P data_dir="$HOLD/dev" -P image_size=96 $FROZEN $TUNED_IDC \
+    -P learning_rate=4.3e-4 -P ensemble=true
+  MLFLOW_EXPERIMENT_NAME=results-ensemble-idc python docs/ensemble_holdout.py score "$HOLD/holdout" \
+    --experiment results-ensemble-idc > docs/results/ensemble-densenet-idc.md
 fi
 # The fold ensemble against its members on 42 IDC patients held out before a cross-validation of the other
 # 181 (the best setting: frozen MobileNet, HED jitter, 20 epochs, Youden), scored through the served models.

@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import os
+import threading
 from pathlib import Path
 
 import mlflow
@@ -325,6 +326,57 @@ def test_a_16_bit_export_is_scored_as_its_8_bit_image_not_as_a_white_tile(server
     eight, sixteen = response.json()["predictions"]
     assert sixteen["probabilities"] == pytest.approx(eight["probabilities"], abs=1e-6)
     assert sixteen["quality"] == pytest.approx(eight["quality"]) and sixteen["flags"] == eight["flags"]
+
+
+def _at_once(send, items: list) -> list:
+    """send(item) for every item from its own thread, all released together; the answers in order."""
+    answers: list = [None] * len(items)
+    start = threading.Barrier(len(items))
+
+    def client(i: int) -> None:
+        start.wait()
+        answers[i] = send(items[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return answers
+
+
+def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(classifier, test_images, monkeypatch):
+    monkeypatch.setenv("HISTOFLOW_MAX_WAIT_MS", "200")  # gathering made certain: the test is about the answers
+    pyfunc = mlflow.pyfunc.load_model(classifier[0])
+    batcher = pyfunc.unwrap_python_model()._batcher
+    files = [encode_file(p) for p in test_images] * 3
+    alone = [pyfunc.predict(pd.DataFrame({"image": [f]})) for f in files]
+    passes = batcher.passes
+    together = _at_once(lambda f: pyfunc.predict(pd.DataFrame({"image": [f]})), files)
+    assert batcher.passes - passes < len(files)  # gathered
+    for one, other in zip(alone, together, strict=True):
+        assert other["model_label"].tolist() == one["model_label"].tolist()
+        np.testing.assert_allclose(other["positive_probability"], one["positive_probability"], atol=1e-6)
+        assert other["flags"].tolist() == one["flags"].tolist()
+
+
+def test_concurrent_clients_of_the_server_get_their_own_predictions(server, test_images):
+    def post(inputs):
+        response = requests.post(f"{server}/invocations", json={"inputs": inputs}, timeout=60)
+        return response.status_code, response.json()
+
+    files = [encode_file(p) for p in test_images]
+    requests_ = [files[i % len(files):] + files[:i % len(files)] for i in range(8)]  # 4 images each, rotated
+    requests_[3] = [files[0], "not base64!"]  # a bad image fails its own request only
+    alone = [post(inputs) for inputs in requests_]
+    together = _at_once(post, requests_)
+    for (status, answer), (status_alone, answer_alone) in zip(together, alone, strict=True):
+        assert status == status_alone
+        if status == 200:
+            for got, want in zip(answer["predictions"], answer_alone["predictions"], strict=True):
+                assert got["positive_probability"] == pytest.approx(want["positive_probability"], abs=1e-6)
+                assert got["label"] == want["label"] and got["flags"] == want["flags"]
+    assert together[3][0] == 400 and "image 1: not valid base64" in together[3][1]["message"]
 
 
 def test_in_process_requests_keep_the_size_limit_per_chunk(classifier):

@@ -39,6 +39,7 @@ from histoflow.errors import ConfigError
 from histoflow.modeling.calibration import Calibration, apply_temperature
 from histoflow.modeling.screening import INDETERMINATE, NO_DISTANCE, UNFITTED, Screening, flags
 from histoflow.modeling.variants import TTA_MODES
+from histoflow.serving.batching import BatchingSettings, MicroBatcher
 from histoflow.serving.http_errors import SERVER_MODEL_PATH_ENV
 from histoflow.serving.http_errors import install as install_http_errors
 from histoflow.serving.requests import (
@@ -172,22 +173,33 @@ class ImageClassifier(PythonModel):
         for _, networks in self._groups.values():
             for network in networks:
                 network.infer[self.tta](tiny)
+        self._batcher = MicroBatcher(self._forward, BatchingSettings.resolve(config.get("batching")))
 
-    def score(self, images: list[np.ndarray], tta: str = "none") -> dict[str, np.ndarray]:
+    def _forward(self, key: tuple[str, str], batch: np.ndarray) -> list[np.ndarray]:
+        """The networks of one stain group on a batch: each one's probabilities and features, in turn."""
+        group, tta = key
+        outputs = []
+        for network in self._groups[group][1]:
+            probabilities, features = network.infer[tta](batch)
+            outputs += [probabilities.numpy(), features.numpy()]
+        return outputs
+
+    def score(self, images: list[np.ndarray], tta: str = "none", coming=None) -> dict[str, np.ndarray]:
         """Calibrated class probabilities (each member's, with its stain reference and temperature, averaged),
-        the mean OOD score, which images fell back to their unnormalised stain, and the batches the networks saw."""
+        the mean OOD score, which images fell back to their unnormalised stain, and the batches the networks saw.
+        The forward passes go through the micro-batcher (`coming`: what its `expecting()` gave this request)."""
         import tensorflow as tf
 
         outputs, ood, fallback, batches = [], [], np.zeros(len(images), dtype=bool), []
-        for stain, networks in self._groups.values():
+        for group, (stain, networks) in self._groups.items():
             normalized = [stain.normalize(image) for image in images]
             fallback |= [fell_back for _, fell_back in normalized]
             batch = tf.stack([self._prepare(image) for image, _ in normalized])
             batches.append((batch, networks))
-            for network in networks:
-                probabilities, features = network.infer[tta](batch)
-                outputs.append(apply_temperature(probabilities.numpy(), network.temperature))
-                ood.append(network.screening.features.scores(features.numpy()))
+            results = self._batcher.submit((group, tta), batch.numpy(), coming)
+            for network, probabilities, features in zip(networks, results[::2], results[1::2], strict=True):
+                outputs.append(apply_temperature(probabilities, network.temperature))
+                ood.append(network.screening.features.scores(features))
         return {"probabilities": np.mean(outputs, axis=0), "ood": np.mean(ood, axis=0), "fallback": fallback,
                 "batches": batches}
 
@@ -211,12 +223,13 @@ class ImageClassifier(PythonModel):
         for start in range(0, len(items), MAX_IMAGES_PER_REQUEST):
             part = items[start:start + MAX_IMAGES_PER_REQUEST]
             check_size(part, start)
-            parts.append(self._predict_chunk([decode_item(start + i, item) for i, item in enumerate(part)], tta,
-                                             explain))
+            with self._batcher.expecting() as coming:
+                images = [decode_item(start + i, item) for i, item in enumerate(part)]
+                parts.append(self._predict_chunk(images, tta, explain, coming))
         return pd.concat(parts, ignore_index=True)
 
-    def _predict_chunk(self, images: list[np.ndarray], tta: str, explain: bool) -> pd.DataFrame:
-        scored = self.score(images, tta)
+    def _predict_chunk(self, images: list[np.ndarray], tta: str, explain: bool, coming=None) -> pd.DataFrame:
+        scored = self.score(images, tta, coming)
         probabilities = scored["probabilities"]
         decided = self.calibration.decide(probabilities)
         quality = measure(images, self.image_size)
