@@ -8,6 +8,7 @@ import io
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,6 +19,7 @@ import requests
 from PIL import Image, ImageFilter
 
 from histoflow.data.images import MAX_PIXELS
+from histoflow.serving.batching import BatchingSettings
 from histoflow.serving.requests import (
     MAX_IMAGES_PER_REQUEST,
     MAX_REQUEST_CHARS,
@@ -377,6 +379,19 @@ def test_concurrent_clients_of_the_server_get_their_own_predictions(server, test
                 assert got["positive_probability"] == pytest.approx(want["positive_probability"], abs=1e-6)
                 assert got["label"] == want["label"] and got["flags"] == want["flags"]
     assert together[3][0] == 400 and "image 1: not valid base64" in together[3][1]["message"]
+
+
+def test_a_request_that_waits_too_long_for_its_forward_pass_gets_a_503(classifier, test_images):
+    pyfunc = mlflow.pyfunc.load_model(classifier[0])
+    batcher = pyfunc.unwrap_python_model()._batcher
+    network = batcher.forward
+    batcher.forward = lambda key, images: (time.sleep(1.0), network(key, images))[1]  # an overloaded machine
+    batcher.settings = BatchingSettings(timeout_s=0.2)
+    with pytest.raises(RequestError, match="no forward pass within 0.2 s") as refused:
+        pyfunc.predict(pd.DataFrame({"image": [encode_file(test_images[0])]}))
+    assert refused.value.get_http_status_code() == 503  # the client may retry
+    batcher.forward, batcher.settings = network, BatchingSettings()
+    assert len(pyfunc.predict(pd.DataFrame({"image": [encode_file(test_images[0])]}))) == 1
 
 
 def test_in_process_requests_keep_the_size_limit_per_chunk(classifier):

@@ -51,6 +51,7 @@ from histoflow.serving.requests import (
     decode_item,
     encode_file,
     in_scoring_server,
+    overloaded,
     request_items,
 )
 from histoflow.tracking import pinned_requirements
@@ -196,7 +197,10 @@ class ImageClassifier(PythonModel):
             fallback |= [fell_back for _, fell_back in normalized]
             batch = tf.stack([self._prepare(image) for image, _ in normalized])
             batches.append((batch, networks))
-            results = self._batcher.submit((group, tta), batch.numpy(), coming)
+            try:
+                results = self._batcher.submit((group, tta), batch.numpy(), coming)
+            except TimeoutError as exc:
+                raise overloaded(exc) from None
             for network, probabilities, features in zip(networks, results[::2], results[1::2], strict=True):
                 outputs.append(apply_temperature(probabilities, network.temperature))
                 ood.append(network.screening.features.scores(features))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
 from histoflow.data.images import MAX_PIXELS, decode_image
 from histoflow.errors import ImageDecodeError
@@ -35,9 +35,9 @@ class RequestError(MlflowException):
     request payload (megabytes of base64 here); this keeps the message to what was wrong.
     """
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
         self._text = message
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+        super().__init__(message, error_code=error_code)
 
     @property
     def message(self) -> str:  # type: ignore[override]
@@ -46,6 +46,11 @@ class RequestError(MlflowException):
     @message.setter
     def message(self, value: str) -> None:
         pass
+
+
+def overloaded(exc: TimeoutError) -> RequestError:
+    """HTTP 503 for a request that waited too long for its forward pass: the client may retry."""
+    return RequestError(str(exc), TEMPORARILY_UNAVAILABLE)
 
 
 def _as_strings(model_input: Any) -> list:
