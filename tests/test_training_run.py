@@ -16,6 +16,7 @@ from histoflow.data import step
 from histoflow.data.pipeline import make_dataset
 from histoflow.errors import ConfigError, DataError
 from histoflow.modeling import checkpoints, training_run
+from histoflow.modeling.fitting import FitResult
 from histoflow.modeling.variants import make_train_config
 
 TINY = {"epochs": 1, "image_size": 32, "batch_size": 16, "gradcam_per_class": 1}
@@ -148,11 +149,30 @@ def test_a_warm_up_trains_the_head_alone_then_the_unfrozen_stages_train(tracking
     folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifacts.KERAS_ARTIFACT_DIR,
                                                  dst_path=str(tmp_path / "logged"))
     trained = keras.saving.load_model(next(Path(folder).glob("*.keras")), compile=False)
-    assert not np.allclose(kernel("conv_pw_13", trained), backbone)
+    # ... unless no fine-tuning epoch reached the warmed-up head's validation loss: then that head is logged.
+    client = mlflow.MlflowClient()
+    warm_loss, tuned_loss = (min(m.value for m in client.get_metric_history(run.info.run_id, name))
+                             for name in ("warmup_val_loss", "val_loss"))
+    kept = run.data.tags["histoflow.finetune.kept"]
+    assert kept == ("warmup" if tuned_loss > warm_loss else "finetuned")
+    assert np.allclose(kernel("conv_pw_13", trained), backbone) == (kept == "warmup")
     np.testing.assert_array_equal(kernel("conv_pw_11", trained), frozen)
     # The fusion model's Grad-CAM figure (its deepest tap explained).
     assert "evaluation/gradcam.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id,
                                                                                              "evaluation")}
+
+
+def test_fine_tuning_that_never_beats_the_warmed_up_head_gives_the_warmed_up_head_back(tracking_uri):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    warmed = [w.copy() for w in model.get_weights()]
+    model.set_weights([w + 1.0 for w in warmed])  # what fine-tuning made of it
+    warm = FitResult({"val_loss": [0.6, 0.30, 0.31]}, 1.0, 2, 3)
+    for tuned_losses, kept in (([0.35, 0.32], "warmup"), ([0.29, 0.33], "finetuned")):
+        with mlflow.start_run() as run:
+            training_run._keep_the_better(model, warmed, warm, FitResult({"val_loss": tuned_losses}, 1.0, 1, 2))
+        assert mlflow.get_run(run.info.run_id).data.tags["histoflow.finetune.kept"] == kept
+        assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), warmed, strict=True)) == (kept == "warmup")
+        model.set_weights([w + 1.0 for w in warmed])
 
 
 @pytest.mark.slow

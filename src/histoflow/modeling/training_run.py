@@ -267,6 +267,20 @@ def run(config: TrainConfig) -> str:
         raise
 
 
+def _keep_the_better(model: keras.Model, warmed: list[np.ndarray], warm: FitResult, tuned: FitResult) -> None:
+    """The warmed-up head's weights back when no fine-tuning epoch reached its validation loss: early stopping
+    chooses among the fine-tuning epochs only, and the end of the warm-up is a candidate too (on a few hundred
+    images a first epoch of fine-tuning can already be worse than the head alone). Tagged either way."""
+    warm_loss, tuned_loss = min(warm.history["val_loss"]), min(tuned.history["val_loss"])
+    kept = "warmup" if tuned_loss > warm_loss else "finetuned"
+    if kept == "warmup":
+        model.set_weights(warmed)
+        print(f"fine-tuning never reached the warmed-up head's validation loss ({tuned_loss:.4f} against "
+              f"{warm_loss:.4f}): the warmed-up head is kept", flush=True)
+    mlflow.set_tags({"histoflow.finetune.kept": kept, "histoflow.finetune.val_loss":
+                     f"warm-up {warm_loss:.4f}, fine-tuned {tuned_loss:.4f}"})
+
+
 def train_worker(config: TrainConfig, cluster: distributed.Cluster) -> str:
     """A worker other than the chief: the chief's data, model and training steps, in step with it; it logs
     nothing and saves nothing (the chief's MLflow run holds the result). Returns an empty run id."""
@@ -305,6 +319,7 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
         # In the checkpoint, a resumed run's TensorBoard logs continue the interrupted run's.
         board = (checkpoint or Path(tmp)) / "tensorboard"
         warm = warm_up_head(config, setup, prepared, checkpoint)
+        warmed = model.get_weights() if warm and not cluster else None
         callbacks = [EpochMetrics(), tensorboard(board)]
         if on_features(config, "fit"):
             result = fit_head_on_features(config, model, prepared, stain, epochs=config.epochs,
@@ -314,6 +329,8 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
             result = fit(model, train_ds, val_ds, epochs=config.epochs, extra_callbacks=callbacks,
                          class_weight=weights, patience=config.patience, lr_patience=config.lr_patience,
                          checkpoint_dir=checkpoint, inference_validation=True)
+        if warmed is not None:
+            _keep_the_better(model, warmed, warm, result)
         if board.is_dir():
             mlflow.log_artifacts(str(board), TENSORBOARD_ARTIFACT)
     if cluster:
