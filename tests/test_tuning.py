@@ -233,9 +233,9 @@ def test_a_study_resumes_only_on_the_same_features_and_space(tmp_path):
     with pytest.raises(ConfigError, match="needs the other direction"):
         tuning.open_study(make_tune_config("transfer", storage=storage, study_name="s", metric="val_loss"),
                           "d1", key="k1")
+    (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(ConfigError, match="cannot open the Optuna storage sqlite:///"):
-        tuning.open_study(make_tune_config("transfer", storage=f"sqlite:///{tmp_path}/no/such/dir/o.db"),
-                          "d1", key="k1")
+        tuning.open_study(make_tune_config("transfer", storage=f"sqlite:///{tmp_path}/a-file/o.db"), "d1", key="k1")
     # An edited search space: not the same study. The default name is another; an explicit one is refused.
     narrower = _space_file(tmp_path, "learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
     edited = make_tune_config("transfer", storage=storage, study_name="s", search_space=narrower)

@@ -118,7 +118,8 @@ def storage(url: str, n_trials: int, heartbeat_interval: int, grace_period: int)
         "heartbeat_interval": heartbeat_interval, "grace_period": grace_period or None,
         "heartbeat_stale_trial_callback": _stale_trial_callback(n_trials)}
     if url.startswith(SQLITE):  # SQLite creates the file, not its folder (the default's is the cache root)
-        Path(url.removeprefix(SQLITE)).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # a folder that cannot be: the storage's own error says why
+            Path(url.removeprefix(SQLITE)).expanduser().parent.mkdir(parents=True, exist_ok=True)
     with experimental():
         return optuna.storages.RDBStorage(url, **heartbeats)
 
