@@ -1,7 +1,9 @@
 """Scoring latency and throughput of the served model against two references, in one run.
 
 Servers, each one process with one worker, started here on free ports, one at a time:
-  histoflow   `mlflow models serve` of the histoflow pyfunc (base64 image file in, compiled tf.function)
+  histoflow   `mlflow models serve` of the histoflow pyfunc (base64 image file in, compiled tf.function,
+              concurrent requests' forward passes gathered: histoflow/serving/batching.py)
+  histoflow-unbatched  the same with HISTOFLOW_MAX_BATCH=0 (a forward pass per request, as before batching)
   mlflow-keras `mlflow models serve` of MLflow's default keras pyfunc of the same model (the client sends
               the preprocessed float tensor as JSON; its preprocessing is done once, up front, and not timed)
   flask       a minimal Flask app calling `model.predict` per request, like the reports' demo servers
@@ -117,7 +119,7 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,2,4,8")
-    parser.add_argument("--servers", default="histoflow,mlflow-keras,flask")
+    parser.add_argument("--servers", default="histoflow,histoflow-unbatched,mlflow-keras,flask")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="histoflow-bench-serve-")
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -130,6 +132,7 @@ def main() -> None:
 
     tensor = preprocess_bytes(Path(image).read_bytes(), args.image_size)[None].tolist()
     bodies = {"histoflow": json.dumps({"inputs": [b64]}).encode(),
+              "histoflow-unbatched": json.dumps({"inputs": [b64]}).encode(),
               "mlflow-keras": json.dumps({"inputs": tensor}).encode(),
               "flask": json.dumps({"image": b64}).encode()}
     from PIL import Image
@@ -146,11 +149,12 @@ def main() -> None:
             cmd = [sys.executable, str(HERE / "flask_predict_server.py"), keras_path, str(args.image_size),
                    str(port)]
         else:
-            model = classifier if name == "histoflow" else keras_model
+            model = classifier if name.startswith("histoflow") else keras_model
             cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
         url = f"http://127.0.0.1:{port}/invocations"
-        process, began = start(cmd, f"http://127.0.0.1:{port}/ping", env)
+        process, began = start(cmd, f"http://127.0.0.1:{port}/ping",
+                               {**env, "HISTOFLOW_MAX_BATCH": "0"} if name == "histoflow-unbatched" else env)
         try:
             first = requests.post(url, data=bodies[name], headers={"Content-Type": "application/json"}, timeout=120)
             if first.status_code != 200:
