@@ -83,30 +83,19 @@ def _run(command: str, variant: str, params: dict[str, Any]) -> Any:
     from histoflow.config import from_params
 
     # The settings are checked before the module that runs the command (and TensorFlow with it) is loaded.
-    if command == "train":
-        from histoflow.modeling.variants import make_train_config
+    if command in ("train", "cv"):
+        from histoflow.modeling.variants import make_cv_config, make_train_config
 
-        config = make_train_config(variant, **params)
-        load_tensorflow_quietly()
-        from histoflow.modeling import training_run
-
-        return training_run.run(config)
-    if command == "tune":
+        make = make_train_config if command == "train" else make_cv_config
+        config = make(variant, **params)
+        target = "histoflow.modeling.training_run:run" if command == "train" else "histoflow.entrypoints:run_cv"
+    elif command == "tune":
         from histoflow.tuning.settings import make_tune_config
 
-        config = make_tune_config(variant, **params)
-        load_tensorflow_quietly()
-        from histoflow.tuning import study
-
-        return study.run(config)
-    if command == "cv":
-        from histoflow.modeling.variants import make_cv_config
-
-        config = make_cv_config(variant, **params)
-        load_tensorflow_quietly()
-        return entrypoints.run_cv(config)
-    cls, target = entrypoints.COMMANDS[command]
-    config = from_params(cls, params)
+        config, target = make_tune_config(variant, **params), "histoflow.tuning.study:run"
+    else:
+        cls, target = entrypoints.COMMANDS[command]
+        config = from_params(cls, params)
     if command not in WITHOUT_TENSORFLOW:
         load_tensorflow_quietly()
     return entrypoints.runner(target)(config)
