@@ -1,18 +1,21 @@
-"""Scoring latency and throughput of the served model against two references, in one run.
+"""Scoring latency, throughput, cold start and memory of the served model against references, in one run.
 
-Servers, each one process with one worker, started here on free ports, one at a time:
-  histoflow   `mlflow models serve` of the histoflow pyfunc (base64 image file in, compiled tf.function,
-              concurrent requests' forward passes gathered: histoflow/serving/batching.py)
-  histoflow-unbatched  the same with HISTOFLOW_MAX_BATCH=0 (a forward pass per request, as before batching)
-  mlflow-keras `mlflow models serve` of MLflow's default keras pyfunc of the same model (the client sends
-              the preprocessed float tensor as JSON; its preprocessing is done once, up front, and not timed)
-  flask       a minimal Flask app calling `model.predict` per request, like the reports' demo servers
-              (bench/flask_predict_server.py; base64 image file in)
-For each: p50/p95/p99 latency and throughput at concurrency 1, 2, 4, 8 with one real image per request,
-and the cold start (process launch to the first successful prediction) of the histoflow server.
-The client runs on the same machine (2 cores here): absolute numbers include its cost, ratios are fair.
+Models (each trained here for 1 epoch on 200 BreaKHis images, so screening and the quality fields are on):
+  baseline    the reports' CNN
+  mobilenet   the transfer variant's MobileNet alpha 0.75 fusion (ImageNet weights from --weights when given)
+  ensemble    5 members of the mobilenet network with dihedral8 test-time augmentation (40 views an image)
+Servers, each `mlflow models serve` with one worker unless said, started here on free ports, one at a time:
+  onnx            the histoflow pyfunc on ONNX Runtime, concurrent requests' forward passes gathered (the default)
+  onnx-unbatched  the same with HISTOFLOW_MAX_BATCH=0 (a forward pass per request)
+  tensorflow      the histoflow pyfunc on TensorFlow, unbatched: what was served before ONNX Runtime and batching
+  flask           a minimal Flask app calling `model.predict` per request, like the reports' demo servers
+                  (bench/flask_predict_server.py; no screening, no stain, no quality fields)
+For each: p50/p95 latency and throughput with one real image per request at each concurrency; the cold start
+(process launch to the first successful prediction) and the worker's peak RSS (VmHWM of the process that
+scores). The client runs on the same machine (2 cores here): absolute numbers include its cost, ratios are fair.
 
-    python bench/serve_latency.py --image_size 128 --requests 200
+    python bench/serve_latency.py --image_size 128 --requests 400 \
+        --weights ../shared/keras-weights/mobilenet_7_5_224_tf_no_top.h5
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+SERVER_ENV = {"onnx": {}, "onnx-unbatched": {"HISTOFLOW_MAX_BATCH": "0"},
+              "tensorflow": {"HISTOFLOW_RUNTIME": "tensorflow", "HISTOFLOW_MAX_BATCH": "0"}}
+MEMBERS = 5
 
 
 def free_port() -> int:
@@ -44,28 +50,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_model(data_dir: str, image_size: int, tmp: str) -> tuple[str, str, str, str]:
-    """A small real model (1 epoch on 200 images): returns (pyfunc uri, keras-flavor uri, .keras path, image)."""
+def train(variant: str, data_dir: str, image_size: int, weights: str) -> mlflow.entities.Run:
     from histoflow.modeling import training_run
     from histoflow.modeling.variants import make_train_config
-    from histoflow.registry.selection import classifier_uri, keras_artifact, run_split
 
-    config = make_train_config("baseline", data_dir=data_dir, max_images=200, epochs=1, image_size=image_size,
-                               gradcam_per_class=1, experiment="bench-serve")
-    run = mlflow.get_run(training_run.run(config))
-    classifier = classifier_uri(run)
-    keras_model = f"models:/{run.outputs.model_outputs[0].model_id}"
-    _, split, _ = run_split(run)
-    # The typical file: median size among the test images (most BreakHis files are 224x224 copies; a few
-    # are 700x460 originals, which cost ~4x more to decode).
+    extra = {"weights": weights, "alpha": 0.75} if variant == "transfer" else {}
+    config = make_train_config(variant, data_dir=data_dir, max_images=200, epochs=1, image_size=image_size,
+                               gradcam_per_class=1, experiment="bench-serve", **extra)
+    return mlflow.get_run(training_run.run(config))
+
+
+def models(data_dir: str, image_size: int, weights: str) -> tuple[dict[str, tuple[str, str]], str]:
+    """{name: (pyfunc uri, .keras path)} and the request's image (the median-size test file)."""
+    from histoflow.registry.selection import (
+        classifier_uri,
+        keras_artifact,
+        run_calibration,
+        run_screening,
+        run_split,
+        run_stain_reference,
+    )
+    from histoflow.serving.packaging import log_classifier
+
+    out = {}
+    baseline, mobilenet = train("baseline", data_dir, image_size, weights), train("transfer", data_dir, image_size,
+                                                                                  weights)
+    for name, run in (("baseline", baseline), ("mobilenet", mobilenet)):
+        out[name] = (classifier_uri(run), keras_artifact(run.info.run_id))
+    _, split, classes = run_split(mobilenet)
     test = sorted(split.loc[split["split"] == "test", "path"], key=lambda p: Path(p).stat().st_size)
-    image = test[len(test) // 2]
-    keras_path = keras_artifact(run.info.run_id)
-    return classifier, keras_model, keras_path, image
+    image = test[len(test) // 2]  # most BreakHis files are 224x224 copies; a few 700x460 originals cost ~4x more
+    path = out["mobilenet"][1]
+    with mlflow.start_run(run_id=mobilenet.info.run_id):
+        ensemble = log_classifier([path] * MEMBERS, classes, image_size, image, name="ensemble",
+                                  member_temperatures=[run_calibration(mobilenet).temperature] * MEMBERS,
+                                  stain_references=[run_stain_reference(mobilenet)] * MEMBERS,
+                                  screenings=[run_screening(mobilenet)] * MEMBERS, tta="dihedral8")
+    out["ensemble"] = (ensemble.model_uri, path)
+    return out, image
 
 
-def start(cmd: list[str], ping: str, env: dict) -> tuple[subprocess.Popen, float]:
-    began = time.perf_counter()
+def descendants(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        p = pending.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            pending += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The largest VmHWM among the server's processes: the one that loads the model and scores."""
+    peaks = []
+    for p in descendants(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks)
+
+
+def start(cmd: list[str], ping: str, env: dict) -> subprocess.Popen:
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     while True:
@@ -73,9 +118,9 @@ def start(cmd: list[str], ping: str, env: dict) -> tuple[subprocess.Popen, float
             raise RuntimeError(f"{cmd[:4]} exited with {process.returncode}")
         try:
             if requests.get(ping, timeout=1).status_code == 200:
-                return process, began
+                return process
         except requests.RequestException:
-            time.sleep(0.05)
+            time.sleep(0.02)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -86,7 +131,7 @@ def stop(process: subprocess.Popen) -> None:
 def load(url: str, body: bytes, concurrency: int, total: int) -> tuple[list[float], float]:
     latencies: list[float] = []
     lock = threading.Lock()
-    per_thread = total // concurrency
+    per_thread = max(1, total // concurrency)
 
     def worker() -> None:
         session = requests.Session()
@@ -113,75 +158,82 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000
 
 
+def measure(name: str, model: str, server: str, cmd: list[str], env: dict, port: int, body: bytes,
+            levels: list[int], requests_per_level: int) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/invocations"
+    began = time.perf_counter()
+    process = start(cmd, f"http://127.0.0.1:{port}/ping", env)
+    rows = []
+    try:
+        first = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=300)
+        if first.status_code != 200:
+            raise RuntimeError(f"{name}: HTTP {first.status_code} {first.text[:300]}")
+        cold = time.perf_counter() - began
+        load(url, body, 1, 20)  # warm-up
+        for c in levels:
+            latencies, wall = load(url, body, c, requests_per_level)
+            rows.append({"model": model, "server": server, "concurrency": c, "p50": pct(latencies, 50),
+                         "p95": pct(latencies, 95), "rps": len(latencies) / wall, "cold": cold})
+            print(f"{model} {server} c={c}: p50 {rows[-1]['p50']:.1f} ms, p95 {rows[-1]['p95']:.1f} ms, "
+                  f"{rows[-1]['rps']:.1f} req/s", flush=True)
+        rss = peak_rss_mib(process.pid)
+        for row in rows:
+            row["rss"] = rss
+    finally:
+        stop(process)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default="../shared/data/breakhis")
     parser.add_argument("--image_size", type=int, default=128)
-    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
-    parser.add_argument("--concurrency", default="1,2,4,8")
-    parser.add_argument("--servers", default="histoflow,histoflow-unbatched,mlflow-keras,flask")
+    parser.add_argument("--weights", default="imagenet", help="the MobileNet's weights (a .h5 path offline)")
+    parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    parser.add_argument("--concurrency", default="1,2,4,8,16")
+    parser.add_argument("--servers", default="onnx,onnx-unbatched,tensorflow,flask")
+    parser.add_argument("--models", default="baseline,mobilenet,ensemble")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="histoflow-bench-serve-")
     uri = f"sqlite:///{tmp}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    env = {**os.environ}
-    classifier, keras_model, keras_path, image = train_model(args.data_dir, args.image_size, tmp)
+    served, image = models(args.data_dir, args.image_size, args.weights)
     b64 = base64.b64encode(Path(image).read_bytes()).decode()
-    from histoflow.data.images import preprocess_bytes
-
-    tensor = preprocess_bytes(Path(image).read_bytes(), args.image_size)[None].tolist()
-    bodies = {"histoflow": json.dumps({"inputs": [b64]}).encode(),
-              "histoflow-unbatched": json.dumps({"inputs": [b64]}).encode(),
-              "mlflow-keras": json.dumps({"inputs": tensor}).encode(),
-              "flask": json.dumps({"image": b64}).encode()}
+    bodies = {"mlflow": json.dumps({"inputs": [b64]}).encode(), "flask": json.dumps({"image": b64}).encode()}
     from PIL import Image
 
     with Image.open(image) as im:
-        shape = f"{im.width}x{im.height}"
-    print(f"image {image} ({shape}, {Path(image).stat().st_size / 1024:.0f} KiB); request bodies: "
-          + ", ".join(f"{k} {len(v) / 1024:.0f} KiB" for k, v in bodies.items()), flush=True)
+        print(f"image {image} ({im.width}x{im.height}, {Path(image).stat().st_size / 1024:.0f} KiB)", flush=True)
     levels = [int(c) for c in args.concurrency.split(",")]
-    rows, cold = [], None
-    for name in args.servers.split(","):
-        port = free_port()
-        if name == "flask":
-            cmd = [sys.executable, str(HERE / "flask_predict_server.py"), keras_path, str(args.image_size),
-                   str(port)]
-        else:
-            model = classifier if name.startswith("histoflow") else keras_model
-            cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
-                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-        url = f"http://127.0.0.1:{port}/invocations"
-        process, began = start(cmd, f"http://127.0.0.1:{port}/ping",
-                               {**env, "HISTOFLOW_MAX_BATCH": "0"} if name == "histoflow-unbatched" else env)
-        try:
-            first = requests.post(url, data=bodies[name], headers={"Content-Type": "application/json"}, timeout=120)
-            if first.status_code != 200:
-                raise RuntimeError(f"{name}: HTTP {first.status_code} {first.text[:300]}")
-            if name == "histoflow":
-                cold = time.perf_counter() - began
-            load(url, bodies[name], 1, 20)  # warm-up
-            for c in levels:
-                latencies, wall = load(url, bodies[name], c, args.requests)
-                rows.append((name, c, pct(latencies, 50), pct(latencies, 95), pct(latencies, 99),
-                             len(latencies) / wall))
-                print(f"{name} c={c}: p50 {rows[-1][2]:.1f} ms, p95 {rows[-1][3]:.1f} ms, "
-                      f"{rows[-1][5]:.1f} req/s", flush=True)
-        finally:
-            stop(process)
-    by = {(r[0], r[1]): r for r in rows}
-    print()
-    print(f"baseline CNN at {args.image_size} px, one {Path(image).suffix} image per request, "
-          f"{args.requests} requests per level, 1 server worker, client on the same machine")
-    print("| server | concurrency | p50 ms | p95 ms | p99 ms | req/s | histoflow req/s ÷ this |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, c, p50, p95, p99, rps in rows:
-        ours = by.get(("histoflow", c))
-        ratio = f"{ours[5] / rps:.2f}" if ours else ""
-        print(f"| {name} | {c} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {rps:.1f} | {ratio} |")
-    if cold is not None:
-        print(f"\ncold start (launch of `mlflow models serve` to the first successful prediction): {cold:.1f} s")
+    rows = []
+    for model in args.models.split(","):
+        uri, keras_path = served[model]
+        for server in args.servers.split(","):
+            if server == "flask" and model == "ensemble":
+                continue  # the demo server has no ensembles or TTA
+            port = free_port()
+            if server == "flask":
+                cmd = [sys.executable, str(HERE / "flask_predict_server.py"), keras_path, str(args.image_size),
+                       str(port)]
+            else:
+                cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+                       "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+            ensemble_levels = [1, 8] if model == "ensemble" else levels
+            rows += measure(f"{model}/{server}", model, server, cmd, {**os.environ, **SERVER_ENV.get(server, {})},
+                            port, bodies["flask" if server == "flask" else "mlflow"], ensemble_levels,
+                            args.requests // (4 if model == "ensemble" else 1))
+    print(f"\nat {args.image_size} px, one {Path(image).suffix} image per request, {args.requests} requests per "
+          "level (ensemble: a quarter), 1 server worker, client on the same machine")
+    print("| model | server | concurrency | p50 ms | p95 ms | images/s | onnx images/s ÷ this | cold start s "
+          "| peak RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    by = {(r["model"], r["server"], r["concurrency"]): r for r in rows}
+    for r in rows:
+        ours = by.get((r["model"], "onnx", r["concurrency"]))
+        ratio = f"{ours['rps'] / r['rps']:.2f}" if ours else ""
+        print(f"| {r['model']} | {r['server']} | {r['concurrency']} | {r['p50']:.1f} | {r['p95']:.1f} | "
+              f"{r['rps']:.0f} | {ratio} | {r['cold']:.1f} | {r['rss']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import mlflow  # noqa: E402
 import requests  # noqa: E402
 
 from histoflow.modeling.architectures import build_baseline, build_fusion  # noqa: E402
-from histoflow.serving.classifier import log_classifier  # noqa: E402
+from histoflow.serving.packaging import log_classifier  # noqa: E402
 from histoflow.serving.requests import encode_file  # noqa: E402
 
 SIZE = 128

@@ -36,8 +36,9 @@ from histoflow.data.quality import measure  # noqa: E402
 from histoflow.data.stain import fit_reference  # noqa: E402
 from histoflow.modeling.architectures import build_baseline, build_fusion  # noqa: E402
 from histoflow.modeling.calibration import Calibration  # noqa: E402
-from histoflow.modeling.screening import feature_model, fit_screening  # noqa: E402
-from histoflow.serving.classifier import log_classifier  # noqa: E402
+from histoflow.modeling.inference import feature_model  # noqa: E402
+from histoflow.modeling.screening import fit_screening  # noqa: E402
+from histoflow.serving.packaging import log_classifier  # noqa: E402
 from histoflow.serving.requests import encode_file  # noqa: E402
 
 SIZE = 128

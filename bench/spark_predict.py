@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from histoflow.data.discovery import discover  # noqa: E402
 from histoflow.modeling.architectures import build_baseline  # noqa: E402
 from histoflow.serving.batch_predict import batch_predict  # noqa: E402
-from histoflow.serving.classifier import log_classifier  # noqa: E402
+from histoflow.serving.packaging import log_classifier  # noqa: E402
 
 
 def main() -> None:

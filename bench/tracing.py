@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from histoflow.data.step import prepare_data  # noqa: E402
-from histoflow.modeling import inference, screening, training_run  # noqa: E402
+from histoflow.modeling import inference, training_run  # noqa: E402
 from histoflow.modeling.fitting import InferenceValidation, build_training_state  # noqa: E402
 from histoflow.modeling.variants import make_train_config  # noqa: E402
 
@@ -65,7 +65,7 @@ def _validate(config, prepared, ours: bool) -> tuple[float, int]:
     build_training_state(model, train_ds)
     model.fit(train_ds, validation_data=None if ours else val_ds, epochs=1, verbose=0,
               callbacks=[InferenceValidation(val_ds)] if ours else [])
-    extractor = screening.feature_model(model)
+    extractor = inference.feature_model(model)
     for data in (val_ds, test_ds):
         inference.predict(extractor, data)
     return time.perf_counter() - start, len(traces) + inference.forward(extractor).experimental_get_tracing_count()

@@ -41,12 +41,16 @@ def test_generated_dockerfile_bakes_the_model_in(build_dir):
     entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", dockerfile, re.M).group(1))
     assert entrypoint == ["python", "-c", "from mlflow.models import container as C; C._serve('local')"]
     model_dir = build_dir / "model_dir"
-    assert any(p.suffix == ".keras" for p in (model_dir / "artifacts").iterdir())
+    suffixes = {p.suffix for p in (model_dir / "artifacts").iterdir()}
+    assert {".onnx", ".keras"} <= suffixes  # the graph it serves, the network for Grad-CAM
     assert (model_dir / "code" / "histoflow" / "data" / "images.py").is_file()  # the training preprocessing
     assert not (model_dir / "code" / "histoflow" / "data" / "samples").exists()  # the sample images stay out
+    assert not (model_dir / "code" / "histoflow" / "modeling" / "training_run.py").exists()  # nor training code
     assert (model_dir / "model_code.py").is_file()
     requirements = (model_dir / "requirements.txt").read_text()
-    assert re.search(r"^tensorflow(-cpu)?==", requirements, re.M) and "pillow==" in requirements
+    # The small image: ONNX Runtime, no TensorFlow or Keras.
+    assert re.search(r"^onnxruntime==", requirements, re.M) and "pillow==" in requirements
+    assert not re.search(r"^(tensorflow|tensorflow-cpu|keras)==", requirements, re.M)
     assert "torchstain==" in requirements  # the stain normalisation of the served preprocessing
 
 

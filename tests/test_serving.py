@@ -149,7 +149,7 @@ def test_explain_returns_the_training_gradcam_overlay(classifier, test_images):
     reference = pyfunc.unwrap_python_model()._groups
     stain = next(iter(reference.values()))[0]
     assert isinstance(stain, StainNormalizer)
-    batch = np.stack([resize_and_scale(stain.normalize(_read(p))[0], 32).numpy() for p in test_images])
+    batch = np.stack([resize_and_scale(stain.normalize(_read(p))[0], 32) for p in test_images])
     classes = [["benign", "malignant"].index(label) for label in plain["model_label"]]
     expected = [overlay(i, h) for i, h in zip(batch, GradCam(model, gradcam_layer(model))(batch, classes), strict=True)]
     for got, want in zip(explained["gradcam"], expected, strict=True):
@@ -168,7 +168,7 @@ def test_a_model_logged_without_screening_still_serves(use_store, classifier, te
     import logging
 
     from histoflow.registry.selection import keras_artifact
-    from histoflow.serving.classifier import log_classifier
+    from histoflow.serving.packaging import log_classifier
 
     _, _, runs = use_store
     with mlflow.start_run():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from histoflow.modeling import inference, screening
+from histoflow.modeling import inference
 from histoflow.modeling.architectures import compile_model
 from histoflow.modeling.fitting import fit, validation_metrics
 
@@ -87,8 +87,8 @@ def test_validation_in_a_fit_is_keras_s_own_through_the_inference_graph():
     assert set(result.history) == set(keras_own.history)
     for name in ("val_loss", "val_accuracy", "val_auc"):
         assert result.history[name] == pytest.approx(keras_own.history[name], rel=1e-5), name
-    inference.predict(screening.feature_model(model), val)  # as evaluation runs it
-    assert inference.forward(screening.feature_model(model)).experimental_get_tracing_count() == 1
+    inference.predict(inference.feature_model(model), val)  # as evaluation runs it
+    assert inference.forward(inference.feature_model(model)).experimental_get_tracing_count() == 1
     expected = model.evaluate(val, return_dict=True, verbose=0)
     got = validation_metrics(model, val)
     assert got == pytest.approx(expected, rel=1e-5) and set(got) == {"loss", "accuracy", "auc"}

@@ -203,11 +203,11 @@ def test_trials_share_one_traced_head_per_width_bucket_and_train_as_their_own_he
         model = trainer.start(width, dropout, lr, seed=7, optimizer=optimizer, batchnorm=batchnorm)
         history = _fit_head(model, features, 7)
         # The same up to float rounding: the wider matrix products sum in another order (oneDNN's kernels, on
-        # CPUs where TensorFlow turns them on, round differently again: 1.3e-3 after 4 epochs measured).
+        # CPUs where TensorFlow turns them on, round differently again: 1.3e-3 relative after 4 epochs measured in
+        # the history, 1.9e-3 absolute in a probability near 0.08; a unit that leaked would move them by tenths).
         for key in ("loss", "val_loss", "val_auc"):
             np.testing.assert_allclose(history[key], expected_history[key], rtol=5e-3, atol=1e-4)
-        np.testing.assert_allclose(_predict(model, list(features["val"].taps)), expected,
-                                   rtol=5e-3, atol=1e-4)
+        np.testing.assert_allclose(_predict(model, list(features["val"].taps)), expected, rtol=5e-3, atol=5e-3)
         # The padded units never left zero, so they took no part.
         dense = model.get_layer("fusion1_dense")
         assert not np.any(dense.get_weights()[0][:, width:]) and not np.any(dense.get_weights()[1][width:])

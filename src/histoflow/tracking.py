@@ -124,11 +124,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def pinned_requirements(*distributions: str) -> list[str]:
-    """`name==version` of these installed distributions and of TensorFlow (the CPU or the full wheel):
-    a logged model's pip requirements, given so that MLflow need not infer them (a subprocess that
+def pinned_requirements(*distributions: str, tensorflow: bool = True) -> list[str]:
+    """`name==version` of these installed distributions and (with `tensorflow`) of TensorFlow (the CPU or the
+    full wheel): a logged model's pip requirements, given so that MLflow need not infer them (a subprocess that
     imports the model again, ~10 s a model)."""
     pins = [f"{name}=={metadata.version(name)}" for name in distributions]
+    if not tensorflow:
+        return pins
     for dist in ("tensorflow-cpu", "tensorflow"):
         try:
             return [*pins, f"{dist}=={metadata.version(dist)}"]

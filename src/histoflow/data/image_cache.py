@@ -31,7 +31,7 @@ from histoflow.errors import DataError
 from histoflow.progress import progress
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: resized by Pillow (was tf.image.resize: within one grey level)
 CHUNK = 64  # images decoded and written per step
 
 

@@ -13,31 +13,33 @@ import numpy as np
 import tensorflow as tf
 
 from histoflow.data.image_cache import CHUNK, CachedImages, ensure_cached
-from histoflow.data.images import read_image, resize, scale
+from histoflow.data.images import PIXEL_MAX, read_image, resize
 from histoflow.data.settings import AUGMENTATIONS
-from histoflow.data.stain import StainNormalizer, hed_jitter
+from histoflow.data.stain import HED_FROM_RGB, HED_SIGMA, RGB_FROM_HED, StainNormalizer
 from histoflow.errors import ConfigError
 
 # seed: the reports' fixed tripling; random: dihedral + mild colour; hed: dihedral + HED-light stain jitter.
 SEED_TRIPLING = 3  # the reports' scheme: original, rot90+flip, rot180+flip
 
 
-def _reader(stain: StainNormalizer | None):
+def _reader(stain: StainNormalizer | None, image_size: int):
+    """path -> the uint8 image at image_size: decoded, stain-normalised, resized (numpy: the served model's
+    own steps, histoflow.data.images)."""
     if stain is None or stain.method == "none":
-        return lambda p: read_image(p.decode())
-    return lambda p: stain.normalize(read_image(p.decode()), p.decode())[0]
+        return lambda p: resize(read_image(p.decode()), image_size)
+    return lambda p: resize(stain.normalize(read_image(p.decode()), p.decode())[0], image_size)
 
 
-def _load(path: tf.Tensor, stain: StainNormalizer | None = None) -> tf.Tensor:
-    image = tf.numpy_function(_reader(stain), [path], tf.uint8, stateful=False)
-    image.set_shape([None, None, 3])
+def _load(path: tf.Tensor, image_size: int, stain: StainNormalizer | None = None) -> tf.Tensor:
+    image = tf.numpy_function(_reader(stain, image_size), [path], tf.uint8, stateful=False)
+    image.set_shape([image_size, image_size, 3])
     return image
 
 
 def _decoded(paths: np.ndarray, image_size: int, stain: StainNormalizer | None) -> tf.data.Dataset:
     """uint8 images at image_size, decoded from their files in order (in parallel)."""
     return tf.data.Dataset.from_tensor_slices(paths).map(
-        lambda p: resize(_load(p, stain), image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        lambda p: _load(p, image_size, stain), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def cache_images(paths: list[str] | np.ndarray, image_size: int, cache_dir: str | os.PathLike,
@@ -58,7 +60,7 @@ def _read_by_index(cached: CachedImages | None, paths: np.ndarray, image_size: i
                    stain: StainNormalizer | None):
     """index -> uint8 image: from the cache (a batch of indices per read) or by decoding the file."""
     if cached is None:
-        return lambda ds: ds.map(lambda i, view, y: (resize(_load(tf.gather(paths, i), stain), image_size), view, y),
+        return lambda ds: ds.map(lambda i, view, y: (_load(tf.gather(paths, i), image_size, stain), view, y),
                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def read(indices: tf.Tensor) -> tf.Tensor:
@@ -68,6 +70,23 @@ def _read_by_index(cached: CachedImages | None, paths: np.ndarray, image_size: i
 
     return lambda ds: ds.batch(CHUNK).map(lambda i, view, y: (read(i), view, y),
                                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+
+
+def hed_jitter(image, seed=None, sigma: float = HED_SIGMA):
+    """HED-light colour augmentation of one float32 RGB image in [0, 1] (TensorFlow, graph-safe)."""
+    alpha = tf.random.uniform([3], 1.0 - sigma, 1.0 + sigma, seed=seed)
+    beta = tf.random.uniform([3], -sigma, sigma, seed=seed)
+    return hed_affine(image, alpha, beta)
+
+
+def hed_affine(image, alpha, beta):
+    """Each stain's concentration c -> alpha * c + beta (per stain), back to RGB in [0, 1]."""
+    rgb_from_hed = tf.constant(RGB_FROM_HED, tf.float32)
+    hed_from_rgb = tf.constant(HED_FROM_RGB, tf.float32)
+    od = -tf.math.log(tf.maximum(image, 1e-6))
+    concentrations = tf.tensordot(od, hed_from_rgb, axes=1)
+    jittered = concentrations * tf.cast(alpha, tf.float32) + tf.cast(beta, tf.float32)
+    return tf.clip_by_value(tf.exp(-tf.tensordot(jittered, rgb_from_hed, axes=1)), 0.0, 1.0)
 
 
 def seed_view(image: tf.Tensor, view: tf.Tensor | int) -> tf.Tensor:
@@ -131,7 +150,7 @@ def make_dataset(
     augmenter = {"random": _random_augment, "hed": _hed_augment}.get(augment) if training else None
 
     def prepare(image, view, y):
-        image = scale(seed_view(image, view) if views > 1 else image)
+        image = tf.cast(seed_view(image, view) if views > 1 else image, tf.float32) / PIXEL_MAX
         return (augmenter(image) if augmenter else image), y
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -171,24 +171,3 @@ def fit_reference(method: str, paths: list[str], seed: int) -> dict[str, Any]:
     if not all(np.isfinite(v).all() for v in map(np.asarray, reference.values())):
         raise ConfigError(f"the {method} stain reference fitted on {len(chosen)} training images is not finite")
     return {"method": method, **reference, "images": len(chosen), "seed": seed}
-
-
-def hed_jitter(image, seed=None, sigma: float = HED_SIGMA):
-    """HED-light colour augmentation of one float32 RGB image in [0, 1] (TensorFlow, graph-safe)."""
-    import tensorflow as tf
-
-    alpha = tf.random.uniform([3], 1.0 - sigma, 1.0 + sigma, seed=seed)
-    beta = tf.random.uniform([3], -sigma, sigma, seed=seed)
-    return hed_affine(image, alpha, beta)
-
-
-def hed_affine(image, alpha, beta):
-    """Each stain's concentration c -> alpha * c + beta (per stain), back to RGB in [0, 1]."""
-    import tensorflow as tf
-
-    rgb_from_hed = tf.constant(RGB_FROM_HED, tf.float32)
-    hed_from_rgb = tf.constant(HED_FROM_RGB, tf.float32)
-    od = -tf.math.log(tf.maximum(image, 1e-6))
-    concentrations = tf.tensordot(od, hed_from_rgb, axes=1)
-    jittered = concentrations * tf.cast(alpha, tf.float32) + tf.cast(beta, tf.float32)
-    return tf.clip_by_value(tf.exp(-tf.tensordot(jittered, rgb_from_hed, axes=1)), 0.0, 1.0)

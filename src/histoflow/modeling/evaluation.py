@@ -69,7 +69,7 @@ def evaluate(model: keras.Model, config: TrainConfig, prepared: PreparedData, st
     val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
     # One pass over each split gives the probabilities and the screening's features (a second pass for the
     # probabilities only with test-time augmentation).
-    extractor = screening.feature_model(model)
+    extractor = inference.feature_model(model)
     (val_raw, val_features), (test_raw, test_features) = (inference.predict(extractor, d) for d in (val_ds, test_ds))
     fallbacks = stain.fallbacks  # each image of the three splits normalised once by now
     if config.tta != "none":
@@ -154,7 +154,7 @@ def fit_screening(extractor: keras.Model, config: TrainConfig, prepared: Prepare
                   val_features: np.ndarray, test_features: np.ndarray) -> None:
     """Fit the served model's quality and OOD checks (training features, validation percentiles), log them,
     and how many validation and test images they flag (the test share is what users should expect).
-    `extractor` is screening.feature_model of the network; the validation and test features are its."""
+    `extractor` is inference.feature_model of the network; the validation and test features are its."""
     train = prepared.rows("train")
     if len(train) > screening.MAX_FIT_IMAGES:
         train = train.sample(n=screening.MAX_FIT_IMAGES, random_state=config.seed)

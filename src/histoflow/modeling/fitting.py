@@ -18,7 +18,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from histoflow import tracking
-from histoflow.modeling import checkpoints, distributed, inference, screening
+from histoflow.modeling import checkpoints, distributed, inference
 from histoflow.modeling.checkpoints import Checkpoint
 from histoflow.progress import LogProgress
 
@@ -200,7 +200,7 @@ class EpochMetrics(mlflow.keras.MlflowCallback):
 def validation_metrics(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, float]:
     """The compiled loss and metrics of `model` over a (batched) dataset of (images, one-hot labels), as Keras's
     evaluate gives them, from the network's traced inference graph (that of its screening extractor)."""
-    step = inference.forward(screening.feature_model(model))
+    step = inference.forward(inference.feature_model(model))
     model.reset_metrics()
     total, count = 0.0, 0
     for batch in dataset:

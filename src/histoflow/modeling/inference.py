@@ -16,6 +16,7 @@ import tensorflow as tf
 from histoflow.modeling.variants import TTA_MODES
 
 DIHEDRAL_VIEWS = 8
+FEATURE_LAYER = "probabilities"  # the softmax layer of every histoflow network: its input is the feature
 
 
 def dihedral_views(images: tf.Tensor) -> tf.Tensor:
@@ -37,6 +38,19 @@ def average_views(probabilities: tf.Tensor | np.ndarray, views: int = DIHEDRAL_V
     """(views * n, classes) in the order of dihedral_views -> (n, classes), the mean over each image's views."""
     probabilities = tf.convert_to_tensor(probabilities)
     return tf.reduce_mean(tf.reshape(probabilities, (views, -1, probabilities.shape[-1])), axis=0)
+
+
+_EXTRACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def feature_model(model: keras.Model) -> keras.Model:
+    """The network with a second output: (probabilities, penultimate features). One per network, so that its
+    traced inference graph (inference.forward) serves the validation of every epoch and the evaluation."""
+    if model not in _EXTRACTORS:
+        names = {layer.name for layer in model.layers}
+        head = model.get_layer(FEATURE_LAYER) if FEATURE_LAYER in names else model.layers[-1]
+        _EXTRACTORS[model] = keras.Model(model.inputs, [model.outputs[0], head.input])
+    return _EXTRACTORS[model]
 
 
 _FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

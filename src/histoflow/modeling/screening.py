@@ -21,16 +21,15 @@ Both distances use the mean and the Ledoit-Wolf shrunk covariance of up to MAX_F
 (the shrinkage keeps it invertible with fewer images than dimensions). Everything is fitted on the training
 and validation splits and saved as one .npz file with the run (evaluation.SCREENING_ARTIFACT); the served
 model loads it per network. A model logged before screening existed has no file: its predictions get only
-the low_tissue check (a warning at load), never an error.
+the low_tissue check (a warning at load), never an error. Nothing here loads Keras: the served model applies
+the checks without it (the features come from histoflow.modeling.inference.feature_model's second output).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import numpy as np
 from sklearn.covariance import LedoitWolf
 
@@ -44,20 +43,6 @@ FOCUS_PERCENTILE, FOCUS_FACTOR = 1.0, 0.5
 OOD_PERCENTILE = 99.5
 OOD_MARGIN, COLOUR_MARGIN = 1.25, 1.5
 MAX_FIT_IMAGES = 5000  # training images whose features estimate the mean and covariance
-FEATURE_LAYER = "probabilities"  # the softmax layer of every histoflow network: its input is the feature
-
-
-_EXTRACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def feature_model(model: keras.Model) -> keras.Model:
-    """The network with a second output: (probabilities, penultimate features). One per network, so that its
-    traced inference graph (inference.forward) serves the validation of every epoch and the evaluation."""
-    if model not in _EXTRACTORS:
-        names = {layer.name for layer in model.layers}
-        head = model.get_layer(FEATURE_LAYER) if FEATURE_LAYER in names else model.layers[-1]
-        _EXTRACTORS[model] = keras.Model(model.inputs, [model.outputs[0], head.input])
-    return _EXTRACTORS[model]
 
 
 @dataclass(frozen=True)

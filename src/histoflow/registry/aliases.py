@@ -16,6 +16,7 @@ from histoflow.artifacts import is_cross_validation
 from histoflow.registry.policy import Aliases, load_policy
 from histoflow.registry.selection import RegistryError, classifier_uri, select
 from histoflow.registry.settings import RegisterConfig, RollbackConfig
+from histoflow.serving.settings import DEFAULT_RUNTIME
 
 
 def alias_version(name: str, alias: str):
@@ -35,11 +36,12 @@ def alias_version(name: str, alias: str):
                             f"{exc.error_code}: {exc.message}") from exc
 
 
-def register(experiment: str, metric: str, name: str, aliases: Aliases, include_leaky: bool = False):
-    """Register the best run's serving model under `name` and point the challenger alias at it."""
+def register(experiment: str, metric: str, name: str, aliases: Aliases, include_leaky: bool = False,
+             runtime: str = DEFAULT_RUNTIME):
+    """Register the best run's serving model (for `runtime`) under `name` and point the challenger alias at it."""
     selection = select(experiment, metric, include_leaky)
     run = selection.run
-    uri = classifier_uri(run)
+    uri = classifier_uri(run, runtime)
     tags = {k: run.data.tags.get(k, "") for k in ("variant", "model", "dataset.name", "dataset.digest",
                                                    "split_mode", "split_leaky")}
     tags.update({"run_id": run.info.run_id, "selected_by": metric,
@@ -84,7 +86,8 @@ def run_register(config: RegisterConfig):
     config.validate()
     tracking.configure()
     experiment = config.experiment or tracking.current_experiment_name()
-    return register(experiment, config.metric, config.name, load_policy(config.policy).aliases, config.include_leaky)
+    return register(experiment, config.metric, config.name, load_policy(config.policy).aliases, config.include_leaky,
+                    config.runtime)
 
 
 def run_rollback(config: RollbackConfig) -> str:

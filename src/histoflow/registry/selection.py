@@ -27,6 +27,7 @@ from histoflow.errors import HistoflowError
 from histoflow.modeling.calibration import Calibration, choose_threshold
 from histoflow.modeling.metrics import INTERVAL_METRICS, paired_patient_bootstrap, patient_bootstrap
 from histoflow.registry.settings import DEFAULT_METRIC, check_selection_metric
+from histoflow.serving.settings import DEFAULT_RUNTIME, RUNTIME_TAG
 
 
 class RegistryError(HistoflowError):
@@ -171,24 +172,28 @@ def keras_artifact(run_id: str) -> str:
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=files[0])
 
 
-def classifier_uri(run) -> str:
-    """The run's serving pyfunc, logged now if the run has none yet: a training run's network, or a
-    cross-validation's fold networks (of its first repeat) averaged."""
+def classifier_uri(run, runtime: str = DEFAULT_RUNTIME) -> str:
+    """The run's serving pyfunc for `runtime`, logged now if the run has none yet: a training run's network, or a
+    cross-validation's fold networks (of its first repeat) averaged. (A model whose networks would not convert to
+    ONNX is logged for tensorflow: asked for onnx again, the run logs it again, and says why again.)"""
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
                                          filter_string=f"source_run_id = '{run.info.run_id}' and "
                                                        f"name = '{CLASSIFIER_ARTIFACT}'")
+    # Models logged before the ONNX graphs carry no runtime tag: they are TensorFlow's.
+    models = [m for m in models if (m.tags or {}).get(RUNTIME_TAG, "tensorflow") == runtime]
     if models:
         return f"models:/{models[0].model_id}"
     if is_cross_validation(run):
-        return _log_ensemble(run)
-    from histoflow.serving.classifier import log_classifier  # TensorFlow: only when a run has none logged
+        return _log_ensemble(run, runtime)
+    from histoflow.serving.packaging import log_classifier  # TensorFlow: only when a run has none logged
 
     classes, example = _classes_and_example(run)
     with mlflow.start_run(run_id=run.info.run_id):
         info = log_classifier([keras_artifact(run.info.run_id)], classes, int(run.data.params["image_size"]),
                               example, calibration=run_calibration(run), stain_references=[run_stain_reference(run)],
                               tta=run.data.params.get("tta", "none"), screenings=[run_screening(run)],
-                              metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", "")})
+                              metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", "")},
+                              runtime=runtime)
     return info.model_uri
 
 
@@ -198,11 +203,11 @@ def _classes_and_example(run) -> tuple[list[str], str]:
     return classes, split.loc[split["split"] == "test", "path"].iloc[0]
 
 
-def _log_ensemble(run) -> str:
+def _log_ensemble(run, runtime: str) -> str:
     """The fold models of the first repeat as one pyfunc: each with its temperature, averaged; the threshold
     chosen by the run's policy on the pooled out-of-fold probabilities (the only held-out predictions there
     are: every image was in some fold's training part)."""
-    from histoflow.serving.classifier import log_classifier
+    from histoflow.serving.packaging import log_classifier
 
     oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=OOF_ARTIFACT))
     first = oof[oof["repeat"] == oof["repeat"].min()]
@@ -220,7 +225,8 @@ def _log_ensemble(run) -> str:
                               tta=run.data.params.get("tta", "none"),
                               screenings=[run_screening(r) for r in fold_runs],
                               metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", ""),
-                                        "fold_run_ids": [r.info.run_id for r in fold_runs]})
+                                        "fold_run_ids": [r.info.run_id for r in fold_runs]},
+                              runtime=runtime)
     mlflow.MlflowClient().set_tag(run.info.run_id, "cv.ensemble_model", info.model_uri)
     return info.model_uri
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from histoflow.config import setting
 from histoflow.errors import ConfigError
+from histoflow.serving.settings import DEFAULT_RUNTIME, check_runtime
 
 DEFAULT_NAME = "histoflow"
 DEFAULT_METRIC = "validation_roc_auc"
@@ -29,9 +30,12 @@ class RegisterConfig:
     name: str = setting(DEFAULT_NAME, "the registered model")
     include_leaky: bool = setting(False, "let runs on the leaky image-level split be candidates")
     policy: str = setting(DEFAULT_POLICY, "the promotion policy file the alias names come from")
+    runtime: str = setting(DEFAULT_RUNTIME, "the served model's runtime: onnx (ONNX Runtime: no TensorFlow where it "
+                                            "is served) or tensorflow")
 
     def validate(self) -> None:
         check_selection_metric(self.metric)
+        check_runtime(self.runtime)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""The served model: requests (decoding and limits) -> classifier (the pyfunc) -> model_code (its
-models-from-code file); http_errors (its scoring server's answers to malformed requests); batch_predict scores a
-folder with a registered model."""
+"""The served model: requests (decoding and limits) -> classifier (the pyfunc) on onnx_network (ONNX Runtime)
+or keras_network (TensorFlow) -> model_code (its models-from-code file); batching (requests sharing forward
+passes); http_errors (its scoring server's answers to malformed requests); packaging logs it (ONNX export, the
+served code, requirements); batch_predict scores a folder with a registered model."""
 
 
 def __getattr__(name: str):

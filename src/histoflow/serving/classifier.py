@@ -1,40 +1,44 @@
 """The served model: a pyfunc that takes image files (base64) and returns label, probabilities and threshold.
 
-It is logged with MLflow's models-from-code (`model_code.py`; pickling TensorFlow objects fails) and
-carries the trained `.keras` file(s), the class names and image size, the calibration, the stain reference,
-and this package (`code_paths`), so the preprocessing is exactly the training one (`histoflow.data.images`,
-`histoflow.data.stain`). Inference
-runs through one `tf.function` per member network, traced once at load time with a fixed input
-signature (a compiled graph, not `model.predict` per request, which costs about 3x: MLflow issue #5259),
-all images of a request (times 8 with dihedral test-time augmentation) in one batch.
+It is logged with MLflow's models-from-code (`model_code.py`) and carries each network twice, as its `.keras`
+file and as an ONNX graph (histoflow.modeling.onnx_export), with the class names and image size, the
+calibration, the stain references and the screening, and the serving code alone (`code_paths`: the modules the
+served model imports, no training code), so the preprocessing is exactly the training one
+(`histoflow.data.images`, `histoflow.data.stain`).
+
+Runtimes: `onnx` (the default) runs the graphs with ONNX Runtime and imports neither TensorFlow nor Keras to
+load or predict: the serving environment installs neither (about 0.2 s to load, and a small image).
+`tensorflow` runs the `.keras` files, each through one `tf.function` traced at load time with a fixed input
+signature (not `model.predict` per request, ~3x slower: MLflow issue #5259); it is what models logged before
+the ONNX graphs use, what `register runtime=tensorflow` logs, and what a network gets whose graph would not
+convert or differed from Keras. Grad-CAM (`explain`) needs gradients: TensorFlow is imported on the first
+explain request (seconds, once); an environment without it answers HTTP 501.
 
 One member is a training run's model; several are a cross-validation's fold models, averaged (each
 member's probabilities with its own stain reference and temperature, then the mean, then the ensemble's
-threshold).
+threshold). Requests arriving together share forward passes (histoflow.serving.batching).
 """
 
 from __future__ import annotations
 
 import base64
+import importlib
 import io
 import json
 import logging
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import NOT_IMPLEMENTED
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, Map, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from histoflow.artifacts import CLASSIFIER_ARTIFACT
-from histoflow.data.images import MAX_PIXELS, resize_and_scale
+from histoflow.data.images import resize_and_scale
 from histoflow.data.quality import COLOUR, FOCUS, TISSUE, measure
-from histoflow.data.stain import FALLBACK_FLAG, NO_STAIN_NORMALIZATION, StainNormalizer, check_method
+from histoflow.data.stain import FALLBACK_FLAG, NO_STAIN_NORMALIZATION, StainNormalizer
 from histoflow.errors import ConfigError
 from histoflow.modeling.calibration import Calibration, apply_temperature
 from histoflow.modeling.screening import INDETERMINATE, NO_DISTANCE, UNFITTED, Screening, flags
@@ -45,18 +49,14 @@ from histoflow.serving.http_errors import install as install_http_errors
 from histoflow.serving.requests import (
     INPUT_COLUMN,
     MAX_IMAGES_PER_REQUEST,
-    MAX_REQUEST_CHARS,
     RequestError,
     check_size,
     decode_item,
-    encode_file,
     in_scoring_server,
     overloaded,
     request_items,
 )
-from histoflow.tracking import pinned_requirements
-
-MODEL_CODE = Path(__file__).with_name("model_code.py")
+from histoflow.serving.settings import check_runtime
 
 log = logging.getLogger(__name__)
 
@@ -76,40 +76,19 @@ def signature(tta: str = "none") -> ModelSignature:
     )
 
 
-class _Network:
-    """One member network, compiled: probabilities (plain or over the 8 dihedral views) with the penultimate
-    features of the plain view in the same forward pass; its temperature and screening; Grad-CAM on demand."""
+NETWORK_CLASSES = {"onnx": "histoflow.serving.onnx_network:OnnxNetwork",
+                   "tensorflow": "histoflow.serving.keras_network:KerasNetwork"}
+RUNTIME_ENV = "HISTOFLOW_RUNTIME"  # a server's choice over the model's (tensorflow: the .keras files)
 
-    def __init__(self, path: str, temperature: float, screening: Screening, batch_spec) -> None:
-        import keras
-        import tensorflow as tf
 
-        from histoflow.modeling.inference import average_views, dihedral_views
-        from histoflow.modeling.screening import feature_model
+def _network_module(runtime: str):
+    # By name: importing the TensorFlow runtime's module must not be a side effect of importing this one (the
+    # import contract holds the served code free of TensorFlow).
+    return importlib.import_module(NETWORK_CLASSES[runtime].split(":")[0])
 
-        self.model = keras.saving.load_model(path, compile=False)
-        both = feature_model(self.model)
 
-        def plain(x):
-            return both(x, training=False)
-
-        def views(x):
-            # The first of the 8 views is the image itself: its features come with the same batch.
-            probabilities, features = both(dihedral_views(x), training=False)
-            return average_views(probabilities), features[:tf.shape(x)[0]]
-
-        self.infer = {mode: tf.function(f, input_signature=[batch_spec], autograph=False)
-                      for mode, f in (("none", plain), ("dihedral8", views))}
-        self.temperature, self.screening = temperature, screening
-        self._gradcam = None
-
-    def gradcam(self, batch, classes: np.ndarray) -> np.ndarray:
-        if self._gradcam is None:  # built on the first explain request: plain requests never pay for it
-            from histoflow.modeling.architectures import gradcam_layer
-            from histoflow.modeling.explain import GradCam
-
-            self._gradcam = GradCam(self.model, gradcam_layer(self.model))
-        return self._gradcam(batch, classes)
+def _network_class(runtime: str):
+    return getattr(_network_module(runtime), NETWORK_CLASSES[runtime].split(":")[1])
 
 
 class ImageClassifier(PythonModel):
@@ -133,8 +112,6 @@ class ImageClassifier(PythonModel):
     """
 
     def load_context(self, context) -> None:
-        import tensorflow as tf
-
         if os.environ.get(SERVER_MODEL_PATH_ENV):  # inside MLflow's scoring server: its answers to bad requests
             install_http_errors()
         config = context.model_config or {}
@@ -144,8 +121,17 @@ class ImageClassifier(PythonModel):
         self.tta = config.get("tta", "none")
         # Models logged before ensembles: one network under "keras_model", its temperature in the calibration.
         members = config.get("members") or [{"temperature": self.calibration.temperature}]
-        paths = [context.artifacts[f"keras_model_{i}"] for i in range(len(members))] if "members" in config \
-            else [context.artifacts["keras_model"]]
+        self._keras_paths = [context.artifacts[f"keras_model_{i}"] for i in range(len(members))] \
+            if "members" in config else [context.artifacts["keras_model"]]
+        onnx_paths = [context.artifacts.get(f"onnx_model_{i}") for i in range(len(self._keras_paths))]
+        # Models logged before the ONNX graphs name no runtime: TensorFlow, as they were logged.
+        self.runtime = os.environ.get(RUNTIME_ENV) or config.get("runtime", "tensorflow")
+        check_runtime(self.runtime)
+        if self.runtime == "onnx" and not all(onnx_paths):
+            raise ConfigError("runtime onnx: this model carries no ONNX graph of its networks (logged with "
+                              "runtime=tensorflow, or before histoflow exported them); serve it with "
+                              f"{RUNTIME_ENV}=tensorflow")
+        paths = onnx_paths if self.runtime == "onnx" else self._keras_paths
         screenings = [Screening.load(context.artifacts[f"screening_{i}"]) if f"screening_{i}" in context.artifacts
                       else UNFITTED for i in range(len(paths))]
         if any(s is UNFITTED for s in screenings):
@@ -156,24 +142,24 @@ class ImageClassifier(PythonModel):
         self._screenings = screenings
         self.screening = Screening(float(np.median([s.min_tissue for s in screenings])),
                                    float(np.median([s.min_focus for s in screenings])), NO_DISTANCE, NO_DISTANCE)
-        size = self.image_size
-        batch_spec = tf.TensorSpec([None, size, size, 3], tf.float32)
+        network_class = _network_class(self.runtime)
         # Members that share a stain reference share one normalised batch: {reference: (normalizer, networks)}.
-        self._groups: dict[str, tuple[StainNormalizer, list[_Network]]] = {}
+        self._groups: dict[str, tuple[StainNormalizer, list]] = {}
+        self._members: list[tuple[str, int]] = []  # each member's group and place in it (Grad-CAM's networks)
         for path, member, screening in zip(paths, members, screenings, strict=True):
             reference = member.get("stain") or NO_STAIN_NORMALIZATION
             key = json.dumps(reference, sort_keys=True)
             if key not in self._groups:
                 self._groups[key] = (StainNormalizer(reference), [])
-            self._groups[key][1].append(_Network(path, float(member["temperature"]), screening, batch_spec))
-        # The training preprocessing, compiled once for any image size (graph calls beat eager ops here).
-        self._prepare = tf.function(lambda image: resize_and_scale(image, size), autograph=False,
-                                    input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
-        # Trace now, so the first request does not pay for it (cold start = load + one tiny image).
-        tiny = tf.stack([self._prepare(np.zeros((8, 8, 3), np.uint8))])
+            self._members.append((key, len(self._groups[key][1])))
+            self._groups[key][1].append(network_class(path, float(member["temperature"]), screening))
+        self._explainers: dict[str, list] | None = None
+        # Run every network once now, so the first request does not pay for its first run (cold start = load +
+        # one tiny image).
+        tiny = resize_and_scale(np.zeros((8, 8, 3), np.uint8), self.image_size)[None]
         for _, networks in self._groups.values():
             for network in networks:
-                network.infer[self.tta](tiny)
+                network.infer(self.tta, tiny)
         self._batcher = MicroBatcher(self._forward, BatchingSettings.resolve(config.get("batching")))
 
     def _forward(self, key: tuple[str, str], batch: np.ndarray) -> list[np.ndarray]:
@@ -181,24 +167,21 @@ class ImageClassifier(PythonModel):
         group, tta = key
         outputs = []
         for network in self._groups[group][1]:
-            probabilities, features = network.infer[tta](batch)
-            outputs += [probabilities.numpy(), features.numpy()]
+            outputs += network.infer(tta, batch)
         return outputs
 
     def score(self, images: list[np.ndarray], tta: str = "none", coming=None) -> dict[str, np.ndarray]:
         """Calibrated class probabilities (each member's, with its stain reference and temperature, averaged),
-        the mean OOD score, which images fell back to their unnormalised stain, and the batches the networks saw.
+        the mean OOD score, which images fell back to their unnormalised stain, and the batch of each stain group.
         The forward passes go through the micro-batcher (`coming`: what its `expecting()` gave this request)."""
-        import tensorflow as tf
-
-        outputs, ood, fallback, batches = [], [], np.zeros(len(images), dtype=bool), []
+        outputs, ood, fallback, batches = [], [], np.zeros(len(images), dtype=bool), {}
         for group, (stain, networks) in self._groups.items():
             normalized = [stain.normalize(image) for image in images]
             fallback |= [fell_back for _, fell_back in normalized]
-            batch = tf.stack([self._prepare(image) for image, _ in normalized])
-            batches.append((batch, networks))
+            batch = np.stack([resize_and_scale(image, self.image_size) for image, _ in normalized])
+            batches[group] = batch
             try:
-                results = self._batcher.submit((group, tta), batch.numpy(), coming)
+                results = self._batcher.submit((group, tta), batch, coming)
             except TimeoutError as exc:
                 raise overloaded(exc) from None
             for network, probabilities, features in zip(networks, results[::2], results[1::2], strict=True):
@@ -207,14 +190,29 @@ class ImageClassifier(PythonModel):
         return {"probabilities": np.mean(outputs, axis=0), "ood": np.mean(ood, axis=0), "fallback": fallback,
                 "batches": batches}
 
-    def explain(self, batches: list, classes: np.ndarray) -> list[str]:
+    def explain(self, batches: dict[str, np.ndarray], classes: np.ndarray) -> list[str]:
         """Base64 PNGs: each image's Grad-CAM of its class (averaged over the members) over the image."""
-        from histoflow.modeling.explain import overlay
+        overlays = _network_module("tensorflow").overlays
+        try:
+            groups = [(batches[key], self._explaining(key)) for key in self._groups]
+        except ModuleNotFoundError as exc:
+            raise RequestError(f"explain needs TensorFlow (Grad-CAM takes gradients), which this serving "
+                               f"environment does not have ({exc}); it scores with ONNX Runtime. Install "
+                               "tensorflow-cpu and keras beside it, or serve without explain", NOT_IMPLEMENTED
+                               ) from None
+        return [_png_base64(image) for image in overlays(groups, classes)]
 
-        heatmaps = np.mean([network.gradcam(batch, classes) for batch, networks in batches for network in networks],
-                           axis=0)
-        shown = batches[0][0].numpy()
-        return [_png_base64(overlay(image, heatmap)) for image, heatmap in zip(shown, heatmaps, strict=True)]
+    def _explaining(self, group: str) -> list:
+        """The TensorFlow networks of a stain group: the served ones, or (ONNX runtime) loaded on first use."""
+        if self.runtime == "tensorflow":
+            return self._groups[group][1]
+        if self._explainers is None:
+            network_class = _network_class("tensorflow")
+            self._explainers = {key: [] for key in self._groups}
+            for path, (key, place) in zip(self._keras_paths, self._members, strict=True):
+                served = self._groups[key][1][place]
+                self._explainers[key].append(network_class(path, served.temperature, served.screening))
+        return self._explainers[group]
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         params = params or {}
@@ -262,69 +260,3 @@ def _png_base64(image: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-SERVING_PACKAGES = ("mlflow", "keras", "pillow", "pandas", "numpy", "torchstain")  # what the model code imports
-
-
-def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_size: int,
-                   example_image: str | Path, *, calibration: Calibration | None = None,
-                   member_temperatures: list[float] | None = None, stain_references: list[dict] | None = None,
-                   tta: str = "none", screenings: list[str | Path | None] | None = None,
-                   metadata: dict | None = None, name: str = CLASSIFIER_ARTIFACT):
-    """Log the serving pyfunc into the active run; returns MLflow's ModelInfo.
-
-    One network (a training run's): its temperature and threshold are `calibration`'s (default: temperature 1,
-    threshold 0.5). Several (an ensemble): `member_temperatures` holds each one's, and `calibration` the
-    ensemble's threshold.
-    `stain_references`: each network's stain reference (default: none). `screenings`: each network's
-    screening .npz (histoflow.modeling.screening; None: that network gets no focus or OOD checks).
-    """
-    import mlflow
-
-    import histoflow
-
-    if tta not in TTA_MODES:
-        raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
-    calibration = calibration or Calibration()
-    temperatures = member_temperatures or [calibration.temperature]
-    stains = stain_references or [NO_STAIN_NORMALIZATION] * len(keras_paths)
-    checks = screenings or [None] * len(keras_paths)
-    if not len(temperatures) == len(stains) == len(checks) == len(keras_paths):
-        raise ConfigError(f"{len(keras_paths)} networks but {len(temperatures)} temperatures, "
-                          f"{len(stains)} stain references and {len(checks)} screenings")
-    for reference in stains:
-        check_method(reference.get("method", "none"))
-    example = pd.DataFrame({INPUT_COLUMN: [encode_file(example_image)]})
-    with tempfile.TemporaryDirectory() as tmp:
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(MODEL_CODE),
-            artifacts={**{f"keras_model_{i}": str(path) for i, path in enumerate(keras_paths)},
-                       **{f"screening_{i}": str(path) for i, path in enumerate(checks) if path}},
-            model_config={"class_names": list(class_names), "image_size": int(image_size),
-                          "calibration": calibration.to_dict(),
-                          "members": [{"temperature": t, "stain": ref}
-                                      for t, ref in zip(temperatures, stains, strict=True)],
-                          "tta": tta},
-            code_paths=[_package_code(Path(histoflow.__file__).parent, Path(tmp))],
-            signature=signature(tta),
-            input_example=example,
-            pip_requirements=pinned_requirements(*SERVING_PACKAGES),
-            metadata={"class_names": list(class_names), "image_size": int(image_size), **calibration.to_dict(),
-                      "members": len(keras_paths), "tta": tta,
-                      "stain_norm": sorted({ref.get("method", "none") for ref in stains}),
-                      "input": f"base64 image files (PNG, JPEG, TIFF, BMP), column {INPUT_COLUMN!r}, at most "
-                               f"{MAX_IMAGES_PER_REQUEST} and {MAX_REQUEST_CHARS:,} base64 characters per request, "
-                               f"{MAX_PIXELS:,} pixels per image; params: tta (none or dihedral8), explain (true: "
-                               "Grad-CAM overlays)",
-                      **(metadata or {})},
-        )
-
-
-def _package_code(package: Path, folder: Path) -> str:
-    """A copy of this package for the model's code, without what serving never reads: the sample images that
-    ship for a first training run (`data_dir=sample`), and compiled files."""
-    target = folder / package.name
-    shutil.copytree(package, target, ignore=shutil.ignore_patterns("samples", "__pycache__"))
-    return str(target)

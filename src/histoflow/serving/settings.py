@@ -8,6 +8,15 @@ from histoflow.config import setting
 from histoflow.errors import ConfigError
 
 ENGINES = ("local", "spark")
+# The served model's runtimes: onnx (ONNX Runtime; no TensorFlow in the serving environment) or tensorflow.
+RUNTIMES = ("onnx", "tensorflow")
+DEFAULT_RUNTIME = "onnx"
+RUNTIME_TAG = "histoflow.runtime"  # the logged model's tag (models logged before it: tensorflow)
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
 DEFAULT_MODEL_URI = "models:/histoflow@champion"
 
 
