@@ -140,14 +140,15 @@ SCORE_WITHOUT_TENSORFLOW = textwrap.dedent("""
     print(json.dumps({"probabilities": out["probabilities"].tolist(), "labels": out["label"].tolist(),
                       "package": histoflow.__file__, "loaded_s": loaded, "explain": explain,
                       "modules": sorted(m for m, module in sys.modules.items() if module is not None
-                                        and m.split(".")[0] in ("tensorflow", "keras", "histoflow"))}))
+                                        and m.split(".")[0] in ("tensorflow", "keras", "histoflow", "sklearn"))}))
 """)
 
 
 def test_the_served_model_loads_and_scores_without_tensorflow_from_its_own_code(classifier, tmp_path):
     """In a process where TensorFlow, Keras and tf2onnx cannot be imported, the logged model loads and scores
     (the same answers as in this process) from the code it carries, which holds no training code; explain
-    answers 501 (not implemented) saying what it needs."""
+    answers 501 (not implemented) saying what it needs. Nor does it import scikit-learn, which only fitting needs
+    (its import alone was a second of every cold start)."""
     model_dir, split = classifier
     images = split.loc[split["split"] == "test", "path"].tolist()[:3]
     request = pd.DataFrame({"image": [encode_file(p) for p in images]})
@@ -163,7 +164,7 @@ def test_the_served_model_loads_and_scores_without_tensorflow_from_its_own_code(
                                _probabilities(here), atol=1e-6)
     assert got["labels"] == here["label"].tolist()
     assert Path(got["package"]).is_relative_to(Path(model_dir).resolve()) or got["package"].startswith(model_dir)
-    assert not [m for m in got["modules"] if m.split(".")[0] in ("tensorflow", "keras")]
+    assert not [m for m in got["modules"] if m.split(".")[0] in ("tensorflow", "keras", "sklearn")]
     assert "histoflow.serving.onnx_network" in got["modules"]
     code, message = got["explain"]
     assert code == "NOT_IMPLEMENTED" and "explain needs TensorFlow" in message

@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from sklearn.metrics import brier_score_loss, log_loss, roc_curve
 
 from histoflow.errors import ConfigError
 from histoflow.modeling.variants import CALIBRATIONS, parse_threshold_policy
@@ -42,6 +40,10 @@ def fit_temperature(y_true: np.ndarray, probabilities: np.ndarray) -> float:
     y_true = np.asarray(y_true, dtype=int)
     if len(np.unique(y_true)) < 2:
         return 1.0  # one class: any T > 1 "improves" the loss by flattening; nothing to learn
+    # Fitting-only imports: the served model loads this module without scikit-learn's ~1 s import (cold start).
+    from scipy.optimize import minimize_scalar
+    from sklearn.metrics import log_loss
+
     low, high = np.log(TEMPERATURE_RANGE)
     result = minimize_scalar(
         lambda log_t: log_loss(y_true, apply_temperature(probabilities, float(np.exp(log_t))), labels=[0, 1]),
@@ -55,6 +57,8 @@ def choose_threshold(policy: str, y_true: np.ndarray, positive_probability: np.n
     y_true = np.asarray(y_true, dtype=int)
     if kind == "argmax" or len(np.unique(y_true)) < 2:
         return 0.5
+    from sklearn.metrics import roc_curve  # fitting only, as in fit_temperature
+
     fpr, tpr, thresholds = roc_curve(y_true, positive_probability, drop_intermediate=False)  # every cut
     finite = np.isfinite(thresholds)  # roc_curve's first threshold is +inf (nothing called positive)
     fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
@@ -79,6 +83,8 @@ def expected_calibration_error(y_true: np.ndarray, positive_probability: np.ndar
 
 
 def calibration_metrics(y_true: np.ndarray, positive_probability: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import brier_score_loss  # evaluation only, as in fit_temperature
+
     return {"ece": expected_calibration_error(y_true, positive_probability),
             "brier": float(brier_score_loss(np.asarray(y_true, dtype=int), positive_probability, pos_label=1))}
 

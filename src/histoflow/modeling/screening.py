@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.covariance import LedoitWolf
 
 from histoflow.data.quality import COLOUR, FOCUS, TISSUE
 
@@ -55,6 +54,9 @@ class Distance:
 
     @classmethod
     def fit(cls, train: np.ndarray, val: np.ndarray, margin: float = 1.0) -> Distance:
+        # Fitting only: the served model loads this module without scikit-learn's ~1 s import (cold start).
+        from sklearn.covariance import LedoitWolf
+
         covariance = LedoitWolf().fit(np.asarray(train, dtype=np.float64))
         unit = cls(covariance.location_, covariance.precision_, 1.0)
         return cls(unit.mean, unit.precision, margin * float(np.percentile(unit.scores(val), OOD_PERCENTILE)))

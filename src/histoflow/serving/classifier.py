@@ -228,7 +228,7 @@ class ImageClassifier(PythonModel):
             with self._batcher.expecting() as coming:
                 images = [decode_item(start + i, item) for i, item in enumerate(part)]
                 parts.append(self._predict_chunk(images, tta, explain, coming))
-        return pd.concat(parts, ignore_index=True)
+        return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
     def _predict_chunk(self, images: list[np.ndarray], tta: str, explain: bool, coming=None) -> pd.DataFrame:
         scored = self.score(images, tta, coming)
