@@ -10,9 +10,15 @@ Servers, each `mlflow models serve` with one worker unless said, started here on
   tensorflow      the histoflow pyfunc on TensorFlow, unbatched: what was served before ONNX Runtime and batching
   flask           a minimal Flask app calling `model.predict` per request, like the reports' demo servers
                   (bench/flask_predict_server.py; no screening, no stain, no quality fields)
-For each: p50/p95 latency and throughput with one real image per request at each concurrency; the cold start
-(process launch to the first successful prediction) and the worker's peak RSS (VmHWM of the process that
-scores). The client runs on the same machine (2 cores here): absolute numbers include its cost, ratios are fair.
+  floor           MLflow's scoring server with a model that answers one constant row per request, the same request
+                  body: what the server, its JSON and the client cost before any image work (the floor the others
+                  stand on)
+Each model is served from a local folder, as the container serves the one baked into it (not from models:/, which
+adds the registry lookup and a download). For each: p50/p95 latency and throughput with one real image per request
+at each concurrency; the server's CPU time per request (all its processes, from /proc: what a core costs per image,
+whatever the client on the same machine takes); the cold start (process launch to the first successful
+prediction) and the worker's peak RSS (VmHWM of the process that scores). The client runs on the same machine
+(2 cores here): absolute numbers include its cost, ratios are fair.
 
     python bench/serve_latency.py --image_size 128 --requests 400 \
         --weights ../shared/keras-weights/mobilenet_7_5_224_tf_no_top.h5
@@ -27,7 +33,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,8 +44,12 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SERVER_ENV = {"onnx": {}, "onnx-unbatched": {"HISTOFLOW_MAX_BATCH": "0"},
-              "tensorflow": {"HISTOFLOW_RUNTIME": "tensorflow", "HISTOFLOW_MAX_BATCH": "0"}}
+sys.path.insert(0, str(HERE))
+from bench_store import absolute, temporary_store  # noqa: E402
+
+SERVER_ENV = {"onnx": {}, "onnx-unbatched": {"HISTOFLOW_MAX_BATCH": "0"}, "onnx-batched": {"HISTOFLOW_MAX_BATCH": "64"},
+              "tensorflow": {"HISTOFLOW_RUNTIME": "tensorflow", "HISTOFLOW_MAX_BATCH": "0"},
+              "tensorflow-batched": {"HISTOFLOW_RUNTIME": "tensorflow", "HISTOFLOW_MAX_BATCH": "64"}}
 MEMBERS = 5
 
 
@@ -90,21 +99,66 @@ def models(data_dir: str, image_size: int, weights: str) -> tuple[dict[str, tupl
     return out, image
 
 
+class Floor(mlflow.pyfunc.PythonModel):
+    """One constant row per request: MLflow's scoring server with nothing to do."""
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        return pd.DataFrame({"label": ["floor"] * len(model_input)})
+
+
+def floor_model() -> str:
+    import pandas as pd
+
+    signature = mlflow.models.infer_signature(pd.DataFrame({"image": ["base64"]}), pd.DataFrame({"label": ["x"]}))
+    with mlflow.start_run(run_name="floor"):
+        return mlflow.pyfunc.log_model(name="floor", python_model=Floor(), signature=signature).model_uri
+
+
+def local_copy(uri: str, root: str, name: str) -> str:
+    """The model in a folder of its own, as a container holds it."""
+    return mlflow.artifacts.download_artifacts(uri, dst_path=str(Path(root) / name))
+
+
 def descendants(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc's children lists)."""
     found, pending = [], [pid]
     while pending:
         p = pending.pop()
         found.append(p)
         for task in Path(f"/proc/{p}/task").glob("*"):
-            pending += [int(c) for c in (task / "children").read_text().split()]
+            try:  # noqa: SIM105 - a thread that ended between the listing and the read has no children
+                pending += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
     return found
+
+
+def proc_file(pid: int, name: str) -> str:
+    """/proc/<pid>/<name>, empty for a process that has just ended."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the server's processes so far."""
+    ticks = 0
+    for p in descendants(pid):
+        stat = proc_file(p, "stat")
+        if stat:
+            fields = stat.rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
     """The largest VmHWM among the server's processes: the one that loads the model and scores."""
     peaks = []
     for p in descendants(pid):
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+        for line in proc_file(p, "status").splitlines():
             if line.startswith("VmHWM:"):
                 peaks.append(int(line.split()[1]) / 1024)
     return max(peaks)
@@ -171,11 +225,13 @@ def measure(name: str, model: str, server: str, cmd: list[str], env: dict, port:
         cold = time.perf_counter() - began
         load(url, body, 1, 20)  # warm-up
         for c in levels:
+            cpu = cpu_seconds(process.pid)
             latencies, wall = load(url, body, c, requests_per_level)
+            cpu_ms = (cpu_seconds(process.pid) - cpu) / len(latencies) * 1000
             rows.append({"model": model, "server": server, "concurrency": c, "p50": pct(latencies, 50),
-                         "p95": pct(latencies, 95), "rps": len(latencies) / wall, "cold": cold})
+                         "p95": pct(latencies, 95), "rps": len(latencies) / wall, "cold": cold, "cpu": cpu_ms})
             print(f"{model} {server} c={c}: p50 {rows[-1]['p50']:.1f} ms, p95 {rows[-1]['p95']:.1f} ms, "
-                  f"{rows[-1]['rps']:.1f} req/s", flush=True)
+                  f"{rows[-1]['rps']:.1f} req/s, server CPU {cpu_ms:.1f} ms/request", flush=True)
         rss = peak_rss_mib(process.pid)
         for row in rows:
             row["rss"] = rss
@@ -191,14 +247,12 @@ def main() -> None:
     parser.add_argument("--weights", default="imagenet", help="the MobileNet's weights (a .h5 path offline)")
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
-    parser.add_argument("--servers", default="onnx,onnx-unbatched,tensorflow,flask")
+    parser.add_argument("--servers", default="onnx,onnx-unbatched,tensorflow,flask,floor")
     parser.add_argument("--models", default="baseline,mobilenet,ensemble")
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="histoflow-bench-serve-")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    served, image = models(args.data_dir, args.image_size, args.weights)
+    data_dir, weights = absolute(args.data_dir), absolute(args.weights)
+    tmp = str(temporary_store("histoflow-bench-serve-"))
+    served, image = models(data_dir, args.image_size, weights)
     b64 = base64.b64encode(Path(image).read_bytes()).decode()
     bodies = {"mlflow": json.dumps({"inputs": [b64]}).encode(), "flask": json.dumps({"image": b64}).encode()}
     from PIL import Image
@@ -206,12 +260,15 @@ def main() -> None:
     with Image.open(image) as im:
         print(f"image {image} ({im.width}x{im.height}, {Path(image).stat().st_size / 1024:.0f} KiB)", flush=True)
     levels = [int(c) for c in args.concurrency.split(",")]
+    folders = {name: local_copy(model_uri, tmp, name) for name, (model_uri, _) in served.items()}
+    floor = local_copy(floor_model(), tmp, "floor")
     rows = []
     for model in args.models.split(","):
-        uri, keras_path = served[model]
+        keras_path = served[model][1]
         for server in args.servers.split(","):
-            if server == "flask" and model == "ensemble":
-                continue  # the demo server has no ensembles or TTA
+            if server in ("flask", "floor") and model == "ensemble":
+                continue  # the demo server has no ensembles or TTA; the floor is the same for every model
+            uri = floor if server == "floor" else folders[model]
             port = free_port()
             if server == "flask":
                 cmd = [sys.executable, str(HERE / "flask_predict_server.py"), keras_path, str(args.image_size),
@@ -225,15 +282,15 @@ def main() -> None:
                             args.requests // (4 if model == "ensemble" else 1))
     print(f"\nat {args.image_size} px, one {Path(image).suffix} image per request, {args.requests} requests per "
           "level (ensemble: a quarter), 1 server worker, client on the same machine")
-    print("| model | server | concurrency | p50 ms | p95 ms | images/s | onnx images/s ÷ this | cold start s "
-          "| peak RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | server | concurrency | p50 ms | p95 ms | images/s | onnx images/s ÷ this | server CPU ms "
+          "/ image | cold start s | peak RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     by = {(r["model"], r["server"], r["concurrency"]): r for r in rows}
     for r in rows:
         ours = by.get((r["model"], "onnx", r["concurrency"]))
         ratio = f"{ours['rps'] / r['rps']:.2f}" if ours else ""
         print(f"| {r['model']} | {r['server']} | {r['concurrency']} | {r['p50']:.1f} | {r['p95']:.1f} | "
-              f"{r['rps']:.0f} | {ratio} | {r['cold']:.1f} | {r['rss']:.0f} |")
+              f"{r['rps']:.0f} | {ratio} | {r['cpu']:.1f} | {r['cold']:.1f} | {r['rss']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ scale), quality (tissue, focus, colour), forward (the network: probabilities and
 colour distances, flags), frame (the response's rows), json (MLflow's serialisation of them), and the whole
 predict. Medians of --repeats calls, in process (no HTTP).
 
+Then, for the micro-batcher's defaults: the ONNX forward pass's cost per image against the batch size (where
+gathering requests stops paying), and what a lone request pays for going through the batcher (the served model
+loaded twice, with and without batching, called alternately: the median of the paired differences).
+
     python bench/serve_profile.py --image_size 128 --repeats 200 \
         --weights ../shared/keras-weights/mobilenet_7_5_224_tf_no_top.h5
 """
@@ -16,7 +20,6 @@ import argparse
 import io
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import absolute, temporary_store  # noqa: E402
 from serve_latency import models  # noqa: E402
 
 
@@ -94,6 +98,43 @@ def profile(uri: str, image: str, runtime: str, repeats: int) -> dict[str, float
     return result
 
 
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def batch_curve(uri: str, repeats: int) -> dict[int, float]:
+    """ms per image of the served network's forward pass (ONNX Runtime) at each batch size."""
+    os.environ["HISTOFLOW_RUNTIME"] = "onnx"
+    served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    network = next(iter(served._groups.values()))[1][0]
+    rng = np.random.default_rng(0)
+    curve = {}
+    for size in BATCH_SIZES:
+        batch = rng.random((size, served.image_size, served.image_size, 3), dtype=np.float32)
+        curve[size] = timed(lambda b=batch: network.infer("none", b), max(5, repeats // size)) / size
+    return curve
+
+
+def lone_request_cost(uri: str, image: str, repeats: int) -> float:
+    """Median of (through the batcher - straight) ms for one request when no other is on its way."""
+    from histoflow.serving.requests import encode_file
+
+    os.environ["HISTOFLOW_RUNTIME"] = "onnx"
+    loaded = {}
+    for max_batch in ("0", ""):  # "": the model's default
+        os.environ["HISTOFLOW_MAX_BATCH"] = max_batch
+        loaded[max_batch] = mlflow.pyfunc.load_model(uri)
+    request = pd.DataFrame({"image": [encode_file(image)]})
+    differences = []
+    for _ in range(repeats):
+        times = {}
+        for max_batch, model in loaded.items():
+            t0 = time.perf_counter()
+            model.predict(request)
+            times[max_batch] = time.perf_counter() - t0
+        differences.append(times[""] - times["0"])
+    return float(np.median(differences)) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default="../shared/data/breakhis")
@@ -101,9 +142,9 @@ def main() -> None:
     parser.add_argument("--weights", default="imagenet", help="the MobileNet's weights (a .h5 path offline)")
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="histoflow-bench-profile-")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
-    served, image = models(args.data_dir, args.image_size, args.weights)
+    data_dir, weights = absolute(args.data_dir), absolute(args.weights)
+    temporary_store("histoflow-bench-profile-")
+    served, image = models(data_dir, args.image_size, weights)
     rows = {}
     for model in ("baseline", "mobilenet"):
         for runtime in ("tensorflow", "onnx"):
@@ -118,6 +159,17 @@ def main() -> None:
     for model in ("baseline", "mobilenet"):
         before, after = rows[(model, "tensorflow")]["predict"], rows[(model, "onnx")]["predict"]
         print(f"{model}: predict {before:.2f} ms on TensorFlow, {after:.2f} ms on ONNX Runtime ({before / after:.2f}x)")
+    print("\nONNX Runtime forward pass, ms per image by batch size (÷ batch 1)")
+    print("| model | " + " | ".join(str(b) for b in BATCH_SIZES) + " |")
+    print("|---|" + "---:|" * len(BATCH_SIZES))
+    for model in ("baseline", "mobilenet"):
+        curve = batch_curve(served[model][0], args.repeats)
+        print(f"| {model} | " + " | ".join(f"{curve[b]:.2f} ({curve[b] / curve[1]:.2f})" for b in BATCH_SIZES)
+              + " |", flush=True)
+    for model in ("baseline", "mobilenet"):
+        cost = lone_request_cost(served[model][0], image, args.repeats * 5)
+        print(f"{model}: a lone request through the batcher costs {cost:+.3f} ms (median of {args.repeats * 5} "
+              "paired calls)", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,18 @@ gcloud auth configure-docker "$REGION-docker.pkg.dev" --quiet
 docker tag histoflow "$IMAGE"
 docker push "$IMAGE"
 
-# A CNN on 2 vCPU: 2 scoring workers (one per core; each holds the model), up to 8 requests in
-# flight per instance, one warm instance so nobody waits for TensorFlow to load, CPU boost for the
-# start-up, and /ping as startup and liveness probe (the image's nginx listens on 8080 and proxies
-# /ping and /invocations to the scoring server).
+# From the measurements (docs/benchmarks.md): a model on ONNX Runtime on 2 vCPU, 2 scoring workers (one per
+# core; each holds the model), 1.3-1.5 GiB at peak for both: 2Gi (MEMORY=4Gi for an image built with EXPLAIN=1,
+# which holds TensorFlow: 2.7 GiB). Throughput per worker saturates from 2-4 requests in flight, beyond which
+# latency only queues: 8 per instance, then Cloud Run adds instances. A new instance answers ~3.5 s after it
+# starts (MLflow's own server alone takes ~3 s; TensorFlow took 6-12 s), so the service scales to zero by
+# default (MIN_INSTANCES=1 keeps one warm, billed); CPU boost shortens that start. /ping is the startup and
+# liveness probe (the image's nginx listens on 8080 and proxies /ping and /invocations to the scoring server).
+MEMORY=${MEMORY:-2Gi}
+MIN_INSTANCES=${MIN_INSTANCES:-0}
 gcloud run deploy "$SERVICE" \
   --project "$PROJECT" --region "$REGION" --image "$IMAGE" \
-  --port 8080 --cpu 2 --memory 4Gi --concurrency 8 --min-instances 1 --max-instances 10 \
+  --port 8080 --cpu 2 --memory "$MEMORY" --concurrency 8 --min-instances "$MIN_INSTANCES" --max-instances 10 \
   --cpu-boost --timeout 60 \
   --set-env-vars MLFLOW_MODELS_WORKERS=2,MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=55,TF_CPP_MIN_LOG_LEVEL=2 \
   --startup-probe httpGet.path=/ping,httpGet.port=8080,initialDelaySeconds=0,periodSeconds=2,timeoutSeconds=2,failureThreshold=60 \

@@ -54,6 +54,23 @@ def test_generated_dockerfile_bakes_the_model_in(build_dir):
     assert "torchstain==" in requirements  # the stain normalisation of the served preprocessing
 
 
+def test_an_image_for_explanations_adds_this_environment_s_tensorflow(registered_classifier, tiny_store,
+                                                                      tmp_path):
+    """EXPLAIN=1 (the page's scoring service): the same build context, with Keras and TensorFlow pinned to the
+    versions installed here added to the model's requirements, so that Grad-CAM answers in the image."""
+    from importlib import metadata
+
+    _, uri, _ = tiny_store
+    out = tmp_path / "build"
+    subprocess.run(["bash", str(REPO / "docker" / "generate_dockerfile.sh"), registered_classifier, str(out)],
+                   check=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri, "EXPLAIN": "1"}, capture_output=True,
+                   timeout=300)
+    lines = (out / "model_dir" / "requirements.txt").read_text().split()
+    assert f"keras=={metadata.version('keras')}" in lines
+    assert f"tensorflow-cpu=={metadata.version('tensorflow-cpu')}" in lines
+    assert any(line.startswith("onnxruntime==") for line in lines)  # it still scores on ONNX Runtime
+
+
 def test_image_listens_on_8080_and_proxies_ping_and_invocations():
     import mlflow.models.container as container
 

@@ -30,9 +30,15 @@ MODEL_CODE = Path(__file__).with_name("model_code.py")
 log = logging.getLogger(__name__)
 
 # The distributions the served code imports (its requirements): torchstain's numpy backend for the stain,
-# scipy for the quality measures, scikit-learn for the calibration; the runtime's own on top.
-SERVING_PACKAGES = ("mlflow", "pillow", "pandas", "numpy", "scipy", "scikit-learn", "torchstain", "tqdm")
+# scipy for the quality measures; the runtime's own on top. (scikit-learn only fits calibration and screening.)
+SERVING_PACKAGES = ("mlflow", "pillow", "pandas", "numpy", "scipy", "torchstain", "tqdm")
 RUNTIME_PACKAGES = {"onnx": ("onnxruntime",), "tensorflow": ("keras",)}
+
+
+def explain_requirements() -> list[str]:
+    """What a serving environment of an ONNX model adds so that `explain` answers (Grad-CAM takes gradients,
+    which ONNX Runtime does not): Keras and TensorFlow, pinned to this environment's versions."""
+    return pinned_requirements(*RUNTIME_PACKAGES["tensorflow"], tensorflow=True)
 
 
 def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_size: int,
