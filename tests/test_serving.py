@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -427,3 +428,86 @@ def test_in_process_batches_are_chunked_not_refused(classifier, test_images):
     assert len(out) == len(many) > MAX_IMAGES_PER_REQUEST
     few = pyfunc.predict(pd.DataFrame({"image": images}), params={"tta": "none"})
     assert out["label"].tolist() == few["label"].tolist() * (len(many) // len(images))
+
+
+def _scoring_workers(pid: int) -> list[int]:
+    """The uvicorn worker processes under a server's process (multiprocessing's spawned children)."""
+    found, pending = [], [pid]
+    while pending:
+        p = pending.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                pending += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        try:
+            if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes():
+                found.append(p)
+        except OSError:
+            continue
+    return sorted(found)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_batch_loses_only_its_own_requests(classifier, tiny_store, test_images):
+    """Two workers under concurrent clients; one is killed (SIGKILL) while requests are in flight: only the
+    requests it held fail (at most one per client), every other answer is the unbatched one, uvicorn starts a new
+    worker and the server goes on serving."""
+    import signal
+
+    from conftest import free_port, start_server, wait_for
+
+    model_dir, _ = classifier
+    port = free_port()
+    process = start_server([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_dir, "--env-manager",
+                            "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                           env={**os.environ, "MLFLOW_TRACKING_URI": tiny_store[1]})
+    url = f"http://127.0.0.1:{port}"
+    inputs = [encode_file(p) for p in test_images] * 2  # 8 images with dihedral TTA: passes take a while
+    payload = {"inputs": inputs, "params": {"tta": "dihedral8"}}
+    expected = mlflow.pyfunc.load_model(model_dir).predict(pd.DataFrame({"image": inputs}), params={"tta": "dihedral8"})
+    try:
+        wait_for(f"{url}/ping", process)
+        deadline = time.time() + 60
+        while len(_scoring_workers(process.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        workers = _scoring_workers(process.pid)
+        assert len(workers) == 2, workers
+        clients, outcomes, lock = 6, [], threading.Lock()
+        started = threading.Barrier(clients + 1)
+
+        def client() -> None:
+            session = requests.Session()
+            started.wait()
+            for _ in range(3):
+                try:
+                    response = session.post(f"{url}/invocations", json=payload, timeout=60)
+                    got = response.status_code, response.json() if response.status_code == 200 else None
+                except requests.RequestException as exc:  # the killed worker's connections
+                    got = type(exc).__name__, None
+                with lock:
+                    outcomes.append(got)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        started.wait()
+        time.sleep(0.5)  # requests in flight on both workers
+        os.kill(workers[0], signal.SIGKILL)
+        for t in threads:
+            t.join(180)
+        failed = [status for status, _ in outcomes if status != 200]
+        assert len(outcomes) == clients * 3 and len(failed) <= clients, failed
+        for status, answer in outcomes:
+            if status == 200:
+                got = [p["positive_probability"] for p in answer["predictions"]]
+                np.testing.assert_allclose(got, expected["positive_probability"], atol=1e-6)
+        deadline = time.time() + 60  # uvicorn replaces the worker
+        while len(_scoring_workers(process.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(_scoring_workers(process.pid)) == 2 and workers[0] not in _scoring_workers(process.pid)
+        for _ in range(4):
+            assert requests.post(f"{url}/invocations", json=payload, timeout=60).status_code == 200
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
