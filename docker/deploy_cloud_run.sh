@@ -21,8 +21,8 @@ docker push "$IMAGE"
 # From the measurements (docs/benchmarks.md): a model on ONNX Runtime on 2 vCPU, 2 scoring workers (one per
 # core; each holds the model), 1.3-1.5 GiB at peak for both: 2Gi (MEMORY=4Gi for an image built with EXPLAIN=1,
 # which holds TensorFlow: 2.7 GiB). Throughput per worker saturates from 2-4 requests in flight, beyond which
-# latency only queues: 8 per instance, then Cloud Run adds instances. A new instance answers ~3.5 s after it
-# starts (MLflow's own server alone takes ~3 s; TensorFlow took 6-12 s), so the service scales to zero by
+# latency only queues: 8 per instance, then Cloud Run adds instances. A new instance answers 2.5-2.9 s after its
+# command starts, plus the image pull (TensorFlow took 5.3-5.8 s, its image 1.2 GiB more), so it scales to zero by
 # default (MIN_INSTANCES=1 keeps one warm, billed); CPU boost shortens that start. /ping is the startup and
 # liveness probe (the image's nginx listens on 8080 and proxies /ping and /invocations to the scoring server).
 MEMORY=${MEMORY:-2Gi}
