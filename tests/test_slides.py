@@ -1,0 +1,138 @@
+"""Whole-slide images (histoflow.data.slides) on real tissue: pyramidal tiled TIFFs written with tifffile from the
+IDC patches of two patients, each patch at its file-name position on white glass (as the patches were cut from
+their slides), read back through OpenSlide."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import IDC
+from histoflow.data.images import read_image
+from histoflow.data.quality import tissue_fraction
+from histoflow.data.slides import open_slide, read_tile, read_tiles, tile_grid, tissue_mask
+from histoflow.errors import DataError
+
+tifffile = pytest.importorskip("tifffile")
+
+PATCH = 50
+IDC_MPP = 4.0  # the IDC patches: 2.5x magnification, ~4 micrometres a pixel
+POSITION = re.compile(r"_x(\d+)_y(\d+)_class(\d)")
+
+
+def write_pyramid(path: Path, image: np.ndarray, mpp: float | None, levels: int = 3) -> None:
+    """A tiled pyramidal TIFF (each level a quarter of the one before), with resolution tags when mpp is given."""
+    with tifffile.TiffWriter(path) as tiff:
+        for level in range(levels):
+            down = 4 ** level
+            pixels = image if level == 0 else np.asarray(Image.fromarray(image).resize(
+                (max(1, image.shape[1] // down), max(1, image.shape[0] // down)), Image.Resampling.BOX))
+            extra = {} if mpp is None else {"resolution": (1e4 / (mpp * down),) * 2, "resolutionunit": "CENTIMETER"}
+            tiff.write(pixels, tile=(128, 128), photometric="rgb", compression="deflate",
+                       subfiletype=0 if level == 0 else 1, **extra)
+
+
+def mosaic(patients: list[str]) -> tuple[np.ndarray, dict[tuple[int, int], Path]]:
+    """The patients' patches side by side (each patient's slide translated to start at a multiple of PATCH),
+    white elsewhere; {(x, y): patch file} in the mosaic's pixels."""
+    placed: dict[tuple[int, int], Path] = {}
+    offset = 0
+    for patient in patients:
+        files = sorted((IDC / patient).glob("*/*.png"))
+        positions = [tuple(map(int, POSITION.search(f.name).groups()[:2])) for f in files]
+        x0, y0 = min(x for x, _ in positions), min(y for _, y in positions)
+        for f, (x, y) in zip(files, positions, strict=True):
+            placed[(offset + x - x0, y - y0)] = f
+        offset = max(x for x, _ in placed) + 3 * PATCH
+    width = max(x for x, _ in placed) + PATCH
+    height = max(y for _, y in placed) + PATCH
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    for (x, y), f in placed.items():
+        canvas[y:y + PATCH, x:x + PATCH] = read_image(str(f))
+    return canvas, placed
+
+
+@pytest.fixture(scope="module")
+def idc_slide(tmp_path_factory):
+    patients = sorted(p.name for p in IDC.iterdir() if p.is_dir())[:2]
+    canvas, placed = mosaic(patients)
+    path = tmp_path_factory.mktemp("slides") / "idc-mosaic.tiff"
+    write_pyramid(path, canvas, IDC_MPP)
+    return path, canvas, placed
+
+
+def test_the_tile_grid_recovers_the_patches_pixel_for_pixel(idc_slide):
+    path, canvas, placed = idc_slide
+    with open_slide(path) as slide:
+        assert (slide.width, slide.height, slide.mpp) == (canvas.shape[1], canvas.shape[0], IDC_MPP)
+        grid = tile_grid(slide, PATCH, IDC_MPP, min_tissue=0.25)
+        tiles = set(zip(grid["x"], grid["y"], strict=True))
+        # Every tile lies on a patch: none is read from the glass between them.
+        assert tiles and tiles <= set(placed), sorted(tiles - set(placed))[:5]
+        # Every patch that is mostly tissue is a tile.
+        stained = {xy for xy, f in placed.items() if tissue_fraction(read_image(str(f))) >= 0.5}
+        assert stained <= tiles, sorted(stained - tiles)[:5]
+        for x, y in sorted(tiles)[:10]:
+            np.testing.assert_array_equal(read_tile(slide, x, y, PATCH, PATCH), read_image(str(placed[(x, y)])))
+        batches = list(read_tiles(slide, grid, PATCH, batch=16))
+        assert sum(len(rows) for rows, _ in batches) == len(grid) and max(len(rows) for rows, _ in batches) <= 16
+
+
+def test_tiles_at_a_coarser_resolution_are_read_from_the_pyramid_and_resized(idc_slide):
+    path, canvas, _ = idc_slide
+    with open_slide(path) as slide:
+        grid = tile_grid(slide, PATCH, IDC_MPP * 4, min_tissue=0.1)  # 200 level-0 pixels a tile
+        assert (grid["size"] == 4 * PATCH).all() and len(grid)
+        x, y = int(grid["x"].iloc[0]), int(grid["y"].iloc[0])
+        reads = []
+        original = slide.handle.read_region
+        slide.handle.read_region = lambda *a: (reads.append(a[1:]), original(*a))[1]
+        tile = read_tile(slide, x, y, 4 * PATCH, PATCH)
+        assert reads == [(1, (PATCH, PATCH))]  # 50 x 50 pixels of level 1, not 200 x 200 of level 0
+        assert tile.shape == (PATCH, PATCH, 3)
+        expected = np.asarray(Image.fromarray(canvas[y:y + 4 * PATCH, x:x + 4 * PATCH]).resize(
+            (PATCH, PATCH), Image.Resampling.BOX), dtype=np.float32)
+        assert np.abs(tile.astype(np.float32) - expected).mean() < 3  # read from the 4x level
+
+
+def test_overlap_and_the_resolution_set_the_grid(idc_slide):
+    path, _, _ = idc_slide
+    with open_slide(path, mpp=2.0) as slide:  # mpp overrides the metadata
+        assert slide.mpp == 2.0
+        grid = tile_grid(slide, PATCH, IDC_MPP, overlap=0.5, min_tissue=0.25)
+        assert (grid["size"] == 2 * PATCH).all()
+        steps = np.diff(np.unique(grid["x"]))
+        assert steps.min() == PATCH  # half of a 100-pixel tile
+
+
+def test_a_slide_without_tissue_has_no_tiles(tmp_path):
+    path = tmp_path / "blank.tiff"
+    write_pyramid(path, np.full((600, 800, 3), 245, np.uint8), 0.5)
+    with open_slide(path) as slide:
+        mask, _ = tissue_mask(slide)
+        assert not mask.any()
+        assert tile_grid(slide, 64, 0.5).empty
+
+
+def test_bad_slides_are_refused_with_a_reason(tmp_path, idc_slide):
+    unresolved = tmp_path / "no-resolution.tiff"
+    write_pyramid(unresolved, np.full((300, 300, 3), 200, np.uint8), None)
+    with pytest.raises(DataError, match="no resolution metadata .*give .* mpp"):
+        open_slide(unresolved)
+    assert open_slide(unresolved, mpp=0.25).mpp == 0.25
+    text = tmp_path / "notes.txt"
+    text.write_text("not a slide")
+    with pytest.raises(DataError, match="not a whole-slide image"):
+        open_slide(text)
+    truncated = tmp_path / "truncated.tiff"
+    truncated.write_bytes(idc_slide[0].read_bytes()[:2000])
+    with pytest.raises(DataError, match="truncated|not a whole-slide image"):
+        open_slide(truncated)
+    with pytest.raises(DataError, match="no such slide"):
+        open_slide(tmp_path / "missing.svs")
+    with open_slide(idc_slide[0]) as slide, pytest.raises(DataError, match="tile_px > 0"):
+        tile_grid(slide, 0, 1.0)
