@@ -136,3 +136,73 @@ def test_bad_slides_are_refused_with_a_reason(tmp_path, idc_slide):
         open_slide(tmp_path / "missing.svs")
     with open_slide(idc_slide[0]) as slide, pytest.raises(DataError, match="tile_px > 0"):
         tile_grid(slide, 0, 1.0)
+
+
+def test_a_slide_s_tiles_get_the_predictions_of_the_same_patches(idc_slide, classifier):
+    """Per-tile probabilities, labels and flags equal the served model's predict on the patch files the tiles
+    cover (the same pixels), and so the tile-level ROC AUC equals the patch-level AUC of those patches."""
+    import mlflow
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from histoflow.serving.requests import encode_file
+    from histoflow.serving.slide_scoring import score_slide
+
+    path, _, placed = idc_slide
+    model = mlflow.pyfunc.load_model(classifier[0])
+    with open_slide(path) as slide:
+        tiles = score_slide(slide, model, PATCH, IDC_MPP, batch=8)
+    assert len(tiles) and not tiles["positive_probability"].isna().any()
+    files = [placed[(x, y)] for x, y in zip(tiles["x"], tiles["y"], strict=True)]
+    patches = model.predict(pd.DataFrame({"image": [encode_file(f) for f in files]}))
+    np.testing.assert_allclose(tiles["positive_probability"], patches["positive_probability"], atol=1e-6)
+    assert tiles["label"].tolist() == patches["label"].tolist()
+    assert tiles["flags"].tolist() == patches["flags"].tolist()
+    truth = [int(POSITION.search(f.name).group(3)) for f in files]
+    if len(set(truth)) == 2:
+        assert roc_auc_score(truth, tiles["positive_probability"]) == pytest.approx(
+            roc_auc_score(truth, patches["positive_probability"]), abs=1e-9)
+
+
+def test_a_slide_without_tissue_scores_to_an_empty_table(tmp_path, classifier):
+    import mlflow
+
+    from histoflow.serving.slide_scoring import MODEL_COLUMNS, TILE_COLUMNS, score_slide
+
+    path = tmp_path / "blank.tiff"
+    write_pyramid(path, np.full((400, 400, 3), 250, np.uint8), 0.5)
+    with open_slide(path) as slide:
+        table = score_slide(slide, mlflow.pyfunc.load_model(classifier[0]), 64, 0.5)
+    assert table.empty and list(table.columns) == TILE_COLUMNS + MODEL_COLUMNS
+
+
+def test_a_tile_that_cannot_be_read_is_flagged_and_the_others_are_scored(idc_slide, classifier, tmp_path):
+    """A level-0 tile of the TIFF whose compressed bytes are damaged: OpenSlide fails on the tiles over it, those
+    are flagged read_error (no probability), every other tile gets its score."""
+    import mlflow
+
+    from histoflow.serving.slide_scoring import READ_ERROR_FLAG, score_slide
+
+    path, _, placed = idc_slide
+    damaged = tmp_path / "damaged.tiff"
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tiff:
+        page = tiff.pages[0]
+        tiles_across = -(-page.imagewidth // page.tilewidth)
+        x, y = sorted(placed)[len(placed) // 2]
+        index = (y // page.tilelength) * tiles_across + x // page.tilewidth
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    data[offset:offset + count] = bytes(count)  # zeros: not a deflate stream
+    damaged.write_bytes(bytes(data))
+    model = mlflow.pyfunc.load_model(classifier[0])
+    with open_slide(damaged) as slide:
+        table = score_slide(slide, model, PATCH, IDC_MPP, batch=8)
+    with open_slide(path) as slide:
+        intact = score_slide(slide, model, PATCH, IDC_MPP, batch=8)
+    failed = table["flags"] == READ_ERROR_FLAG
+    assert failed.any() and table.loc[failed, "positive_probability"].isna().all()
+    assert (x, y) in set(zip(table.loc[failed, "x"], table.loc[failed, "y"], strict=True))
+    # The tissue mask came from the next level (level 0 holds the damage): the grid may differ at its edges.
+    both = table[~failed].merge(intact, on=["x", "y"], suffixes=("", "_intact"))
+    assert len(both) >= len(table) - failed.sum() - 5
+    np.testing.assert_allclose(both["positive_probability"], both["positive_probability_intact"], atol=1e-6)

@@ -2,7 +2,8 @@
 tissue found on a low-resolution thumbnail, and the tissue cut into a grid of tiles at a chosen resolution in
 micrometres per pixel, read one batch at a time so that memory stays bounded whatever the slide's size.
 
-Tissue: Otsu's threshold on the HSV saturation of a thumbnail (at most THUMBNAIL_SIDE pixels a side), never below
+Tissue: Otsu's threshold on the HSV saturation of a low-resolution level (the pyramid's nearest to THUMBNAIL_SIDE
+pixels a side), never below
 quality.TISSUE_SATURATION (glass, background and a blank slide are unsaturated: a slide without tissue gets no
 tiles, not tiles of noise), dark pixels (pen marks' black, the scanner's border) excluded as in quality.tissue_fraction.
 Pathology tools find tissue the same way (slideflow, histolab, CLAM: Otsu on saturation).
@@ -21,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from histoflow.data.images import resize
 from histoflow.data.quality import BLACK_LEVEL, TISSUE_SATURATION
 from histoflow.errors import DataError
 
 SLIDE_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"})
-THUMBNAIL_SIDE = 2048  # the tissue mask's resolution: a 100,000-px slide at ~50 levels-0 pixels a mask pixel
+THUMBNAIL_SIDE = 2048  # the tissue mask's side: a 100,000-px slide at ~50 level-0 pixels a mask pixel
 MPP_PROPERTY = "openslide.mpp-x"
 
 
@@ -100,8 +102,22 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def tissue_mask(slide: Slide, side: int = THUMBNAIL_SIDE) -> tuple[np.ndarray, float]:
-    """Boolean tissue mask of a thumbnail at most `side` pixels a side, and level-0 pixels per mask pixel."""
-    thumbnail = np.asarray(slide.handle.get_thumbnail((side, side)).convert("RGB"), dtype=np.float32) / 255.0
+    """Boolean tissue mask at most `side` pixels a side, from the pyramid level nearest that (or, when that level
+    cannot be read, the next coarser one that can), and level-0 pixels per mask pixel."""
+    import openslide
+
+    first = slide.handle.get_best_level_for_downsample(max(slide.width, slide.height) / side)
+    for level in range(first, slide.handle.level_count):
+        try:
+            region = slide.handle.read_region((0, 0), level, slide.handle.level_dimensions[level])
+            region.thumbnail((side, side), Image.Resampling.BOX)  # a level may be up to 4x the side
+            pixels = _rgb(region)
+            break
+        except openslide.OpenSlideError:
+            _reopen(slide)
+    else:
+        raise DataError(f"{slide.path}: no level of the slide can be read to find its tissue")
+    thumbnail = pixels.astype(np.float32) / 255.0
     brightest, darkest = thumbnail.max(axis=-1), thumbnail.min(axis=-1)
     saturation = (brightest - darkest) / np.maximum(brightest, 1e-6)
     lit = brightest > BLACK_LEVEL
@@ -152,12 +168,22 @@ def read_tile(slide: Slide, x: int, y: int, size: int, tile_px: int) -> np.ndarr
         level -= 1
         downsample = slide.handle.level_downsamples[level]
     span = max(1, round(size / downsample))
-    region = slide.handle.read_region((int(x), int(y)), level, (span, span))
-    # Transparent (outside the scanned area) is white, as the glass.
+    return resize(_rgb(slide.handle.read_region((int(x), int(y)), level, (span, span))), tile_px)
+
+
+def _rgb(region) -> np.ndarray:
+    """OpenSlide's RGBA region as RGB uint8; transparent (outside the scanned area) is white, as the glass."""
     rgba = np.asarray(region, dtype=np.uint8)
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-    rgb = np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    return resize(rgb, tile_px)
+    return np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
+def _reopen(slide: Slide) -> None:
+    """A new handle: OpenSlide refuses every read after an error."""
+    import openslide
+
+    slide.handle.close()
+    slide.handle = openslide.OpenSlide(slide.path)
 
 
 def read_tiles(slide: Slide, grid: pd.DataFrame, tile_px: int, batch: int = 64) -> Iterator[tuple[pd.DataFrame,
@@ -174,7 +200,5 @@ def read_tiles(slide: Slide, grid: pd.DataFrame, tile_px: int, batch: int = 64) 
                 images.append(read_tile(slide, x, y, size, tile_px))
             except openslide.OpenSlideError:
                 images.append(None)
-                # OpenSlide refuses every read after an error: a new handle for the next tiles.
-                slide.handle.close()
-                slide.handle = openslide.OpenSlide(slide.path)
+                _reopen(slide)
         yield rows, images

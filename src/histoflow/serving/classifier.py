@@ -230,6 +230,13 @@ class ImageClassifier(PythonModel):
                 parts.append(self._predict_chunk(images, tta, explain, coming))
         return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
+    def score_arrays(self, images: list[np.ndarray], tta: str | None = None) -> pd.DataFrame:
+        """predict's rows for decoded RGB uint8 images (whole-slide tiles: no file to encode and decode again)."""
+        tta = tta or self.tta
+        parts = [self._predict_chunk(images[start:start + MAX_IMAGES_PER_REQUEST], tta, False)
+                 for start in range(0, len(images), MAX_IMAGES_PER_REQUEST)]
+        return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+
     def _predict_chunk(self, images: list[np.ndarray], tta: str, explain: bool, coming=None) -> pd.DataFrame:
         scored = self.score(images, tta, coming)
         probabilities = scored["probabilities"]
