@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -206,3 +207,47 @@ def test_a_tile_that_cannot_be_read_is_flagged_and_the_others_are_scored(idc_sli
     both = table[~failed].merge(intact, on=["x", "y"], suffixes=("", "_intact"))
     assert len(both) >= len(table) - failed.sum() - 5
     np.testing.assert_allclose(both["positive_probability"], both["positive_probability_intact"], atol=1e-6)
+
+
+def test_predict_slide_writes_the_tiles_heatmap_geojson_and_summary_of_each_slide(idc_slide, classifier, tmp_path):
+    """`histoflow predict-slide` on a folder holding the IDC mosaic and a file that is not a slide: the mosaic's
+    outputs (its tiles, a GeoJSON whose regions cover every tile at or above the threshold, a heatmap, a summary
+    with the call), the other file reported in slides.csv; a second run into the same folder is refused unless
+    overwrite=true."""
+    import json as json_
+
+    from conftest import run_cli, sqlite_store
+    from histoflow.data.slides import tile_grid as grid_of
+
+    path, _, _ = idc_slide
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / path.name).symlink_to(path)
+    (folder / "broken.svs").write_text("not a slide")
+    out = tmp_path / "out"
+    args = ["predict-slide", "--slides", str(folder), "--model_uri", classifier[0], "--output_dir", str(out),
+            "--tile_px", str(PATCH), "--mpp", str(IDC_MPP), "--batch", "8"]
+    (tmp_path / "store").mkdir()
+    with sqlite_store(tmp_path / "store") as uri:
+        done = run_cli(*args, env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        slides = pd.read_csv(out / "slides.csv")
+        assert slides.loc[slides["slide"].str.endswith("broken.svs"), "problem"].str.contains(
+            "not a whole-slide image").all()
+        result = out / path.stem
+        tiles = pd.read_csv(result / "tiles.csv")
+        with open_slide(path) as slide:
+            assert len(tiles) == len(grid_of(slide, PATCH, IDC_MPP))
+        summary = json_.loads((result / "summary.json").read_text())
+        assert summary["tiles"] == len(tiles) and summary["call"] in ("benign", "malignant", "indeterminate")
+        assert summary["tissue_area_mm2"] > 0 and 0 <= summary["positive_share"] <= 1
+        features = json_.loads((result / "tiles.geojson").read_text())["features"]
+        assert sum(f["properties"]["objectType"] == "tile" for f in features) == len(tiles)
+        covered = {tuple(square[0][0]) for f in features if f["geometry"]["type"] == "MultiPolygon"
+                   for square in f["geometry"]["coordinates"]}
+        hot = tiles[tiles["positive_probability"] >= summary["threshold"]]
+        assert covered == set(zip(hot["x"], hot["y"], strict=True))
+        assert Image.open(result / "heatmap.png").size[0] > 500 and (result / "top_tiles.png").is_file()
+        again = run_cli(*args, env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
+        assert again.returncode != 0 and "overwrite=true" in again.stderr
+        assert run_cli(*args, "--overwrite", "true", env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path).returncode == 0

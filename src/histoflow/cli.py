@@ -38,7 +38,8 @@ def collect_garbage_less() -> None:
 TENSORFLOW_STARTUP_NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
                             "cpu_feature_guard")
 # Commands that never load TensorFlow themselves (main runs the steps as processes of their own).
-WITHOUT_TENSORFLOW = {"data", "download", "compare", "register", "rollback", "main"}
+# predict-slide: the served model imports what its runtime needs (ONNX Runtime: no TensorFlow).
+WITHOUT_TENSORFLOW = {"data", "download", "compare", "register", "rollback", "main", "predict-slide"}
 
 
 def load_tensorflow_quietly() -> None:
@@ -73,6 +74,7 @@ HELP = {
     "promote": "move @champion to @challenger if it passes the gate of the promotion policy",
     "rollback": "move @champion back to @previous",
     "predict": "score a folder of images with a registered model",
+    "predict-slide": "score whole-slide images tile by tile: per-tile table, heatmap, GeoJSON, slide summary",
     "app": "the pathologist's web page: upload images, see calls, flags and Grad-CAM, download CSV",
     "mlproject": "write the MLproject file from the settings classes (or --check that it is current)",
 }

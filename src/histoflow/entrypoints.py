@@ -27,7 +27,7 @@ from histoflow.modeling.variants import (
     variant_fields,
 )
 from histoflow.registry.settings import CompareConfig, PromoteConfig, RegisterConfig, RollbackConfig
-from histoflow.serving.settings import AppConfig, PredictConfig
+from histoflow.serving.settings import AppConfig, PredictConfig, SlideConfig
 from histoflow.tuning.search_space import FINAL_RUN_ONLY, SEARCHABLE
 from histoflow.tuning.settings import STUDY_FIELDS, TuneConfig
 from histoflow.workflow import WorkflowConfig
@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "promote": (PromoteConfig, "histoflow.registry.promotion:run"),
     "rollback": (RollbackConfig, "histoflow.registry.aliases:run_rollback"),
     "predict": (PredictConfig, "histoflow.serving.batch_predict:run"),
+    "predict-slide": (SlideConfig, "histoflow.serving.slide_predict:run"),
     "app": (AppConfig, "histoflow.serving.web_app:run"),
 }
 
@@ -68,6 +69,8 @@ COMMENTS = {
                "file (registry/gate.yaml) passes.",
     "rollback": "@champion back to @previous.",
     "predict": "Score a folder of images with a registered model.",
+    "predict-slide": "Score whole-slide images tile by tile with a registered model: per-tile table, heatmap, "
+                     "GeoJSON for QuPath and a slide summary, a folder per slide.",
     "app": "The pathologist's web page (Gradio): upload images, see calls, flags and Grad-CAM overlays, "
            "download CSV; scores with model_uri in-process or through scoring_url.",
 }

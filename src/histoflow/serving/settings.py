@@ -48,6 +48,41 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class SlideConfig:
+    slides: str = field(default="", metadata={"required": True, "help": "a whole-slide image (.svs, .ndpi, .mrxs, "
+                                                                       "tiled .tif, ...) or a folder of them"})
+    model_uri: str = setting(DEFAULT_MODEL_URI, "the model: a registered model's alias or version, or any MLflow "
+                                                "model URI")
+    output_dir: str = setting("outputs/slides", "where each slide's tiles.csv, heatmap.png, tiles.geojson, "
+                                                "top_tiles.png and summary.json are written (a folder per slide)")
+    tile_px: int = setting(0, "tile side in pixels at mpp (0: the model's input size)")
+    mpp: float = setting(0.0, "the tiles' resolution in micrometres per pixel: the model's training resolution "
+                              "(0: the slide's own level 0)")
+    slide_mpp: float = setting(0.0, "the slides' level-0 resolution in micrometres per pixel, for slides whose "
+                                    "files do not record it (0: from the file)")
+    overlap: float = setting(0.0, "overlap of neighbouring tiles, as a share of a tile (0 to <1)")
+    min_tissue: float = setting(0.25, "the share of a tile that must be tissue for it to be scored")
+    positive_share: float = setting(0.01, "the slide is called positive when at least this share of its scored "
+                                          "tiles (and at least 2) are positive")
+    batch: int = setting(64, "tiles read and scored at a time (memory is bounded by it)")
+    overwrite: bool = setting(False, "write into an output folder of the slide that already exists")
+
+    def validate(self) -> None:
+        if not self.slides.strip():
+            raise ConfigError("slides is required: a whole-slide image or a folder of them")
+        if self.tile_px < 0 or self.mpp < 0 or self.slide_mpp < 0:
+            raise ConfigError(f"tile_px, mpp and slide_mpp must be >= 0 (0: the default); got {self.tile_px}, "
+                              f"{self.mpp}, {self.slide_mpp}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1); got {self.overlap}")
+        if not 0.0 <= self.min_tissue <= 1.0 or not 0.0 < self.positive_share <= 1.0:
+            raise ConfigError(f"min_tissue must be in [0, 1] and positive_share in (0, 1]; got {self.min_tissue}, "
+                              f"{self.positive_share}")
+        if self.batch < 1:
+            raise ConfigError(f"batch must be at least 1; got {self.batch}")
+
+
+@dataclass(frozen=True)
 class AppConfig:
     model_uri: str = setting(DEFAULT_MODEL_URI, "the model the page scores with, in its own process (unless "
                                                 "scoring_url is given)")

@@ -1,0 +1,220 @@
+"""The `predict-slide` entry point: whole-slide images scored tile by tile with a registered model, as a run.
+
+For each slide, a folder `<output_dir>/<slide name>/` with:
+- tiles.csv: a row per tissue tile: level-0 x, y, size, tissue share, the model's label, model_label,
+  positive_probability, threshold and flags (`read_error` for a tile that could not be read);
+- heatmap.png: the slide's thumbnail with each tile coloured by its positive probability, and a colour key;
+- tiles.geojson: the tiles as polygons with their probability and label, and the regions of neighbouring tiles at
+  or above the model's threshold merged (a MultiPolygon each), in level-0 pixels: QuPath opens it over the slide;
+- top_tiles.png: the tiles with the highest positive probability, with their coordinates;
+- summary.json: tissue area (mm²), tiles scored and flagged, the positive tiles' share and area (mm²), the slide's
+  call and the rule that made it.
+
+The slide's call: the positive class when at least `positive_share` of its scored (not flagged) tiles, and at
+least 2, are called positive by the model at its threshold; else the other class; `indeterminate` when no tile
+could be scored (no tissue, or all flagged). A folder of slides: every slide, a slide that cannot be read reported
+in slides.csv with its reason and the others scored.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from histoflow import tracking
+from histoflow.data.slides import SLIDE_EXTENSIONS, Slide, open_slide, read_tile, tissue_mask
+from histoflow.errors import ConfigError, DataError
+from histoflow.modeling.screening import INDETERMINATE
+from histoflow.serving.settings import SlideConfig
+from histoflow.serving.slide_scoring import score_slide
+
+MIN_POSITIVE_TILES = 2
+TOP_TILES = 8
+
+
+def slide_files(source: str) -> list[Path]:
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{source}: no such slide or folder")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+    if not files:
+        raise DataError(f"{source}: no whole-slide images ({', '.join(sorted(SLIDE_EXTENSIONS))}) in this folder")
+    return files
+
+
+def slide_call(tiles: pd.DataFrame, classes: list[str], positive_share: float) -> tuple[str, float]:
+    """The slide's call by the module's rule, and the positive tiles' share of the scored ones."""
+    scored = tiles[tiles["label"].notna() & (tiles["label"] != INDETERMINATE)]
+    if scored.empty:
+        return INDETERMINATE, float("nan")
+    positive = scored["model_label"] == classes[-1]
+    share = float(positive.mean())
+    called = share >= positive_share and int(positive.sum()) >= MIN_POSITIVE_TILES
+    return classes[-1] if called else classes[0], share
+
+
+def _regions(tiles: pd.DataFrame, threshold: float) -> list[list[list[list[list[int]]]]]:
+    """MultiPolygon coordinates of the connected groups of tiles at or above the threshold (tiles that touch or
+    overlap are one region)."""
+    from scipy import ndimage
+
+    hot = tiles[tiles["positive_probability"] >= threshold]
+    if hot.empty:
+        return []
+    stride = int(np.diff(np.unique(tiles["x"])).min()) if tiles["x"].nunique() > 1 else int(hot["size"].iloc[0])
+    stride = min(stride, int(hot["size"].iloc[0]))
+    columns, rows = (hot["x"] // stride).to_numpy(), (hot["y"] // stride).to_numpy()
+    grid = np.zeros((rows.max() + 1, columns.max() + 1), dtype=bool)
+    grid[rows, columns] = True
+    labels, _ = ndimage.label(grid, structure=np.ones((3, 3)))
+    regions: dict[int, list] = {}
+    for (x, y, size), region in zip(hot[["x", "y", "size"]].itertuples(index=False), labels[rows, columns],
+                                    strict=True):
+        regions.setdefault(int(region), []).append(_square(int(x), int(y), int(size)))
+    return list(regions.values())
+
+
+def _square(x: int, y: int, size: int) -> list[list[list[int]]]:
+    return [[[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]]
+
+
+def geojson(tiles: pd.DataFrame, threshold: float, positive_class: str) -> dict:
+    features = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": _square(x, y, size)},
+                 "properties": {"objectType": "tile", "positive_probability": None if np.isnan(p) else float(p),
+                                "label": label if isinstance(label, str) else None, "flags": flags or "",
+                                "name": f"tile {x},{y}"}}
+                for x, y, size, p, label, flags in tiles[["x", "y", "size", "positive_probability", "label",
+                                                          "flags"]].fillna({"flags": ""}).itertuples(index=False)]
+    features += [{"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": region},
+                  "properties": {"objectType": "annotation", "classification": {"name": positive_class},
+                                 "name": f"{positive_class} region {i + 1}", "tiles": len(region)}}
+                 for i, region in enumerate(_regions(tiles.dropna(subset=["positive_probability"]), threshold))]
+    return {"type": "FeatureCollection", "features": features}
+
+
+def heatmap(slide: Slide, tiles: pd.DataFrame, threshold: float, path: Path) -> None:
+    """The thumbnail with the tiles' positive probability over it and a colour key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    thumbnail = np.asarray(slide.handle.get_thumbnail((1024, 1024)).convert("RGB"))
+    scale = thumbnail.shape[1] / slide.width
+    figure, axes = plt.subplots(figsize=(10, 10 * thumbnail.shape[0] / thumbnail.shape[1] + 0.6))
+    axes.imshow(thumbnail)
+    heat = np.full(thumbnail.shape[:2], np.nan)
+    for x, y, size, p in tiles[["x", "y", "size", "positive_probability"]].itertuples(index=False):
+        if not np.isnan(p):
+            top, left = int(y * scale), int(x * scale)
+            heat[top:max(top + 1, int((y + size) * scale)), left:max(left + 1, int((x + size) * scale))] = p
+    shown = axes.imshow(np.ma.masked_invalid(heat), cmap="inferno", vmin=0, vmax=1, alpha=0.55)
+    key = figure.colorbar(shown, ax=axes, fraction=0.04, pad=0.02)
+    key.set_label("positive probability")
+    key.ax.axhline(threshold, color="cyan", linewidth=2)
+    axes.set_title(f"{Path(slide.path).name}: {len(tiles)} tissue tiles (threshold {threshold:.2f} on the key)")
+    axes.axis("off")
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def top_tiles(slide: Slide, tiles: pd.DataFrame, tile_px: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = tiles.dropna(subset=["positive_probability"]).nlargest(TOP_TILES, "positive_probability")
+    figure, axes = plt.subplots(1, max(1, len(best)), figsize=(2.2 * max(1, len(best)), 2.6), squeeze=False)
+    for ax, (x, y, size, p) in zip(axes[0], best[["x", "y", "size", "positive_probability"]].itertuples(index=False),
+                                   strict=False):
+        ax.imshow(read_tile(slide, x, y, size, tile_px))
+        ax.set_title(f"p={p:.2f}\n({x}, {y})", fontsize=8)
+    for ax in axes[0]:
+        ax.axis("off")
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def predict_slide(path: Path, model, config: SlideConfig, out: Path) -> dict:
+    """Score one slide into its output folder; its summary."""
+    slide = open_slide(path, config.slide_mpp or None)
+    with slide:
+        served = model.unwrap_python_model()
+        tile_px = config.tile_px or int(served.image_size)
+        mpp = config.mpp or float(model.metadata.metadata.get("mpp", 0) or 0) or slide.mpp
+        mask, downsample = tissue_mask(slide)
+        tiles = score_slide(slide, model, tile_px, mpp, config.overlap, config.min_tissue, config.batch)
+        classes = list(served.class_names)
+        threshold = float(served.calibration.threshold)
+        call, share = slide_call(tiles, classes, config.positive_share)
+        out.mkdir(parents=True, exist_ok=True)
+        tiles.to_csv(out / "tiles.csv", index=False)
+        (out / "tiles.geojson").write_text(json.dumps(geojson(tiles, threshold, classes[-1])))
+        heatmap(slide, tiles, threshold, out / "heatmap.png")
+        top_tiles(slide, tiles, tile_px, out / "top_tiles.png")
+        mm2_per_pixel = (slide.mpp / 1000.0) ** 2
+        scored = tiles["label"].notna() & (tiles["label"] != INDETERMINATE)
+        positive = scored & (tiles["model_label"] == classes[-1])
+        tile_area = float((tiles["size"].astype(float) ** 2).mean()) * mm2_per_pixel if len(tiles) else 0.0
+        summary = {"slide": str(path), "width": slide.width, "height": slide.height, "slide_mpp": slide.mpp,
+                   "tile_px": tile_px, "tile_mpp": mpp, "tissue_area_mm2": float(mask.sum()) * downsample ** 2
+                   * mm2_per_pixel, "tiles": int(len(tiles)), "tiles_scored": int(scored.sum()),
+                   "flagged_share": float(1 - scored.mean()) if len(tiles) else float("nan"),
+                   "positive_tiles": int(positive.sum()), "positive_share": share,
+                   "positive_area_mm2": float(positive.sum()) * tile_area * (1 - config.overlap) ** 2,
+                   "threshold": threshold, "call": call,
+                   "rule": f"{classes[-1]} when at least {config.positive_share:g} of the scored tiles (and at least "
+                           f"{MIN_POSITIVE_TILES}) are {classes[-1]} at the model's threshold; {INDETERMINATE} "
+                           "when no tile could be scored"}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run(config: SlideConfig) -> pd.DataFrame:
+    config.validate()
+    tracking.configure()
+    files = slide_files(config.slides)
+    root = Path(config.output_dir)
+    targets = {f: root / f.stem for f in files}
+    existing = [str(t) for t in targets.values() if t.exists()]
+    if existing and not config.overwrite:
+        raise ConfigError(f"{existing[0]} exists (results of an earlier run): give another output_dir, or "
+                          "overwrite=true to replace them")
+    model = mlflow.pyfunc.load_model(config.model_uri)
+    rows = []
+    with mlflow.start_run(run_name="predict-slide", nested=mlflow.active_run() is not None):
+        mlflow.set_tag("histoflow.step", "predict-slide")
+        tracking.log_new_params({"model_uri": config.model_uri, "slides": config.slides, "tile_px": config.tile_px,
+                                 "mpp": config.mpp, "overlap": config.overlap, "min_tissue": config.min_tissue,
+                                 "positive_share": config.positive_share})
+        for f, out in targets.items():
+            if out.exists():
+                shutil.rmtree(out)
+            try:
+                rows.append(predict_slide(f, model, config, out))
+            except DataError as exc:
+                if len(files) == 1:
+                    raise
+                rows.append({"slide": str(f), "problem": str(exc)})
+                print(f"skipped: {exc}")
+                continue
+            mlflow.log_artifacts(str(out), artifact_path=f"slides/{f.stem}")
+            print(f"{f.name}: {rows[-1]['call']} ({rows[-1]['positive_tiles']} of {rows[-1]['tiles_scored']} tiles "
+                  f"positive) -> {out}")
+        table = pd.DataFrame(rows)
+        root.mkdir(parents=True, exist_ok=True)
+        table.to_csv(root / "slides.csv", index=False)
+        mlflow.log_artifact(str(root / "slides.csv"))
+        if len(files) == 1 and "tiles" in table:
+            mlflow.log_metrics({k: float(table[k].iloc[0]) for k in ("tissue_area_mm2", "tiles", "positive_share",
+                                                                       "positive_area_mm2", "flagged_share")
+                                if pd.notna(table[k].iloc[0])})
+    return table
