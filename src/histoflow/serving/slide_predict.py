@@ -151,7 +151,8 @@ def predict_slide(path: Path, model, config: SlideConfig, out: Path) -> dict:
         tile_px = config.tile_px or int(served.image_size)
         mpp = config.mpp or float(model.metadata.metadata.get("mpp", 0) or 0) or slide.mpp
         mask, downsample = tissue_mask(slide)
-        tiles = score_slide(slide, model, tile_px, mpp, config.overlap, config.min_tissue, config.batch)
+        tiles = score_slide(slide, model, tile_px, mpp, config.overlap, config.min_tissue, config.batch,
+                            mask=(mask, downsample))
         classes = list(served.class_names)
         threshold = float(served.calibration.threshold)
         call, share = slide_call(tiles, classes, config.positive_share)

@@ -39,10 +39,10 @@ def _scorer(model):
 
 
 def score_slide(slide: Slide, model, tile_px: int, mpp: float, overlap: float = 0.0, min_tissue: float = 0.25,
-                batch: int = 64) -> pd.DataFrame:
+                batch: int = 64, mask: tuple[np.ndarray, float] | None = None) -> pd.DataFrame:
     """The per-tile table of a slide (see the module's docstring); empty, with its columns, for a slide without
-    tissue. `model`: a loaded histoflow pyfunc."""
-    grid = tile_grid(slide, tile_px, mpp, overlap, min_tissue)
+    tissue. `model`: a loaded histoflow pyfunc; `mask`: the slide's tissue_mask when the caller has it."""
+    grid = tile_grid(slide, tile_px, mpp, overlap, min_tissue, mask=mask)
     score = _scorer(model)
     parts = []
     batches = read_tiles(slide, grid, tile_px, batch)
