@@ -4,6 +4,7 @@ their slides), read back through OpenSlide."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def test_a_tile_that_cannot_be_read_is_flagged_and_the_others_are_scored(idc_sli
 def test_predict_slide_writes_the_tiles_heatmap_geojson_and_summary_of_each_slide(idc_slide, classifier, tmp_path):
     """`histoflow predict-slide` on a folder holding the IDC mosaic and a file that is not a slide: the mosaic's
     outputs (its tiles, a GeoJSON whose regions cover every tile at or above the threshold, a heatmap, a summary
-    with the call), the other file reported in slides.csv; a second run into the same folder is refused unless
+    with the call), the other file reported in summary.csv; a second run into the same folder is refused unless
     overwrite=true."""
     import json as json_
 
@@ -231,7 +232,7 @@ def test_predict_slide_writes_the_tiles_heatmap_geojson_and_summary_of_each_slid
     with sqlite_store(tmp_path / "store") as uri:
         done = run_cli(*args, env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-        slides = pd.read_csv(out / "slides.csv")
+        slides = pd.read_csv(out / "summary.csv")
         assert slides.loc[slides["slide"].str.endswith("broken.svs"), "problem"].str.contains(
             "not a whole-slide image").all()
         result = out / path.stem
@@ -251,3 +252,50 @@ def test_predict_slide_writes_the_tiles_heatmap_geojson_and_summary_of_each_slid
         again = run_cli(*args, env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
         assert again.returncode != 0 and "overwrite=true" in again.stderr
         assert run_cli(*args, "--overwrite", "true", env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path).returncode == 0
+
+
+def test_labelled_slides_give_slide_and_patient_metrics_with_intervals(classifier, tracking_uri, tmp_path):
+    """A folder of four slides (each one patient's patches of one class) with slides.csv: metrics.json holds the
+    slide-level AUC of the slides' scores and the calls' balanced accuracy, with bootstrap intervals around them,
+    and the patient-level accuracy; a label that is not one of the model's classes is refused."""
+    import json as json_
+
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    from histoflow.serving.settings import SlideConfig
+    from histoflow.serving.slide_predict import run, slide_scores
+
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    rows = []
+    for patient in sorted(p.name for p in IDC.iterdir() if p.is_dir())[:2]:
+        for cls, label in (("0", "benign"), ("1", "malignant")):
+            files = sorted((IDC / patient / cls).glob("*.png"))[:16]
+            canvas = np.full((4 * PATCH, 4 * PATCH, 3), 255, np.uint8)
+            for i, f in enumerate(files):
+                image = read_image(str(f))[:PATCH, :PATCH]
+                canvas[(i // 4) * PATCH:(i // 4) * PATCH + image.shape[0],
+                       (i % 4) * PATCH:(i % 4) * PATCH + image.shape[1]] = image
+            name = f"{patient}-{label}.tiff"
+            write_pyramid(folder / name, canvas, IDC_MPP, levels=1)
+            rows.append({"slide": name, "patient": patient, "label": label})
+    pd.DataFrame(rows).to_csv(folder / "slides.csv", index=False)
+    config = SlideConfig(slides=str(folder), model_uri=classifier[0], output_dir=str(tmp_path / "out"),
+                         tile_px=PATCH, mpp=IDC_MPP, positive_share=0.2, batch=16)
+    summary = run(config)
+    metrics = json_.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["labelled_slides"] == 4
+    scored = summary[summary["call"] != "indeterminate"]
+    truth = [int(row["label"] == "malignant") for row in rows
+             if row["slide"] in {Path(s).name for s in scored["slide"]}]
+    calls = (scored["call"] == "malignant").astype(int)
+    assert metrics["slide_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, calls))
+    if len(set(truth)) == 2:
+        assert metrics["slide_roc_auc"] == pytest.approx(roc_auc_score(truth, slide_scores(scored)))
+    for name in ("roc_auc", "balanced_accuracy"):
+        low, high = metrics[f"slide_{name}_ci_low"], metrics[f"slide_{name}_ci_high"]
+        assert not np.isfinite(low) or low <= metrics[f"slide_{name}"] + 1e-9 <= high + 2e-9
+    assert 0 <= metrics["patient_accuracy"] <= 1 and metrics["patients"] == 2
+    pd.DataFrame(rows).assign(label="tumour").to_csv(folder / "slides.csv", index=False)
+    with pytest.raises(DataError, match="labels must be the model's classes"):
+        run(dataclasses.replace(config, output_dir=str(tmp_path / "again")))

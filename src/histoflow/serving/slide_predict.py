@@ -13,7 +13,10 @@ For each slide, a folder `<output_dir>/<slide name>/` with:
 The slide's call: the positive class when at least `positive_share` of its scored (not flagged) tiles, and at
 least 2, are called positive by the model at its threshold; else the other class; `indeterminate` when no tile
 could be scored (no tissue, or all flagged). A folder of slides: every slide, a slide that cannot be read reported
-in slides.csv with its reason and the others scored.
+in summary.csv with its reason and the others scored. A slides.csv beside them (slide, patient, label) gives
+metrics.json: slide-level ROC AUC (of the positive share), balanced accuracy, accuracy, sensitivity and
+specificity of the calls, with 95 % bootstrap intervals resampling patients (a patient's slides together), and
+the patient-level accuracy of the same rule as evaluation (the mean of a patient's slide scores).
 """
 
 from __future__ import annotations
@@ -179,6 +182,57 @@ def predict_slide(path: Path, model, config: SlideConfig, out: Path) -> dict:
     return summary
 
 
+LABELS_FILE = "slides.csv"  # beside the slides: slide (file name), patient, label (one of the model's classes)
+SUMMARY_FILE = "summary.csv"  # in output_dir: a row per slide (never slides.csv: output_dir may be the slides' own)
+
+
+def read_labels(folder: Path, classes: list[str]) -> pd.DataFrame | None:
+    """The folder's slides.csv (slide, patient, label), indexed by slide file name; None without one."""
+    path = folder / LABELS_FILE
+    if not folder.is_dir() or not path.is_file():
+        return None
+    labels = pd.read_csv(path, dtype=str)
+    missing = {"slide", "patient", "label"} - set(labels.columns)
+    if missing:
+        raise DataError(f"{path}: needs the columns slide, patient, label; missing {', '.join(sorted(missing))}")
+    unknown = sorted(set(labels["label"]) - set(classes))
+    if unknown:
+        raise DataError(f"{path}: labels must be the model's classes ({', '.join(classes)}); got {unknown}")
+    return labels.assign(slide=[Path(s).name for s in labels["slide"]]).set_index("slide")
+
+
+def slide_scores(table: pd.DataFrame) -> np.ndarray:
+    """Each slide's score for the metrics: its positive share when it has MIN_POSITIVE_TILES positive tiles, else 0,
+    so that the call is exactly score >= positive_share."""
+    return np.where(table["positive_tiles"] >= MIN_POSITIVE_TILES, table["positive_share"], 0.0)
+
+
+def labelled_metrics(table: pd.DataFrame, labels: pd.DataFrame, classes: list[str], positive_share: float
+                     ) -> dict[str, float]:
+    """Slide-level metrics with 95 % bootstrap intervals over patients, and patient-level ones, of the slides that
+    have a label and a call (an indeterminate slide is counted, not scored)."""
+    from histoflow.modeling.metrics import binary_metrics, patient_bootstrap, patient_metrics
+
+    table = table.assign(name=[Path(s).name for s in table["slide"]])
+    known = table[table["name"].isin(labels.index) & table["call"].notna()]
+    indeterminate = known["call"] == INDETERMINATE
+    scored = known[~indeterminate]
+    metrics = {"labelled_slides": float(len(known)), "indeterminate_slides": float(indeterminate.sum())}
+    if scored.empty:
+        return metrics
+    y = (labels.loc[scored["name"], "label"] == classes[-1]).astype(int).to_numpy()
+    patients = labels.loc[scored["name"], "patient"].to_numpy()
+    score = slide_scores(scored)
+    probabilities = np.column_stack([1 - score, score])
+    found = binary_metrics(y, probabilities, positive_share)
+    for name in ("roc_auc", "balanced_accuracy", "accuracy", "recall", "specificity"):
+        metrics[f"slide_{name}"] = found[name]
+    for name, (low, high) in patient_bootstrap(patients, y, probabilities, positive_share).items():
+        metrics[f"slide_{name}_ci_low"], metrics[f"slide_{name}_ci_high"] = low, high
+    metrics.update(patient_metrics(pd.Series(patients), y, probabilities, positive_share))
+    return metrics
+
+
 def run(config: SlideConfig) -> pd.DataFrame:
     config.validate()
     tracking.configure()
@@ -190,6 +244,8 @@ def run(config: SlideConfig) -> pd.DataFrame:
         raise ConfigError(f"{existing[0]} exists (results of an earlier run): give another output_dir, or "
                           "overwrite=true to replace them")
     model = mlflow.pyfunc.load_model(config.model_uri)
+    classes = list(model.unwrap_python_model().class_names)
+    labels = read_labels(Path(config.slides), classes)
     rows = []
     with mlflow.start_run(run_name="predict-slide", nested=mlflow.active_run() is not None):
         mlflow.set_tag("histoflow.step", "predict-slide")
@@ -212,10 +268,17 @@ def run(config: SlideConfig) -> pd.DataFrame:
                   f"positive) -> {out}")
         table = pd.DataFrame(rows)
         root.mkdir(parents=True, exist_ok=True)
-        table.to_csv(root / "slides.csv", index=False)
-        mlflow.log_artifact(str(root / "slides.csv"))
+        table.to_csv(root / SUMMARY_FILE, index=False)
+        mlflow.log_artifact(str(root / SUMMARY_FILE))
         if len(files) == 1 and "tiles" in table:
             mlflow.log_metrics({k: float(table[k].iloc[0]) for k in ("tissue_area_mm2", "tiles", "positive_share",
                                                                        "positive_area_mm2", "flagged_share")
                                 if pd.notna(table[k].iloc[0])})
+        if labels is not None and "call" in table:
+            metrics = labelled_metrics(table, labels, classes, config.positive_share)
+            (root / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            mlflow.log_artifact(str(root / "metrics.json"))
+            mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+            print("slides with labels: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                     if not k.endswith(("_low", "_high"))))
     return table
