@@ -90,3 +90,31 @@ def test_engine_settings_are_checked():
         PredictConfig(data_dir="x", engine="dask").validate()
     with pytest.raises(ConfigError, match="scored with engine=spark"):
         PredictConfig(data_dir="images.parquet").validate()
+
+
+@pytest.mark.slow
+def test_slides_on_spark_give_the_in_process_results(use_store, classifier, spark, tmp_path):
+    """predict-slide with engine=spark (a task per slide, each executor loading the model and writing its slide's
+    folder) gives the tiles and summaries of the local engine; a file that is not a slide is reported, not fatal."""
+    import dataclasses
+
+    from conftest import IDC
+    from histoflow.serving.settings import SlideConfig
+    from histoflow.serving.slide_predict import run
+    from test_slides import IDC_MPP, PATCH, mosaic, write_pyramid
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for i, patient in enumerate(sorted(p.name for p in IDC.iterdir() if p.is_dir())[:2]):
+        canvas, _ = mosaic([patient])
+        write_pyramid(folder / f"slide{i}.tiff", canvas, IDC_MPP)
+    (folder / "broken.svs").write_text("not a slide")
+    local = SlideConfig(slides=str(folder), model_uri=classifier[0], output_dir=str(tmp_path / "local"),
+                        tile_px=PATCH, mpp=IDC_MPP, batch=16)
+    here = run(local)
+    there = run(dataclasses.replace(local, output_dir=str(tmp_path / "spark"), engine="spark", spark_master=MASTER))
+    assert there["call"].tolist() == here["call"].tolist() and there["problem"].notna().sum() == 1
+    for name in ("slide0", "slide1"):
+        a, b = (pd.read_csv(tmp_path / engine / name / "tiles.csv") for engine in ("local", "spark"))
+        assert a[["x", "y"]].equals(b[["x", "y"]])
+        np.testing.assert_allclose(a["positive_probability"], b["positive_probability"], atol=1e-6)

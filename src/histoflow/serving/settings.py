@@ -66,8 +66,14 @@ class SlideConfig:
                                           "tiles (and at least 2) are positive")
     batch: int = setting(64, "tiles read and scored at a time (memory is bounded by it)")
     overwrite: bool = setting(False, "write into an output folder of the slide that already exists")
+    engine: str = setting("local", "local (slide after slide in this process) or spark (a Spark task per slide; "
+                                   "output_dir must be storage every executor can write)")
+    spark_master: str = setting("", "with engine=spark: local[*] or a cluster's master URL (default: SPARK_MASTER, "
+                                    "else local[*])")
 
     def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
         if not self.slides.strip():
             raise ConfigError("slides is required: a whole-slide image or a folder of them")
         if self.tile_px < 0 or self.mpp < 0 or self.slide_mpp < 0:

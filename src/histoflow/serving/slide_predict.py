@@ -233,6 +233,24 @@ def labelled_metrics(table: pd.DataFrame, labels: pd.DataFrame, classes: list[st
     return metrics
 
 
+def _slide_task(item: tuple[str, str, str, SlideConfig]) -> dict:
+    """A Spark task: one slide scored into its folder by an executor, with the model loaded there; its summary
+    (or its problem)."""
+    path, out, model_uri, config = item
+    try:
+        return predict_slide(Path(path), mlflow.pyfunc.load_model(model_uri), config, Path(out))
+    except DataError as exc:
+        return {"slide": path, "problem": str(exc)}
+
+
+def _summaries_on_spark(targets: dict[Path, Path], config: SlideConfig) -> list[dict]:
+    from histoflow.serving.spark_scoring import spark_session
+
+    spark = spark_session(config.spark_master)
+    tasks = [(str(f), str(out.resolve()), config.model_uri, config) for f, out in targets.items()]
+    return spark.sparkContext.parallelize(tasks, numSlices=len(tasks)).map(_slide_task).collect()
+
+
 def run(config: SlideConfig) -> pd.DataFrame:
     config.validate()
     tracking.configure()
@@ -252,16 +270,22 @@ def run(config: SlideConfig) -> pd.DataFrame:
         tracking.log_new_params({"model_uri": config.model_uri, "slides": config.slides, "tile_px": config.tile_px,
                                  "mpp": config.mpp, "overlap": config.overlap, "min_tissue": config.min_tissue,
                                  "positive_share": config.positive_share})
-        for f, out in targets.items():
+        for out in targets.values():
             if out.exists():
                 shutil.rmtree(out)
+        spark = config.engine == "spark"
+        summaries = iter(_summaries_on_spark(targets, config)) if spark else None
+        for f, out in targets.items():
             try:
-                rows.append(predict_slide(f, model, config, out))
+                rows.append(next(summaries) if spark else predict_slide(f, model, config, out))
             except DataError as exc:
                 if len(files) == 1:
                     raise
                 rows.append({"slide": str(f), "problem": str(exc)})
-                print(f"skipped: {exc}")
+            if "problem" in rows[-1]:
+                if len(files) == 1:
+                    raise DataError(rows[-1]["problem"])
+                print(f"skipped: {rows[-1]['problem']}")
                 continue
             mlflow.log_artifacts(str(out), artifact_path=f"slides/{f.stem}")
             print(f"{f.name}: {rows[-1]['call']} ({rows[-1]['positive_tiles']} of {rows[-1]['tiles_scored']} tiles "
