@@ -217,6 +217,8 @@ def test_predict_slide_writes_the_tiles_heatmap_geojson_and_summary_of_each_slid
     overwrite=true."""
     import json as json_
 
+    from shapely.geometry import Point, shape
+
     from conftest import run_cli, sqlite_store
     from histoflow.data.slides import tile_grid as grid_of
 
@@ -244,10 +246,13 @@ def test_predict_slide_writes_the_tiles_heatmap_geojson_and_summary_of_each_slid
         assert summary["tissue_area_mm2"] > 0 and 0 <= summary["positive_share"] <= 1
         features = json_.loads((result / "tiles.geojson").read_text())["features"]
         assert sum(f["properties"]["objectType"] == "tile" for f in features) == len(tiles)
-        covered = {tuple(square[0][0]) for f in features if f["geometry"]["type"] == "MultiPolygon"
-                   for square in f["geometry"]["coordinates"]}
-        hot = tiles[tiles["positive_probability"] >= summary["threshold"]]
-        assert covered == set(zip(hot["x"], hot["y"], strict=True))
+        regions = [shape(f["geometry"]) for f in features if f["properties"]["objectType"] == "annotation"]
+        hot = tiles["positive_probability"] >= summary["threshold"]
+        assert all(r.is_valid for r in regions)
+        for (x, y, size), is_hot in zip(tiles[["x", "y", "size"]].itertuples(index=False), hot, strict=True):
+            inside = any(r.contains(Point(x + size / 2, y + size / 2)) for r in regions)
+            assert inside == is_hot, (x, y)  # every positive tile in a region, no other tile
+        assert sum(r.area for r in regions) == pytest.approx(float((tiles.loc[hot, "size"] ** 2).sum()))
         assert Image.open(result / "heatmap.png").size[0] > 500 and (result / "top_tiles.png").is_file()
         again = run_cli(*args, env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
         assert again.returncode != 0 and "overwrite=true" in again.stderr

@@ -5,7 +5,7 @@ For each slide, a folder `<output_dir>/<slide name>/` with:
   positive_probability, threshold and flags (`read_error` for a tile that could not be read);
 - heatmap.png: the slide's thumbnail with each tile coloured by its positive probability, and a colour key;
 - tiles.geojson: the tiles as polygons with their probability and label, and the regions of neighbouring tiles at
-  or above the model's threshold merged (a MultiPolygon each), in level-0 pixels: QuPath opens it over the slide;
+  or above the model's threshold merged into their outlines, in level-0 pixels: QuPath opens it over the slide;
 - top_tiles.png: the tiles with the highest positive probability, with their coordinates;
 - summary.json: tissue area (mm²), tiles scored and flagged, the positive tiles' share and area (mm²), the slide's
   call and the rule that made it.
@@ -63,25 +63,18 @@ def slide_call(tiles: pd.DataFrame, classes: list[str], positive_share: float) -
     return classes[-1] if called else classes[0], share
 
 
-def _regions(tiles: pd.DataFrame, threshold: float) -> list[list[list[list[list[int]]]]]:
-    """MultiPolygon coordinates of the connected groups of tiles at or above the threshold (tiles that touch or
-    overlap are one region)."""
-    from scipy import ndimage
+def _regions(tiles: pd.DataFrame, threshold: float) -> list[dict]:
+    """GeoJSON geometries of the tiles at or above the threshold merged (shapely's union): each connected group
+    its outline, holes kept; groups that touch only at a corner stay apart."""
+    from shapely import box, unary_union
+    from shapely.geometry import mapping
 
     hot = tiles[tiles["positive_probability"] >= threshold]
     if hot.empty:
         return []
-    stride = int(np.diff(np.unique(tiles["x"])).min()) if tiles["x"].nunique() > 1 else int(hot["size"].iloc[0])
-    stride = min(stride, int(hot["size"].iloc[0]))
-    columns, rows = (hot["x"] // stride).to_numpy(), (hot["y"] // stride).to_numpy()
-    grid = np.zeros((rows.max() + 1, columns.max() + 1), dtype=bool)
-    grid[rows, columns] = True
-    labels, _ = ndimage.label(grid, structure=np.ones((3, 3)))
-    regions: dict[int, list] = {}
-    for (x, y, size), region in zip(hot[["x", "y", "size"]].itertuples(index=False), labels[rows, columns],
-                                    strict=True):
-        regions.setdefault(int(region), []).append(_square(int(x), int(y), int(size)))
-    return list(regions.values())
+    merged = unary_union([box(x, y, x + size, y + size) for x, y, size in hot[["x", "y", "size"]].itertuples(
+        index=False)])
+    return [mapping(part) for part in getattr(merged, "geoms", [merged])]
 
 
 def _square(x: int, y: int, size: int) -> list[list[list[int]]]:
@@ -95,9 +88,9 @@ def geojson(tiles: pd.DataFrame, threshold: float, positive_class: str) -> dict:
                                 "name": f"tile {x},{y}"}}
                 for x, y, size, p, label, flags in tiles[["x", "y", "size", "positive_probability", "label",
                                                           "flags"]].fillna({"flags": ""}).itertuples(index=False)]
-    features += [{"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": region},
+    features += [{"type": "Feature", "geometry": region,
                   "properties": {"objectType": "annotation", "classification": {"name": positive_class},
-                                 "name": f"{positive_class} region {i + 1}", "tiles": len(region)}}
+                                 "name": f"{positive_class} region {i + 1}"}}
                  for i, region in enumerate(_regions(tiles.dropna(subset=["positive_probability"]), threshold))]
     return {"type": "FeatureCollection", "features": features}
 
