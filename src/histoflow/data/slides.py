@@ -103,8 +103,15 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def tissue_mask(slide: Slide, side: int = THUMBNAIL_SIDE) -> tuple[np.ndarray, float]:
-    """Boolean tissue mask at most `side` pixels a side, from the pyramid level nearest that (or, when that level
-    cannot be read, the next coarser one that can), and level-0 pixels per mask pixel."""
+    """Boolean tissue mask at most `side` pixels a side, and level-0 pixels per mask pixel (thumbnail_and_mask)."""
+    _, mask, downsample = thumbnail_and_mask(slide, side)
+    return mask, downsample
+
+
+def thumbnail_and_mask(slide: Slide, side: int = THUMBNAIL_SIDE) -> tuple[np.ndarray, np.ndarray, float]:
+    """The slide's RGB thumbnail at most `side` pixels a side, from the pyramid level nearest that (or, when that
+    level cannot be read, the next coarser one that can), its boolean tissue mask, and level-0 pixels per pixel
+    of both: one read of the pyramid for the mask and any figure drawn over the slide."""
     import openslide
 
     first = slide.handle.get_best_level_for_downsample(max(slide.width, slide.height) / side)
@@ -124,7 +131,7 @@ def tissue_mask(slide: Slide, side: int = THUMBNAIL_SIDE) -> tuple[np.ndarray, f
     lit = brightest > BLACK_LEVEL
     cut = max(otsu_threshold(saturation[lit]), TISSUE_SATURATION) if lit.any() else 1.0
     downsample = slide.width / thumbnail.shape[1]
-    return lit & (saturation > cut), float(downsample)
+    return pixels, lit & (saturation > cut), float(downsample)
 
 
 def tile_grid(slide: Slide, tile_px: int, mpp: float, overlap: float = 0.0, min_tissue: float = 0.25,

@@ -18,8 +18,6 @@ import tensorflow as tf
 
 from histoflow.modeling.inference import feature_model
 
-log = logging.getLogger(__name__)
-
 OPSET = 17  # ONNX Runtime 1.17+ runs it; tf2onnx 1.17's tested default
 # Largest difference from Keras accepted: probabilities absolute; features relative to their largest magnitude
 # (they feed the out-of-distribution distance, not the decision). Measured: 1e-7 .. 4e-7 on every variant.
@@ -52,7 +50,8 @@ def export_onnx(keras_path: str | Path, onnx_path: str | Path, seed: int = 0) ->
         # and variance), which from_function leaves as inputs of the graph.
         proto, _ = tf2onnx.convert.from_keras(both, input_signature=spec, opset=OPSET)
         _name_outputs(proto.graph)
-        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        graph = proto.SerializeToString()
+        session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - tf2onnx raises whatever its op handlers raise: not convertible
         return Export(None, float("nan"), f"{type(exc).__name__}: {str(exc)[:300]}")
     images = np.random.default_rng(seed).random((CHECK_IMAGES, *model.input_shape[1:]), dtype=np.float32)
@@ -62,7 +61,7 @@ def export_onnx(keras_path: str | Path, onnx_path: str | Path, seed: int = 0) ->
                      float(np.max(np.abs(got[1] - expected[1])) / max(1.0, float(np.max(np.abs(expected[1]))))))
     if not difference <= TOLERANCE:  # NaN too
         return Export(None, difference, f"outputs differ from Keras' by {difference:.2e} (tolerance {TOLERANCE:g})")
-    Path(onnx_path).write_bytes(proto.SerializeToString())
+    Path(onnx_path).write_bytes(graph)
     return Export(Path(onnx_path), difference)
 
 

@@ -32,8 +32,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MAX_BATCH_ENV, MAX_WAIT_ENV = "HISTOFLOW_MAX_BATCH", "HISTOFLOW_MAX_WAIT_MS"
-# ONNX Runtime's cost per image stops falling at 4-8 images a pass on a CPU (bench/serve_profile.py), while a
-# larger batch holds more memory (a dihedral8 ensemble's pass of 64 images: 1.2 GiB against 0.7 unbatched).
+# ONNX Runtime's cost per image stops falling at 4-8 images a pass on a CPU (bench/serve_profile.py); a larger
+# batch only holds more activations in memory.
 DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS = 8, 2.0
 DEFAULT_TIMEOUT_S = 60.0  # MLflow's scoring server gives a request 60 s (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT)
 

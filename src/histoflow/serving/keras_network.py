@@ -1,6 +1,6 @@
 """A member network on TensorFlow: the served model's runtime for networks that have no ONNX graph (logged with
 runtime=tensorflow, logged before the ONNX graphs existed, or not convertible), and Grad-CAM (`explain`) for
-every model: gradients need TensorFlow. Loaded by name (histoflow.serving.classifier.RUNTIMES) on first use, so
+every model: gradients need TensorFlow. Loaded by name (histoflow.serving.classifier.NETWORK_CLASSES) on first use, so
 a served model that never needs it never imports TensorFlow.
 """
 
@@ -14,8 +14,6 @@ from histoflow.modeling.screening import Screening
 class KerasNetwork:
     """One member network, compiled: probabilities (plain or over the 8 dihedral views) with the penultimate
     features of the plain view in the same forward pass; its temperature and screening; Grad-CAM on demand."""
-
-    runtime = "tensorflow"
 
     def __init__(self, path: str, temperature: float, screening: Screening) -> None:
         import keras

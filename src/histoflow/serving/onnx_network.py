@@ -44,8 +44,6 @@ class OnnxNetwork:
     """One member network: probabilities (plain or averaged over the 8 dihedral views) and the plain view's
     features, in one run of its graph; its temperature and screening."""
 
-    runtime = "onnx"
-
     def __init__(self, path: str, temperature: float, screening: Screening) -> None:
         self.session = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name

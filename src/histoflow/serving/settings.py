@@ -12,12 +12,12 @@ ENGINES = ("local", "spark")
 RUNTIMES = ("onnx", "tensorflow")
 DEFAULT_RUNTIME = "onnx"
 RUNTIME_TAG = "histoflow.runtime"  # the logged model's tag (models logged before it: tensorflow)
+DEFAULT_MODEL_URI = "models:/histoflow@champion"
 
 
 def check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
-DEFAULT_MODEL_URI = "models:/histoflow@champion"
 
 
 def is_parquet_table(source: str) -> bool:

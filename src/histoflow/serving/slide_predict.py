@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from histoflow import tracking
-from histoflow.data.slides import SLIDE_EXTENSIONS, Slide, open_slide, read_tile, tissue_mask
+from histoflow.data.slides import SLIDE_EXTENSIONS, Slide, open_slide, read_tile, thumbnail_and_mask
 from histoflow.errors import ConfigError, DataError
 from histoflow.modeling.screening import INDETERMINATE
 from histoflow.serving.settings import SlideConfig
@@ -95,14 +95,13 @@ def geojson(tiles: pd.DataFrame, threshold: float, positive_class: str) -> dict:
     return {"type": "FeatureCollection", "features": features}
 
 
-def heatmap(slide: Slide, tiles: pd.DataFrame, threshold: float, path: Path) -> None:
-    """The thumbnail with the tiles' positive probability over it and a colour key."""
+def heatmap(slide: Slide, thumbnail: np.ndarray, tiles: pd.DataFrame, threshold: float, path: Path) -> None:
+    """The slide's thumbnail (RGB uint8) with the tiles' positive probability over it and a colour key."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    thumbnail = np.asarray(slide.handle.get_thumbnail((1024, 1024)).convert("RGB"))
     scale = thumbnail.shape[1] / slide.width
     figure, axes = plt.subplots(figsize=(10, 10 * thumbnail.shape[0] / thumbnail.shape[1] + 0.6))
     axes.imshow(thumbnail)
@@ -145,8 +144,8 @@ def predict_slide(path: Path, model, config: SlideConfig, out: Path) -> dict:
     with slide:
         served = model.unwrap_python_model()
         tile_px = config.tile_px or int(served.image_size)
-        mpp = config.mpp or float(model.metadata.metadata.get("mpp", 0) or 0) or slide.mpp
-        mask, downsample = tissue_mask(slide)
+        mpp = config.mpp or slide.mpp
+        thumbnail, mask, downsample = thumbnail_and_mask(slide)
         tiles = score_slide(slide, model, tile_px, mpp, config.overlap, config.min_tissue, config.batch,
                             mask=(mask, downsample))
         classes = list(served.class_names)
@@ -155,7 +154,7 @@ def predict_slide(path: Path, model, config: SlideConfig, out: Path) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         tiles.to_csv(out / "tiles.csv", index=False)
         (out / "tiles.geojson").write_text(json.dumps(geojson(tiles, threshold, classes[-1])))
-        heatmap(slide, tiles, threshold, out / "heatmap.png")
+        heatmap(slide, thumbnail, tiles, threshold, out / "heatmap.png")
         top_tiles(slide, tiles, tile_px, out / "top_tiles.png")
         mm2_per_pixel = (slide.mpp / 1000.0) ** 2
         scored = tiles["label"].notna() & (tiles["label"] != INDETERMINATE)
@@ -272,8 +271,6 @@ def run(config: SlideConfig) -> pd.DataFrame:
             try:
                 rows.append(next(summaries) if spark else predict_slide(f, model, config, out))
             except DataError as exc:
-                if len(files) == 1:
-                    raise
                 rows.append({"slide": str(f), "problem": str(exc)})
             if "problem" in rows[-1]:
                 if len(files) == 1:
