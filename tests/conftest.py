@@ -300,12 +300,13 @@ def sqlite_store(root: Path) -> Iterator[str]:
 # The small trained models of the registry, serving, page, container and Spark tests (BreakHis, 60 images, 32 px):
 # the baseline with a Youden threshold, dihedral test-time augmentation and Macenko stain normalisation (so that
 # the served decision is neither the argmax nor a single view of the raw colours), 2 epochs; the augmented CNN
-# and the CNN + LSTM as the reports trained them, 1 epoch. test_project checks their runs as it checks the
-# `mlflow run` ones.
+# and the CNN + LSTM as the reports trained them, 1 epoch; the augmented CNN's data with a resolution (mpp, a test
+# value: the shared data's README gives none), which its served model carries to predict-slide. test_project checks
+# their runs as it checks the `mlflow run` ones.
 TINY_SETTINGS = {"data_dir": str(BREAKHIS), "max_images": 60, "image_size": 32, "batch_size": 16,
                  "gradcam_per_class": 1, "experiment": "tiny", "bootstrap": 200}
 TINY_RUNS = {"baseline": {"epochs": 2, "threshold_policy": "youden", "tta": "dihedral8", "stain_norm": "macenko"},
-             "augmented": {"epochs": 1}, "cnn_lstm": {"epochs": 1}}
+             "augmented": {"epochs": 1, "mpp": 0.5}, "cnn_lstm": {"epochs": 1}}
 
 
 def _train_tiny_store(folder: Path) -> dict[str, str]:

@@ -137,7 +137,8 @@ def test_explain_returns_the_training_gradcam_overlay(classifier, test_images):
     from histoflow.data.images import resize_and_scale
     from histoflow.data.stain import StainNormalizer
     from histoflow.modeling.architectures import gradcam_layer
-    from histoflow.modeling.explain import GradCam, overlay
+    from histoflow.modeling.explain import GradCam
+    from histoflow.modeling.overlay import overlay
 
     model_uri, _ = classifier
     pyfunc = mlflow.pyfunc.load_model(model_uri)

@@ -33,9 +33,13 @@ def test_a_training_run_reads_the_data_steps_split_table(tracking_uri, tmp_path)
     # Images added after the data step: a run that discovered again would see (and hash) them.
     shutil.copytree(IDC / idc_patient_dirs(13)[-1].name, folder / "new-patient")
 
-    run_id = training_run.run(make_train_config("baseline", **data, **TINY, split_table=table, experiment="handover"))
+    # The images' resolution describes them without choosing or splitting them: the table serves it too.
+    run_id = training_run.run(make_train_config("baseline", **data, **TINY, split_table=table, experiment="handover",
+                                                mpp=4.0))
     run, made = mlflow.get_run(run_id), mlflow.get_run(data_run)
     assert run.data.params["split_table"] == table
+    # The field of view: 4 um/px x the median side of the training patches (50x50; a few border patches smaller).
+    assert float(run.data.params["field_um"]) == 200.0 and "field_um" not in made.data.params
     assert run.data.tags["dataset.digest"] == made.data.tags["dataset.digest"]
     mine, theirs = (pd.read_csv(mlflow.artifacts.download_artifacts(run_id=r, artifact_path=step.SPLIT_TABLE))
                     for r in (run_id, data_run))

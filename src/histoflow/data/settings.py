@@ -41,6 +41,9 @@ class DataConfig:
                                        "calibration, selection")
     test_fraction: float = setting(0.2, "share of the images (by patient) held out for the reported test metrics")
     seed: int = setting(42, "seed of the split, the subset, and of Python, NumPy and TensorFlow")
+    mpp: float = setting(0.0, "micrometres per pixel of the images as stored (e.g. 0.25 for a 40x scan; 0: not "
+                              "known). Recorded with the model: predict-slide cuts slides to the training images' "
+                              "field of view")
 
     def data_config(self) -> DataConfig:
         """The data settings alone (of a subclass's settings, e.g. a training run's)."""
@@ -56,6 +59,7 @@ class DataConfig:
             (0.0 < self.val_fraction < 0.5 and 0.0 < self.test_fraction < 0.5,
              "val_fraction and test_fraction must be in (0, 0.5)"),
             (bool(str(self.data_dir).strip()), "data_dir must be a folder"),
+            (self.mpp >= 0.0, f"mpp must be >= 0 (0: not known); got {self.mpp}"),
         ]
         require(checks)
 

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 from histoflow import tracking
 from histoflow.artifacts import SPLIT_TABLE
@@ -25,6 +27,9 @@ from histoflow.data.splits import LEAKY_MODES, SPLITS, check_split, split_datase
 from histoflow.errors import ConfigError, DataError
 
 DATA_REPORT = "data/data_report.json"
+# Settings that describe the images without choosing or splitting them: a split table serves any value.
+UNSPLIT_SETTINGS = frozenset({"mpp"})
+FIELD_SAMPLE = 2000  # training images whose size gives the field of view (headers only)
 TABLE_COLUMNS = ["relpath", "label", "class_name", "patient", "group", "subtype", "magnification", "split"]
 
 
@@ -82,7 +87,8 @@ def read_split_table(uri: str, settings: DataConfig) -> PreparedData:
                         f"{', '.join(missing) or 'the settings in data_report.json'}): run the data step again")
     made_with = DataConfig(**report["settings"])
     differ = [f"{f.name}={getattr(made_with, f.name)!r} (here {getattr(settings, f.name)!r})"
-              for f in fields(DataConfig) if getattr(made_with, f.name) != getattr(settings, f.name)]
+              for f in fields(DataConfig)
+              if f.name not in UNSPLIT_SETTINGS and getattr(made_with, f.name) != getattr(settings, f.name)]
     if differ:
         raise ConfigError(f"split_table {uri} was made with {', '.join(differ)}: give this step the data "
                           "settings of the data step that made it")
@@ -113,8 +119,27 @@ def log_data(prepared: PreparedData) -> dict:
     tracking.log_dataset(dataset.name, dataset.digest, str(dataset.root), prepared.frame[TABLE_COLUMNS],
                          SPLIT_TABLE)
     report = prepared.report()
+    if prepared.settings.mpp > 0:
+        report["field_um"] = field_of_view_um(prepared.rows("train")["path"].tolist(), prepared.settings.mpp,
+                                              prepared.settings.seed)
+        tracking.log_new_params({"field_um": round(report["field_um"], 3)})
     tracking.log_json(report, DATA_REPORT)
     return report
+
+
+def field_of_view_um(paths: list[str], mpp: float, seed: int = 0) -> float:
+    """The side, in micrometres, of a typical training image taken as a square: mpp x the median of
+    sqrt(width x height). The model squashes every image to its square input, so a slide's tile of this side
+    shows it what a training image did (for non-square images, the same area). From the headers of at most
+    FIELD_SAMPLE images."""
+    if not paths:
+        raise DataError("no training images to measure the field of view of")
+    sample = pd.Series(paths).sample(min(len(paths), FIELD_SAMPLE), random_state=seed)
+    sides = []
+    for path in sample:
+        with Image.open(path) as image:
+            sides.append((image.width * image.height) ** 0.5)
+    return float(mpp * np.median(sides))
 
 
 def run(config: DataStepConfig) -> str:

@@ -6,12 +6,8 @@ One implementation for the training run's figure and the scoring endpoint's `exp
 from __future__ import annotations
 
 import keras
-import matplotlib
 import numpy as np
 import tensorflow as tf
-
-OVERLAY_ALPHA = 0.45
-OVERLAY_COLORMAP = "jet"
 
 
 class GradCam:
@@ -36,13 +32,6 @@ class GradCam:
         """(n, h, w) heatmaps in [0, 1] at the input resolution, each for its image's class index."""
         return self._heatmaps(tf.convert_to_tensor(images, tf.float32),
                               tf.convert_to_tensor(np.asarray(classes, dtype=np.int32))).numpy()
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
-    """The heatmap in colour over the image (float in [0, 1], (h, w, 3)) -> RGB uint8."""
-    colours = matplotlib.colormaps[OVERLAY_COLORMAP](np.clip(heatmap, 0.0, 1.0))[..., :3]
-    blended = (1.0 - OVERLAY_ALPHA) * np.asarray(image, dtype=np.float64) + OVERLAY_ALPHA * colours
-    return np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
 
 
 def pick_examples(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:

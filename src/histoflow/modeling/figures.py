@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 from sklearn.calibration import CalibrationDisplay  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
-from histoflow.modeling.explain import overlay  # noqa: E402
+from histoflow.modeling.overlay import overlay  # noqa: E402
 
 
 def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str) -> plt.Figure:

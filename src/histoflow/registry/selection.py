@@ -193,8 +193,15 @@ def classifier_uri(run, runtime: str = DEFAULT_RUNTIME) -> str:
                               example, calibration=run_calibration(run), stain_references=[run_stain_reference(run)],
                               tta=run.data.params.get("tta", "none"), screenings=[run_screening(run)],
                               metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", "")},
-                              runtime=runtime)
+                              runtime=runtime, input_mpp=run_input_mpp(run))
     return info.model_uri
+
+
+def run_input_mpp(run) -> float:
+    """Micrometres per pixel of the network's input: the training images' field of view (the data setting mpp
+    makes the run log it as field_um) over the input size; 0 when the run's data had no mpp."""
+    params = run.data.params
+    return float(params["field_um"]) / int(params["image_size"]) if "field_um" in params else 0.0
 
 
 def _classes_and_example(run) -> tuple[list[str], str]:
@@ -226,7 +233,7 @@ def _log_ensemble(run, runtime: str) -> str:
                               screenings=[run_screening(r) for r in fold_runs],
                               metadata={"source_run_id": run.info.run_id, "variant": run.data.tags.get("variant", ""),
                                         "fold_run_ids": [r.info.run_id for r in fold_runs]},
-                              runtime=runtime)
+                              runtime=runtime, input_mpp=run_input_mpp(fold_runs[0]))
     mlflow.MlflowClient().set_tag(run.info.run_id, "cv.ensemble_model", info.model_uri)
     return info.model_uri
 

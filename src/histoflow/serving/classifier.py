@@ -117,6 +117,7 @@ class ImageClassifier(PythonModel):
         config = context.model_config or {}
         self.class_names: list[str] = list(config["class_names"])
         self.image_size = int(config["image_size"])
+        self.input_mpp = float(config.get("input_mpp", 0.0))  # micrometres per input pixel; 0: not recorded
         self.calibration = Calibration(**config.get("calibration", {}))
         self.tta = config.get("tta", "none")
         # Models logged before ensembles: one network under "keras_model", its temperature in the calibration.

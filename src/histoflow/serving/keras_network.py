@@ -54,7 +54,7 @@ class KerasNetwork:
 def overlays(groups: list[tuple[np.ndarray, list[KerasNetwork]]], classes: np.ndarray) -> list[np.ndarray]:
     """Each image's Grad-CAM of its class, averaged over every group's networks (each on its group's batch:
     its stain reference), in colour over the image as the first group's networks saw it (RGB uint8)."""
-    from histoflow.modeling.explain import overlay
+    from histoflow.modeling.overlay import overlay
 
     heatmaps = np.mean([network.gradcam(batch, classes) for batch, networks in groups for network in networks], axis=0)
     return [overlay(image, heatmap) for image, heatmap in zip(groups[0][0], heatmaps, strict=True)]

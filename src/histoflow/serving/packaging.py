@@ -45,7 +45,8 @@ def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_
                    example_image: str | Path, *, calibration: Calibration | None = None,
                    member_temperatures: list[float] | None = None, stain_references: list[dict] | None = None,
                    tta: str = "none", screenings: list[str | Path | None] | None = None,
-                   metadata: dict | None = None, name: str = CLASSIFIER_ARTIFACT, runtime: str = DEFAULT_RUNTIME):
+                   metadata: dict | None = None, name: str = CLASSIFIER_ARTIFACT, runtime: str = DEFAULT_RUNTIME,
+                   input_mpp: float = 0.0):
     """Log the serving pyfunc into the active run; returns MLflow's ModelInfo.
 
     One network (a training run's): its temperature and threshold are `calibration`'s (default: temperature 1,
@@ -56,6 +57,8 @@ def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_
     `runtime`: onnx exports each network's ONNX graph (checked against Keras) and serves those without TensorFlow;
     when one does not convert, the model is logged for tensorflow, with a warning and the run tag
     histoflow.serving.onnx_failure. The run's tag histoflow.serving.runtime says which it got.
+    `input_mpp`: micrometres of tissue per pixel of the network's input (0: not known), the resolution
+    predict-slide cuts slides at.
     """
     import mlflow
 
@@ -89,7 +92,7 @@ def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_
                           "calibration": calibration.to_dict(),
                           "members": [{"temperature": t, "stain": ref}
                                       for t, ref in zip(temperatures, stains, strict=True)],
-                          "tta": tta, "runtime": runtime},
+                          "tta": tta, "runtime": runtime, "input_mpp": float(input_mpp)},
             code_paths=[served_code(Path(histoflow.__file__).parent, Path(tmp) / "code")],
             signature=signature(tta),
             input_example=example,
@@ -97,7 +100,7 @@ def log_classifier(keras_paths: list[str | Path], class_names: list[str], image_
                                                  tensorflow=runtime == "tensorflow"),
             tags={RUNTIME_TAG: runtime},
             metadata={"class_names": list(class_names), "image_size": int(image_size), **calibration.to_dict(),
-                      "members": len(keras_paths), "tta": tta, "runtime": runtime,
+                      "members": len(keras_paths), "tta": tta, "runtime": runtime, "input_mpp": float(input_mpp),
                       "stain_norm": sorted({ref.get("method", "none") for ref in stains}),
                       "input": f"base64 image files (PNG, JPEG, TIFF, BMP), column {INPUT_COLUMN!r}, at most "
                                f"{MAX_IMAGES_PER_REQUEST} and {MAX_REQUEST_CHARS:,} base64 characters per request, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from histoflow.config import setting
@@ -56,8 +57,8 @@ class SlideConfig:
     output_dir: str = setting("outputs/slides", "where each slide's tiles.csv, heatmap.png, tiles.geojson, "
                                                 "top_tiles.png and summary.json are written (a folder per slide)")
     tile_px: int = setting(0, "tile side in pixels at mpp (0: the model's input size)")
-    mpp: float = setting(0.0, "the tiles' resolution in micrometres per pixel: the model's training resolution "
-                              "(0: the slide's own level 0)")
+    mpp: float = setting(0.0, "the tiles' resolution in micrometres per pixel (0: the model's training resolution, "
+                              "recorded when it was trained with the data setting mpp; else the slide's level 0)")
     slide_mpp: float = setting(0.0, "the slides' level-0 resolution in micrometres per pixel, for slides whose "
                                     "files do not record it (0: from the file)")
     overlap: float = setting(0.0, "overlap of neighbouring tiles, as a share of a tile (0 to <1)")
@@ -96,11 +97,15 @@ class AppConfig:
                                    "the container, Cloud Run)")
     host: str = setting("127.0.0.1", "the address the page listens on (0.0.0.0 in a container)")
     port: int = setting(7860, "the page's port")
+    slide_dir: str = setting("", "a folder of whole-slide images the page offers to open (read on the server; "
+                                 "none: uploaded slides only)")
 
     def validate(self) -> None:
         if not self.model_uri and not self.scoring_url:
             raise ConfigError("give model_uri (a registered model) or scoring_url (a scoring server)")
         if self.scoring_url and not self.scoring_url.startswith(("http://", "https://")):
             raise ConfigError(f"scoring_url must be an http(s) URL; got {self.scoring_url!r}")
+        if self.slide_dir and not os.path.isdir(self.slide_dir):
+            raise ConfigError(f"slide_dir must be a folder; got {self.slide_dir!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535; got {self.port}")

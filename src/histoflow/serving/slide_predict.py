@@ -10,6 +10,10 @@ For each slide, a folder `<output_dir>/<slide name>/` with:
 - summary.json: tissue area (mm²), tiles scored and flagged, the positive tiles' share and area (mm²), the slide's
   call and the rule that made it.
 
+Tiles: `tile_px` pixels (default: the model's input size) at `mpp` micrometres per pixel (default: the model's
+input resolution, the training images' field of view over the input size, recorded when training had the data
+setting mpp; a model without one: the slide's level 0, with a warning); summary.json says which.
+
 The slide's call: the positive class when at least `positive_share` of its scored (not flagged) tiles, and at
 least 2, are called positive by the model at its threshold; else the other class; `indeterminate` when no tile
 could be scored (no tissue, or all flagged). A folder of slides: every slide, a slide that cannot be read reported
@@ -22,6 +26,7 @@ the patient-level accuracy of the same rule as evaluation (the mean of a patient
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -36,6 +41,7 @@ from histoflow.modeling.screening import INDETERMINATE
 from histoflow.serving.settings import SlideConfig
 from histoflow.serving.slide_scoring import score_slide
 
+log = logging.getLogger(__name__)
 MIN_POSITIVE_TILES = 2
 TOP_TILES = 8
 
@@ -138,13 +144,25 @@ def top_tiles(slide: Slide, tiles: pd.DataFrame, tile_px: int, path: Path) -> No
     plt.close(figure)
 
 
+def tile_resolution(given: float, model_mpp: float, slide_mpp: float) -> tuple[float, str]:
+    """The tiles' micrometres per pixel and where it came from: mpp as given, else the model's training
+    resolution, else (a model trained without the data's mpp) the slide's level 0, with a warning."""
+    if given:
+        return given, "mpp"
+    if model_mpp:
+        return model_mpp, "model"
+    log.warning("the model records no training resolution (train it with the data setting mpp): tiles are cut "
+                "at the slide's level 0 (%.3g um/px); give mpp to choose", slide_mpp)
+    return slide_mpp, "slide level 0"
+
+
 def predict_slide(path: Path, model, config: SlideConfig, out: Path) -> dict:
     """Score one slide into its output folder; its summary."""
     slide = open_slide(path, config.slide_mpp or None)
     with slide:
         served = model.unwrap_python_model()
         tile_px = config.tile_px or int(served.image_size)
-        mpp = config.mpp or slide.mpp
+        mpp, mpp_source = tile_resolution(config.mpp, served.input_mpp, slide.mpp)
         thumbnail, mask, downsample = thumbnail_and_mask(slide)
         tiles = score_slide(slide, model, tile_px, mpp, config.overlap, config.min_tissue, config.batch,
                             mask=(mask, downsample))
@@ -161,8 +179,9 @@ def predict_slide(path: Path, model, config: SlideConfig, out: Path) -> dict:
         positive = scored & (tiles["model_label"] == classes[-1])
         tile_area = float((tiles["size"].astype(float) ** 2).mean()) * mm2_per_pixel if len(tiles) else 0.0
         summary = {"slide": str(path), "width": slide.width, "height": slide.height, "slide_mpp": slide.mpp,
-                   "tile_px": tile_px, "tile_mpp": mpp, "tissue_area_mm2": float(mask.sum()) * downsample ** 2
-                   * mm2_per_pixel, "tiles": int(len(tiles)), "tiles_scored": int(scored.sum()),
+                   "tile_px": tile_px, "tile_mpp": mpp, "tile_mpp_source": mpp_source,
+                   "tissue_area_mm2": float(mask.sum()) * downsample ** 2 * mm2_per_pixel,
+                   "tiles": int(len(tiles)), "tiles_scored": int(scored.sum()),
                    "flagged_share": float(1 - scored.mean()) if len(tiles) else float("nan"),
                    "positive_tiles": int(positive.sum()), "positive_share": share,
                    "positive_area_mm2": float(positive.sum()) * tile_area * (1 - config.overlap) ** 2,
