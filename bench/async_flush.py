@@ -19,6 +19,10 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import absolute, temporary_store  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, tempfile, time
@@ -29,7 +33,9 @@ from histoflow.cli import collect_garbage_less
 collect_garbage_less()
 from histoflow.modeling import training_run
 from histoflow.modeling.variants import make_train_config
-os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
+store = tempfile.mkdtemp(prefix=f"{mode}-", dir=os.getcwd())  # a new store per mode, in the bench's folder
+os.chdir(store)
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
 config = make_train_config("baseline", data_dir=data_dir, max_images=60, epochs=2, image_size=32, batch_size=16,
                            gradcam_per_class=0, bootstrap=200, experiment="flush", checkpoint_dir="none")
 timed = []
@@ -47,12 +53,14 @@ def main() -> None:
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    data_dir = absolute(args.data_dir)
+    temporary_store("histoflow-bench-flush-")  # the children's working directory: their stores and artifacts
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
     env.pop("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", None)
     medians = {}
     print(f"{'logging':<10} {'buffer s':>8} {'wall s':>7} {'CPU s':>6}")
     for mode in ("mlflow", "histoflow"):
-        out = subprocess.run([sys.executable, "-c", CHILD, mode, args.data_dir, str(args.repeats)], env=env,
+        out = subprocess.run([sys.executable, "-c", CHILD, mode, data_dir, str(args.repeats)], env=env,
                              capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         wall, cpu = (statistics.median(x) for x in zip(*result["runs"], strict=True))

@@ -20,6 +20,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import absolute  # noqa: E402
 
 CHILD = r"""
 import gc, json, resource, sys, time
@@ -49,9 +53,10 @@ print(json.dumps({"cpu": after.ru_utime + after.ru_stime - before.ru_utime - bef
 
 
 def _run(threshold: str, variant: str, data_dir: str, store: str) -> dict:
+    """One child run, in the store's folder: MLflow puts a sqlite store's artifacts under ./mlruns."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     out = subprocess.run([sys.executable, "-c", CHILD, threshold, variant, data_dir, store], capture_output=True,
-                         text=True, env=env, check=True)
+                         text=True, env=env, check=True, cwd=store)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -63,16 +68,17 @@ def main() -> None:
     parser.add_argument("--variants", default="baseline,transfer")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    data_dir = absolute(args.data_dir)
     print("| variant | threshold | run CPU s | collector s | peak RSS MiB |")
     print("|---|---|---:|---:|---:|")
     ratios = []
     with tempfile.TemporaryDirectory() as store:
-        _run("default", "baseline", args.data_dir, store)  # the store's tables and the image cache, once
+        _run("default", "baseline", data_dir, store)  # the store's tables and the image cache, once
         for variant in args.variants.split(","):
             rows: dict[str, list[dict]] = {"default": [], str(GC_THRESHOLD): []}
             for _ in range(args.repeats):
                 for threshold in rows:
-                    rows[threshold].append(_run(threshold, variant, args.data_dir, store))
+                    rows[threshold].append(_run(threshold, variant, data_dir, store))
             medians = {t: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for t, runs in rows.items()}
             for threshold, m in medians.items():
                 label = "Python's 700" if threshold == "default" else f"histoflow's {threshold}"

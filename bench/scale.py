@@ -25,6 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import absolute  # noqa: E402
+
 IDC_MATCH = "_idx5_"
 EXTRACT = """
 import sys
@@ -81,22 +84,24 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     commands = args.commands.split(",")
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="histoflow-scale-"))
+    data_dir, weights = Path(absolute(args.data_dir)), absolute(args.transfer_weights)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="histoflow-scale-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)  # the commands' working directory: MLflow puts a sqlite store's artifacts under ./mlruns
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     size_args = ["--image_size", str(args.image_size), "--epochs", "1", "--gradcam_per_class", "1",
                  "--bootstrap", "0", "--image_cache", str(work / "images")]
     rows = []
     for n in sizes:
-        folder = synthetic_idc(Path(args.data_dir), work / f"idc-{n}", n)
+        folder = synthetic_idc(data_dir, work / f"idc-{n}", n)
         plan = {
             "train-baseline": histoflow("train", "--variant", "baseline", "--data_dir", str(folder), *size_args,
                                         "--experiment", f"scale-{n}"),
             "train-transfer": histoflow("train", "--variant", "transfer", "--data_dir", str(folder), *size_args,
-                                        "--unfrozen_blocks", "0", "--weights", args.transfer_weights,
+                                        "--unfrozen_blocks", "0", "--weights", weights,
                                         "--experiment", f"scale-{n}"),
             "tune-features": [sys.executable, "-c", EXTRACT, str(folder), str(args.image_size),
-                              args.transfer_weights, str(work / f"features-{n}")],
+                              weights, str(work / f"features-{n}")],
             "predict": histoflow("predict", "--data_dir", str(folder), "--model_uri", "models:/scale@challenger",
                                  "--output_dir", str(work / f"predictions-{n}")),
         }

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +40,9 @@ from histoflow.modeling.inference import feature_model  # noqa: E402
 from histoflow.modeling.screening import fit_screening  # noqa: E402
 from histoflow.serving.packaging import log_classifier  # noqa: E402
 from histoflow.serving.requests import encode_file  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import absolute, temporary_store  # noqa: E402
 
 SIZE = 128
 MEMBERS = 5
@@ -107,10 +110,10 @@ def main() -> None:
     parser.add_argument("--data_dir", default="../shared/data/idc")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="histoflow-bench-options-"))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    data_dir = absolute(args.data_dir)
+    tmp = temporary_store("histoflow-bench-options-")
     mlflow.set_experiment("bench-serve-options")
-    images = sorted(str(p) for p in Path(args.data_dir).rglob("*.png"))[:16]
+    images = sorted(str(p) for p in Path(data_dir).rglob("*.png"))[:16]
     requests = {1: pd.DataFrame({"image": [encode_file(images[0])]}),
                 16: pd.DataFrame({"image": [encode_file(p) for p in images]})}
     stain = fit_reference("macenko", images, seed=0)

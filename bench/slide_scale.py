@@ -4,10 +4,12 @@ with a served model; against the same tiles scored as a folder of images (`predi
 decoded again) in the same run.
 
 Reported: the slide's size, tissue tiles, seconds and tiles/s of each way, and the peak RSS of the process that
-scores the slide (VmHWM, read in a child process that does only that), against a small slide with the same
-islands: memory and time follow the tissue, not the slide.
+scores the slide (VmHWM, read in a child process that does only that; also its VmHWM once the model is loaded,
+before the slide is opened), against a small slide with the same islands: memory and time follow the tissue, not
+the slide. A third slide has only level 0 (no pyramid, as some exports and scanners write): its tissue mask must
+not read that level whole.
 
-    python bench/slide_scale.py --side 100000 --islands 4
+    python bench/slide_scale.py --side 100000 --islands 4 --flat_side 20000
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def island(patches: list[Path], rng: np.random.Generator) -> np.ndarray:
     return block
 
 
-def write_slide(path: Path, side: int, islands: dict[tuple[int, int], np.ndarray]) -> None:
-    """A pyramid (each level a quarter) written tile by tile: only the tiles over islands hold anything but white."""
+def write_slide(path: Path, side: int, islands: dict[tuple[int, int], np.ndarray], flat: bool = False) -> None:
+    """A pyramid (each level a quarter; only level 0 when flat) written tile by tile: only the tiles over islands
+    hold anything but white."""
     import tifffile
 
     def tiles(level_side: int, down: int):
@@ -66,7 +69,7 @@ def write_slide(path: Path, side: int, islands: dict[tuple[int, int], np.ndarray
 
     with tifffile.TiffWriter(path, bigtiff=True) as tiff:
         level, down = 0, 1
-        while side // down >= TILE:
+        while side // down >= TILE and not (flat and level):
             level_side = side // down
             tiff.write(tiles(level_side, down), shape=(level_side, level_side, 3), dtype=np.uint8,
                        tile=(TILE, TILE), photometric="rgb", compression="deflate",
@@ -76,17 +79,22 @@ def write_slide(path: Path, side: int, islands: dict[tuple[int, int], np.ndarray
 
 
 def score_in_child(slide: Path, model_uri: str) -> dict:
-    """Score the slide in a child process; its seconds, tiles and peak RSS."""
+    """Score the slide in a child process; its seconds, tiles, and peak RSS once the model is loaded and at the end.
+    VmHWM, not ru_maxrss: Linux carries a process's ru_maxrss across fork and exec, so a child's would be at least
+    this process's RSS when it started the child (TensorFlow and the model built: about 1 GiB)."""
     code = (
-        "import json, sys, time, resource, mlflow\n"
+        "import json, sys, time, mlflow\n"
         "from histoflow.data.slides import open_slide\n"
         "from histoflow.serving.slide_scoring import score_slide\n"
+        "def peak():\n"
+        "    return next(int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
         f"model = mlflow.pyfunc.load_model({model_uri!r})\n"
+        "loaded = peak()\n"
         "t = time.perf_counter()\n"
         f"with open_slide({str(slide)!r}) as s:\n"
         f"    tiles = score_slide(s, model, {PATCH}, {MPP}, batch=64)\n"
         "print(json.dumps({'seconds': time.perf_counter() - t, 'tiles': len(tiles), "
-        "'rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
+        "'loaded_mib': loaded, 'rss_mib': peak()}))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     import json
 
@@ -122,6 +130,7 @@ def main() -> None:
     parser.add_argument("--data_dir", default="../shared/data/idc")
     parser.add_argument("--side", type=int, default=100_000)
     parser.add_argument("--islands", type=int, default=4)
+    parser.add_argument("--flat_side", type=int, default=20_000, help="the single-level slide's side; 0: none")
     args = parser.parse_args()
     data_dir = Path(absolute(args.data_dir))
     tmp = temporary_store("histoflow-bench-slides-")
@@ -138,28 +147,30 @@ def main() -> None:
         uri = log_classifier([tmp / "baseline.keras"], ["non-IDC", "IDC"], 64, str(patches[0])).model_uri
     model_dir = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp / "model"))
     rows = []
-    for name, side in (("small", ISLAND * PATCH * (args.islands + 1) * 2), ("large", args.side)):
+    slides = [("small", ISLAND * PATCH * (args.islands + 1) * 2, False), ("large", args.side, False)]
+    for name, side, flat in slides + ([("level 0 only", args.flat_side, True)] if args.flat_side else []):
         step = side // (args.islands + 1)
         placed = {((i + 1) * step // TILE * TILE, (i + 1) * step // TILE * TILE): block
                   for i, block in enumerate(blocks)}
-        path = tmp / f"{name}.tiff"
+        path = tmp / f"{name.replace(' ', '-')}.tiff"
         began = time.perf_counter()
-        write_slide(path, side, placed)
+        write_slide(path, side, placed, flat)
         print(f"{name}: {side:,} px a side written in {time.perf_counter() - began:.0f} s "
               f"({path.stat().st_size / 2**20:.0f} MiB)", flush=True)
         slide = score_in_child(path, model_dir)
         print(f"{name}: slide {slide}", flush=True)
-        folder = score_as_folder(path, model_dir, tmp / f"{name}-tiles")
+        folder = score_as_folder(path, model_dir, tmp / f"{path.stem}-tiles")
         print(f"{name}: folder {folder}", flush=True)
         rows.append((name, side, slide, folder))
     print("\nbaseline CNN at 64 px, 50-px tiles at 4 um, islands of 20 x 20 IDC patches on white glass")
-    print("| slide | side px | tissue tiles | slide s | slide tiles/s | peak RSS MiB | folder s | folder tiles/s "
-          "| slide ÷ folder tiles/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| slide | side px | tissue tiles | slide s | slide tiles/s | model loaded MiB | peak RSS MiB | folder s "
+          "| folder tiles/s | slide ÷ folder tiles/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, side, slide, folder in rows:
         ours, theirs = slide["tiles"] / slide["seconds"], folder["tiles"] / folder["seconds"]
         print(f"| {name} | {side:,} | {slide['tiles']:,} | {slide['seconds']:.1f} | {ours:.0f} | "
-              f"{slide['rss_mib']:.0f} | {folder['seconds']:.1f} | {theirs:.0f} | {ours / theirs:.2f} |")
+              f"{slide['loaded_mib']:.0f} | {slide['rss_mib']:.0f} | {folder['seconds']:.1f} | {theirs:.0f} | "
+              f"{ours / theirs:.2f} |")
 
 
 if __name__ == "__main__":

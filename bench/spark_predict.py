@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +27,9 @@ from histoflow.modeling.architectures import build_baseline  # noqa: E402
 from histoflow.serving.batch_predict import batch_predict  # noqa: E402
 from histoflow.serving.packaging import log_classifier  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import absolute, temporary_store  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,10 +37,10 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--master", default="local[2]")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="histoflow-bench-spark-"))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    data_dir = absolute(args.data_dir)
+    tmp = temporary_store("histoflow-bench-spark-")  # Spark's own files (spark-warehouse, ...) land there too
     mlflow.set_experiment("bench-spark-predict")
-    dataset = discover(args.data_dir)
+    dataset = discover(data_dir)
     path = tmp / "baseline.keras"
     build_baseline(args.image_size).save(path)
     with mlflow.start_run():
@@ -45,7 +48,7 @@ def main() -> None:
     rows = []
     for engine in ("local", "spark"):
         start = time.perf_counter()
-        scored = batch_predict(uri, args.data_dir, str(tmp / engine), engine=engine, spark_master=args.master)
+        scored = batch_predict(uri, data_dir, str(tmp / engine), engine=engine, spark_master=args.master)
         seconds = time.perf_counter() - start
         rows.append((engine, len(scored), seconds))
         print(f"{engine}: {len(scored)} images in {seconds:.1f} s", flush=True)

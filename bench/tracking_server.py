@@ -24,7 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serve_memory import free_port, rss_mib, tree
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_latency import descendants, free_port  # noqa: E402
+from serve_memory import rss_mib  # noqa: E402
 
 SETTINGS = {"MLflow's default": {}, "job execution off": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}}
 
@@ -32,7 +34,7 @@ SETTINGS = {"MLflow's default": {}, "job execution off": {"MLFLOW_SERVER_ENABLE_
 def cpu_seconds(pid: int) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
-    for p in tree(pid):
+    for p in descendants(pid):
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
@@ -62,7 +64,7 @@ def measure(env: dict, settle: float) -> tuple[float, int, float, float]:
                 time.sleep(0.2)
         up = time.perf_counter() - started
         time.sleep(settle)
-        return up, len(tree(process.pid)), cpu_seconds(process.pid), rss_mib(process.pid)
+        return up, len(descendants(process.pid)), cpu_seconds(process.pid), rss_mib(process.pid)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,6 +29,9 @@ from histoflow.data.step import prepare_data  # noqa: E402
 from histoflow.modeling import training_run  # noqa: E402
 from histoflow.modeling.fitting import EpochMetrics, fit, set_seeds  # noqa: E402
 from histoflow.modeling.variants import make_train_config  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import absolute, temporary_store  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -66,15 +70,15 @@ def main() -> None:
     parser.add_argument("--variants", default="baseline,augmented,densenet,transfer")
     parser.add_argument("--transfer_weights", default="imagenet")
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="histoflow-bench-")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    data_dir, transfer_weights = absolute(args.data_dir), absolute(args.transfer_weights)
+    temporary_store("histoflow-bench-train-")
     mlflow.set_experiment("bench-train-throughput")
     rows = []
     for variant in args.variants.split(","):
         extra = {"weights": "none"} if variant == "densenet" else {}
         if variant == "transfer":
-            extra = {"weights": args.transfer_weights}
-        config = make_train_config(variant, data_dir=args.data_dir, max_images=args.max_images,
+            extra = {"weights": transfer_weights}
+        config = make_train_config(variant, data_dir=data_dir, max_images=args.max_images,
                                    image_size=args.image_size, batch_size=32, **extra)
         prepared = prepare_data(config)
         datasets = training_run.datasets(config, prepared)

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -40,6 +41,9 @@ from histoflow.modeling import training_run  # noqa: E402
 from histoflow.modeling.fitting import EpochMetrics, fit, set_seeds  # noqa: E402
 from histoflow.tuning import study as tuning  # noqa: E402
 from histoflow.tuning.settings import TuneConfig, make_tune_config  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_store import absolute, temporary_store  # noqa: E402
 
 METRIC = "val_auc"
 
@@ -96,12 +100,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
 
-    tmp = tempfile.mkdtemp(prefix="tune-speed-")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    data_dir, weights = absolute(args.data_dir), absolute(args.weights)
+    tmp = temporary_store("tune-speed-")
     mlflow.set_experiment("tune-speed")
     config = make_tune_config(
-        "transfer", data_dir=args.data_dir, max_images=args.max_images, image_size=args.image_size,
-        backbone=args.backbone, alpha=args.alpha, weights=args.weights, augment="none", seed=args.seed,
+        "transfer", data_dir=data_dir, max_images=args.max_images, image_size=args.image_size,
+        backbone=args.backbone, alpha=args.alpha, weights=weights, augment="none", seed=args.seed,
         trial_epochs=args.trial_epochs, cache_dir=f"{tmp}/cache")
     prepared = prepare_data(config.train)
     dataset, frame = prepared.dataset, prepared.frame
@@ -113,7 +117,7 @@ def main() -> None:
     rows = []
     with mlflow.start_run(run_name="cached"):
         start = time.monotonic()
-        features = tuning.study_features(config, prepared)
+        features = tuning.study_features(config, tuning.study_parts(config, prepared))  # [prepared]: folds=1
         setup = time.monotonic() - start
         cached = study(args.seed)
         cached.optimize(tuning.objective(config, features, "bench-cached"), timeout=max(1.0, args.budget - setup))

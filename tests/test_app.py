@@ -381,8 +381,12 @@ def test_a_slide_scored_for_the_page_is_predict_slide_s_with_the_top_tiles_expla
 
     model_dir, _ = classifier
     model = mlflow.pyfunc.load_model(model_dir)
-    results = score_slide_file(slide_folder / "idc-mosaic.tiff", model, model_scorer(model))
+    batches = []  # the page's progress bar: told after every batch
+    results = score_slide_file(slide_folder / "idc-mosaic.tiff", model, model_scorer(model),
+                               on_batch=lambda done, total: batches.append((done, total)))
     tiles = pd.read_csv(results.files[0])
+    total = -(-len(tiles) // 64)
+    assert batches == [(done, total) for done in range(1, total + 1)]
     assert results.summary["tiles"] == len(tiles) > TOP_TILES and results.summary["tile_px"] == 32  # the model's size
     assert [f.name for f in results.files] == ["tiles.csv", "tiles.geojson", "summary.json", "heatmap.png"]
     assert Image.open(results.heatmap).size[0] > 500
@@ -451,8 +455,8 @@ def test_a_slide_from_the_server_s_folder_on_the_page(slide_page, browser, class
     expected = score_slide_file(slide_folder / "idc-mosaic.tiff", model, model_scorer(model))
     _open_slide_tab(browser, slide_page)
     browser.find_element(By.CSS_SELECTOR, "#slide-choice input").click()
-    options = WebDriverWait(browser, 30).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, "#slide-choice [role=option]"))
+    options = WebDriverWait(browser, 30).until(lambda d: [o for o in d.find_elements(
+        By.CSS_SELECTOR, "#slide-choice [role=option]") if o.is_displayed() and o.text])
     assert [o.text for o in options] == [str(slide_folder / "idc-mosaic.tiff")]
     options[0].click()
     text = _score_slide(browser)
@@ -461,16 +465,22 @@ def test_a_slide_from_the_server_s_folder_on_the_page(slide_page, browser, class
     assert f"{summary['positive_tiles']} of {summary['tiles_scored']} scored tiles positive" in text
     assert f"Tissue {summary['tissue_area_mm2']:.2f} mm²" in text and "(slide level 0)" in text
     WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#slide-top img")) == TOP_TILES)
-    heat = browser.find_element(By.CSS_SELECTOR, "#slide-heatmap img")
-    assert browser.execute_script("return arguments[0].complete && [arguments[0].naturalWidth, "
-                                  "arguments[0].naturalHeight]", heat) == list(Image.open(expected.heatmap).size)
     captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#slide-top .caption-label")]
     assert captions == [text for _, text in expected.top]
     links = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#slide-download a[href]"))
-    geojson = next(requests.get(a.get_attribute("href"), timeout=30).json() for a in links
-                   if "geojson" in a.get_attribute("href"))
-    tiles = [f for f in geojson["features"] if f["properties"]["objectType"] == "tile"]
-    assert len(tiles) == summary["tiles"] and len(links) == 4
+    downloads = {a.get_attribute("href").rsplit("/", 1)[-1]: requests.get(a.get_attribute("href"), timeout=30)
+                 for a in links}
+    assert sorted(downloads) == sorted(path.name for path in expected.files)
+    tiles = pd.read_csv(io.StringIO(downloads["tiles.csv"].text))
+    pd.testing.assert_frame_equal(tiles, pd.read_csv(expected.files[0]), check_exact=False, atol=1e-6)
+    geojson = [f for f in downloads["tiles.geojson"].json()["features"] if f["properties"]["objectType"] == "tile"]
+    assert len(geojson) == summary["tiles"]
+    # The page shows the heat map it offers for download (matplotlib's tight box may differ by a pixel or two of
+    # text between processes, so the shown image is compared with the server's own file, not this process's).
+    heat = browser.find_element(By.CSS_SELECTOR, "#slide-heatmap img")
+    shown = browser.execute_script("return arguments[0].complete && [arguments[0].naturalWidth, "
+                                   "arguments[0].naturalHeight]", heat)
+    assert shown == list(Image.open(io.BytesIO(downloads["heatmap.png"].content)).size)
     save_page(browser, screenshots / "app-slide.png")
 
 

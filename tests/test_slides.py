@@ -1,11 +1,13 @@
 """Whole-slide images (histoflow.data.slides) on real tissue: pyramidal tiled TIFFs written with tifffile from the
 IDC patches of two patients, each patch at its file-name position on white glass (as the patches were cut from
-their slides), read back through OpenSlide."""
+their slides), read back through OpenSlide; the same mosaic as an Aperio SVS, a single-level TIFF, and a full-size
+BreaKHis image as a small slide."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +15,20 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import IDC
+from conftest import BREAKHIS, IDC
+from histoflow.data import slides as slides_module
 from histoflow.data.images import read_image
 from histoflow.data.quality import tissue_fraction
-from histoflow.data.slides import open_slide, read_tile, read_tiles, tile_grid, tissue_mask
+from histoflow.data.slides import (
+    MASK_READ_SIDE,
+    THUMBNAIL_SIDE,
+    open_slide,
+    read_tile,
+    read_tiles,
+    thumbnail_and_mask,
+    tile_grid,
+    tissue_mask,
+)
 from histoflow.errors import DataError
 
 tifffile = pytest.importorskip("tifffile")
@@ -24,6 +36,20 @@ tifffile = pytest.importorskip("tifffile")
 PATCH = 50
 IDC_MPP = 4.0  # the IDC patches: 2.5x magnification, ~4 micrometres a pixel
 POSITION = re.compile(r"_x(\d+)_y(\d+)_class(\d)")
+# A full-size BreaKHis original (700 x 460, 200X, ductal carcinoma: tissue almost everywhere).
+BREAKHIS_ORIGINAL = (BREAKHIS / "BreaKHis_v1/histology_slides/breast/malignant/SOB/ductal_carcinoma/SOB_M_DC_14-3909"
+                     / "200X/SOB_M_DC-14-3909-200-018.png")
+# A test value, not BreaKHis's: its resolution is not in the shared data's README (200X is often quoted as about
+# 0.5 micrometres a pixel); the test only needs the slide to carry one.
+BREAKHIS_TEST_MPP = 0.5
+
+
+def shrunk(image: np.ndarray, down: int) -> np.ndarray:
+    """The image a `down`-th of its size (box filter), at least a pixel a side."""
+    if down == 1:
+        return image
+    return np.asarray(Image.fromarray(image).resize(
+        (max(1, image.shape[1] // down), max(1, image.shape[0] // down)), Image.Resampling.BOX))
 
 
 def write_pyramid(path: Path, image: np.ndarray, mpp: float | None, levels: int = 3) -> None:
@@ -31,11 +57,28 @@ def write_pyramid(path: Path, image: np.ndarray, mpp: float | None, levels: int 
     with tifffile.TiffWriter(path) as tiff:
         for level in range(levels):
             down = 4 ** level
-            pixels = image if level == 0 else np.asarray(Image.fromarray(image).resize(
-                (max(1, image.shape[1] // down), max(1, image.shape[0] // down)), Image.Resampling.BOX))
             extra = {} if mpp is None else {"resolution": (1e4 / (mpp * down),) * 2, "resolutionunit": "CENTIMETER"}
-            tiff.write(pixels, tile=(128, 128), photometric="rgb", compression="deflate",
+            tiff.write(shrunk(image, down), tile=(128, 128), photometric="rgb", compression="deflate",
                        subfiletype=0 if level == 0 else 1, **extra)
+
+
+def write_svs(path: Path, image: np.ndarray, mpp: float) -> None:
+    """An Aperio SVS as OpenSlide's Aperio driver reads it (openslide.org/formats/aperio): a tiled TIFF whose first
+    ImageDescription starts with "Aperio" and holds `|`-separated "key = value" pairs (MPP, AppMag); then a
+    stripped thumbnail, the tiled lower levels, and a stripped label named on its description's second line.
+    Deflate tiles (lossless; the driver takes any compression its libtiff has, Aperio's scanners write JPEG or
+    JPEG 2000); no TIFF resolution tags, so the MPP can only come from the description."""
+    height, width = image.shape[:2]
+    description = (f"Aperio Image Library v12.0.15 \n{width}x{height} [0,0 {width}x{height}] (128x128) Deflate"
+                   f"|AppMag = 2.5|MPP = {mpp:.4f}")
+    tiled = {"tile": (128, 128), "photometric": "rgb", "compression": "deflate", "metadata": None}
+    stripped = {"photometric": "rgb", "compression": "deflate", "metadata": None, "subfiletype": 1}
+    with tifffile.TiffWriter(path) as tiff:
+        tiff.write(image, description=description, **tiled)
+        tiff.write(shrunk(image, 8), description="Aperio Image Library v12.0.15 \nthumbnail", **stripped)
+        tiff.write(shrunk(image, 4), subfiletype=1, **tiled)
+        tiff.write(np.full((100, 120, 3), 230, np.uint8), description="Aperio Image Library v12.0.15 \nlabel 120x100",
+                   **stripped)
 
 
 def mosaic(patients: list[str]) -> tuple[np.ndarray, dict[tuple[int, int], Path]]:
@@ -67,21 +110,120 @@ def idc_slide(tmp_path_factory):
     return path, canvas, placed
 
 
+def assert_the_grid_recovers_the_patches(slide, placed: dict[tuple[int, int], Path]) -> None:
+    grid = tile_grid(slide, PATCH, IDC_MPP, min_tissue=0.25)
+    tiles = set(zip(grid["x"], grid["y"], strict=True))
+    # Every tile lies on a patch: none is read from the glass between them.
+    assert tiles and tiles <= set(placed), sorted(tiles - set(placed))[:5]
+    # Every patch that is mostly tissue is a tile.
+    stained = {xy for xy, f in placed.items() if tissue_fraction(read_image(str(f))) >= 0.5}
+    assert stained <= tiles, sorted(stained - tiles)[:5]
+    for x, y in sorted(tiles)[:10]:
+        np.testing.assert_array_equal(read_tile(slide, x, y, PATCH, PATCH), read_image(str(placed[(x, y)])))
+    batches = list(read_tiles(slide, grid, PATCH, batch=16))
+    assert sum(len(rows) for rows, _ in batches) == len(grid) and max(len(rows) for rows, _ in batches) <= 16
+
+
 def test_the_tile_grid_recovers_the_patches_pixel_for_pixel(idc_slide):
     path, canvas, placed = idc_slide
     with open_slide(path) as slide:
         assert (slide.width, slide.height, slide.mpp) == (canvas.shape[1], canvas.shape[0], IDC_MPP)
-        grid = tile_grid(slide, PATCH, IDC_MPP, min_tissue=0.25)
+        assert_the_grid_recovers_the_patches(slide, placed)
+
+
+def test_an_aperio_svs_gives_its_vendor_its_description_s_mpp_and_the_patches(idc_slide, tmp_path):
+    """The IDC mosaic written as an Aperio SVS (write_svs): OpenSlide's Aperio driver opens it, the resolution is
+    the description's MPP, and the grid recovers the patches as from the generic TIFF."""
+    _, canvas, placed = idc_slide
+    path = tmp_path / "idc-mosaic.svs"
+    write_svs(path, canvas, IDC_MPP)
+    with open_slide(path) as slide:
+        properties = slide.handle.properties
+        assert properties["openslide.vendor"] == "aperio" and properties["aperio.MPP"] == f"{IDC_MPP:.4f}"
+        assert (slide.width, slide.height, slide.mpp) == (canvas.shape[1], canvas.shape[0], IDC_MPP)
+        # The stripped pages are associated images, not levels.
+        assert slide.handle.level_count == 2 and set(slide.handle.associated_images) == {"thumbnail", "label"}
+        assert_the_grid_recovers_the_patches(slide, placed)
+
+
+def test_a_breakhis_image_as_a_small_slide_is_tissue_and_its_tiles_are_its_pixels(tmp_path):
+    """A full-size BreaKHis original (700 x 460) as a two-level pyramid at a test resolution: the slide has that
+    mpp, most of the grid is tissue, and the level-0 tiles are the image's pixels and cover it."""
+    image = read_image(str(BREAKHIS_ORIGINAL))
+    assert image.shape == (460, 700, 3)
+    path = tmp_path / "breakhis.tiff"
+    write_pyramid(path, image, BREAKHIS_TEST_MPP, levels=2)
+    with open_slide(path) as slide:
+        assert (slide.width, slide.height, slide.mpp) == (700, 460, BREAKHIS_TEST_MPP)
+        # 100-px tiles at level 0: 7 x 4 positions. Without glass, Otsu's cut falls inside the tissue (the mask
+        # covers 58 % of this image, quality.tissue_fraction finds 77 %), but a tile needs only 25 % of mask.
+        grid = tile_grid(slide, 100, BREAKHIS_TEST_MPP)
+        assert len(grid) >= 0.9 * 7 * 4
+        np.testing.assert_array_equal(read_tile(slide, 0, 0, 100, 100), image[:100, :100])
+        # Tiles of 20 px (the sides' common divisor) at any tissue: they reach both edges, and put back they are
+        # the image wherever they are.
+        side = 20
+        fine = tile_grid(slide, side, BREAKHIS_TEST_MPP, min_tissue=0.0)
+        assert (fine["x"].max() + side, fine["y"].max() + side) == (700, 460)
+        assert len(fine) >= 0.95 * (700 // side) * (460 // side)
+        for rows, tiles in read_tiles(slide, fine, side, batch=256):
+            for x, y, tile in zip(rows["x"], rows["y"], tiles, strict=True):
+                np.testing.assert_array_equal(tile, image[y:y + side, x:x + side])
+
+
+def test_a_slide_with_only_level_0_gets_its_mask_without_reading_the_level_whole(tmp_path):
+    """A 6,000-px single-level TIFF (no pyramid: the mask's level is the slide), white glass with an island of
+    IDC patches: the mask is read in regions of at most MASK_READ_SIDE + 1 pixels a side, its Python memory stays
+    far below the level's RGBA, and the island's patches are the grid."""
+    side = 6000
+    files = sorted(IDC.glob("*/1/*.png"))[:100]
+    canvas = np.full((side, side, 3), 255, np.uint8)
+    island = {}
+    for i, f in enumerate(files):  # 10 x 10 patches at (2500, 3000)
+        x, y = 2500 + (i % 10) * PATCH, 3000 + (i // 10) * PATCH
+        patch = read_image(str(f))
+        canvas[y:y + patch.shape[0], x:x + patch.shape[1]] = patch
+        island[(x, y)] = f
+    path = tmp_path / "flat.tiff"
+    write_pyramid(path, canvas, IDC_MPP, levels=1)
+    del canvas
+    with open_slide(path) as slide:
+        assert slide.handle.level_count == 1
+        reads = []
+        original = slide.handle.read_region
+        slide.handle.read_region = lambda *a: (reads.append(a[1:]), original(*a))[1]
+        tracemalloc.start()
+        try:
+            _, mask, downsample = thumbnail_and_mask(slide)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        slide.handle.read_region = original
+        assert {level for level, _ in reads} == {0}
+        assert max(max(size) for _, size in reads) <= MASK_READ_SIDE + 1
+        # OpenSlide's own buffers are not traced (a read's size is bounded above), numpy's are: a byte a level
+        # pixel at most, a quarter of the level's RGBA (the thumbnail's bytes: about 22 MiB).
+        assert peak < side * side, f"{peak / 2**20:.0f} MiB"
+        grid = tile_grid(slide, PATCH, IDC_MPP, mask=(mask, downsample))
         tiles = set(zip(grid["x"], grid["y"], strict=True))
-        # Every tile lies on a patch: none is read from the glass between them.
-        assert tiles and tiles <= set(placed), sorted(tiles - set(placed))[:5]
-        # Every patch that is mostly tissue is a tile.
-        stained = {xy for xy, f in placed.items() if tissue_fraction(read_image(str(f))) >= 0.5}
-        assert stained <= tiles, sorted(stained - tiles)[:5]
-        for x, y in sorted(tiles)[:10]:
-            np.testing.assert_array_equal(read_tile(slide, x, y, PATCH, PATCH), read_image(str(placed[(x, y)])))
-        batches = list(read_tiles(slide, grid, PATCH, batch=16))
-        assert sum(len(rows) for rows, _ in batches) == len(grid) and max(len(rows) for rows, _ in batches) <= 16
+        stained = {xy for xy, f in island.items() if tissue_fraction(read_image(str(f))) >= 0.5}
+        assert stained <= tiles <= set(island), (sorted(stained - tiles)[:5], sorted(tiles - set(island))[:5])
+
+
+def test_the_mask_is_the_same_whichever_regions_it_is_read_in(idc_slide, monkeypatch):
+    """The thumbnail read in regions of 97 pixels is the one read in regions of MASK_READ_SIDE and Pillow's
+    thumbnail (box filter) of the whole level, read at once, and so is the mask."""
+    path, _, _ = idc_slide
+    with open_slide(path) as slide:
+        thumbnail, mask, downsample = thumbnail_and_mask(slide)
+        monkeypatch.setattr(slides_module, "MASK_READ_SIDE", 97)
+        small_reads = thumbnail_and_mask(slide)
+        whole = slide.handle.read_region((0, 0), 0, (slide.width, slide.height))  # 3,200 px: the mask's level
+    whole.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BOX)
+    np.testing.assert_array_equal(thumbnail, np.asarray(whole)[..., :3])
+    np.testing.assert_array_equal(small_reads[0], thumbnail)
+    np.testing.assert_array_equal(small_reads[1], mask)
+    assert small_reads[2] == downsample
 
 
 def test_tiles_at_a_coarser_resolution_are_read_from_the_pyramid_and_resized(idc_slide):
@@ -304,3 +446,41 @@ def test_labelled_slides_give_slide_and_patient_metrics_with_intervals(classifie
     pd.DataFrame(rows).assign(label="tumour").to_csv(folder / "slides.csv", index=False)
     with pytest.raises(DataError, match="labels must be the model's classes"):
         run(dataclasses.replace(config, output_dir=str(tmp_path / "again")))
+
+
+def test_the_training_resolution_travels_from_the_data_setting_to_predict_slide(idc_slide, tiny_store, classifier,
+                                                                               tmp_path, caplog):
+    """The tiny augmented CNN was trained on BreaKHis with mpp 0.5 (a test value): its run logs the field of view of
+    its training images, its served model the resolution of its input, and predict-slide cuts tiles at that
+    resolution unless told otherwise. The baseline, trained without mpp, cuts at the slide's level 0 and warns."""
+    import mlflow
+
+    from histoflow.registry.selection import classifier_uri, run_split
+    from histoflow.serving.settings import SlideConfig
+    from histoflow.serving.slide_predict import predict_slide
+
+    _, uri, runs = tiny_store
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.get_run(runs["augmented"])
+    _, split, _ = run_split(run)
+    sides = [np.sqrt(np.prod(Image.open(p).size)) for p in split.loc[split["split"] == "train", "path"]]
+    field = 0.5 * float(np.median(sides))
+    assert float(run.data.params["field_um"]) == pytest.approx(field, abs=1e-3)
+    assert field == 0.5 * 224  # most of the shared BreaKHis images are 224x224 (resized from 700x460 originals)
+    model = mlflow.pyfunc.load_model(classifier_uri(run))
+    assert model.metadata.metadata["input_mpp"] == pytest.approx(field / 32)  # 32 px: the tiny models' input
+    path, _, _ = idc_slide
+    summary = predict_slide(path, model, SlideConfig(slides=str(path)), tmp_path / "model")
+    assert (summary["tile_px"], summary["tile_mpp_source"]) == (32, "model")
+    assert summary["tile_mpp"] == pytest.approx(field / 32)
+    with open_slide(path) as slide:
+        size = round(32 * field / 32 / IDC_MPP)  # level-0 pixels a tile: the training image's field of view
+        assert len(pd.read_csv(tmp_path / "model" / "tiles.csv")) == len(tile_grid(slide, 32, field / 32))
+        assert set(pd.read_csv(tmp_path / "model" / "tiles.csv")["size"]) == {size}
+    given = predict_slide(path, model, SlideConfig(slides=str(path), mpp=IDC_MPP), tmp_path / "given")
+    assert (given["tile_mpp"], given["tile_mpp_source"]) == (IDC_MPP, "mpp")
+    baseline = mlflow.pyfunc.load_model(classifier[0])
+    with caplog.at_level("WARNING"):
+        unknown = predict_slide(path, baseline, SlideConfig(slides=str(path)), tmp_path / "unknown")
+    assert (unknown["tile_mpp"], unknown["tile_mpp_source"]) == (IDC_MPP, "slide level 0")
+    assert "records no training resolution" in caplog.text

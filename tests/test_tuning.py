@@ -5,6 +5,7 @@ mid-trial) in tests/test_team_server.py."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import mlflow
@@ -163,6 +164,20 @@ def test_head_on_cached_vectors_is_the_full_models_head(keras_home, taps, number
     images = np.concatenate([x for x, _ in make_dataset(val["path"], val["label"], 32, 16).as_numpy_iterator()])
     np.testing.assert_allclose(_predict(head, list(features["val"].taps)), _predict(full, images), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(features["val"].labels, val["label"].to_numpy())
+
+
+def test_features_extract_under_python_s_own_garbage_collection(keras_home):
+    """The extractor model lives through the extraction when the collector runs at Python's default threshold (a
+    plain `python` process, not the `histoflow` command): the inference graph holds its model only weakly."""
+    config = make_train_config("transfer", **{**DATA, "max_images": 40})
+    prepared = prepare_data(config)
+    threshold = gc.get_threshold()
+    gc.set_threshold(700, *threshold[1:])
+    try:
+        features = _features(config, prepared)
+    finally:
+        gc.set_threshold(*threshold)
+    assert len(features["val"]) == (prepared.frame["split"] == "val").sum()
 
 
 def _features(config, prepared):

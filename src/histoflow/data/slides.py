@@ -3,7 +3,8 @@ tissue found on a low-resolution thumbnail, and the tissue cut into a grid of ti
 micrometres per pixel, read one batch at a time so that memory stays bounded whatever the slide's size.
 
 Tissue: Otsu's threshold on the HSV saturation of a low-resolution level (the pyramid's nearest to THUMBNAIL_SIDE
-pixels a side), never below
+pixels a side, shrunk to at most that, read in regions of at most MASK_READ_SIDE pixels a side so that a pyramid
+without such a level, e.g. a single-level TIFF, is never read whole), never below
 quality.TISSUE_SATURATION (glass, background and a blank slide are unsaturated: a slide without tissue gets no
 tiles, not tiles of noise), dark pixels (pen marks' black, the scanner's border) excluded as in quality.tissue_fraction.
 Pathology tools find tissue the same way (slideflow, histolab, CLAM: Otsu on saturation).
@@ -16,13 +17,13 @@ Coordinates are level-0 pixels, as QuPath and OpenSlide count them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from histoflow.data.images import resize
 from histoflow.data.quality import BLACK_LEVEL, TISSUE_SATURATION
@@ -32,6 +33,22 @@ SLIDE_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", 
 THUMBNAIL_SIDE = 2048  # the tissue mask's side: a 100,000-px slide at ~50 level-0 pixels a mask pixel
 MPP_PROPERTY = "openslide.mpp-x"
 GRID_ROWS = 256  # rows of tile positions whose tissue share is computed at once
+# Level pixels a side of each region read for the mask: 1 MiB of RGBA a read, whatever the level's size (1,024 read
+# no faster and added 10 MiB to the mask's peak).
+MASK_READ_SIDE = 512
+
+
+def _code_tables() -> tuple[np.ndarray, np.ndarray]:
+    """For every code brightest * 256 + darkest of a pixel's channels (0..255): its HSV saturation and whether it
+    is lit (brightest over BLACK_LEVEL), computed once in float32: the mask is then a count and a lookup of 2-byte
+    codes, not float copies of the whole thumbnail."""
+    brightest = np.arange(256, dtype=np.float32)[:, None] / 255.0
+    darkest = np.arange(256, dtype=np.float32)[None, :] / 255.0
+    saturation = (brightest - darkest) / np.maximum(brightest, 1e-6)
+    return saturation.ravel(), np.broadcast_to(brightest > BLACK_LEVEL, saturation.shape).ravel()
+
+
+SATURATION, LIT = _code_tables()
 
 
 @dataclass
@@ -88,9 +105,10 @@ def _metadata_mpp(handle) -> float | None:
         return None
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1]: the cut that maximises the between-class variance."""
-    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+def otsu_threshold(values: np.ndarray, bins: int = 256, weights: np.ndarray | None = None) -> float:
+    """Otsu's threshold of values in [0, 1] (each counted `weights` times when given): the cut that maximises the
+    between-class variance."""
+    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0), weights=weights)
     centres = (edges[:-1] + edges[1:]) / 2
     weight_low = np.cumsum(counts)
     weight_high = weight_low[-1] - weight_low
@@ -117,21 +135,87 @@ def thumbnail_and_mask(slide: Slide, side: int = THUMBNAIL_SIDE) -> tuple[np.nda
     first = slide.handle.get_best_level_for_downsample(max(slide.width, slide.height) / side)
     for level in range(first, slide.handle.level_count):
         try:
-            region = slide.handle.read_region((0, 0), level, slide.handle.level_dimensions[level])
-            region.thumbnail((side, side), Image.Resampling.BOX)  # a level may be up to 4x the side
-            pixels = _rgb(region)
+            pixels = _shrunk_level(slide.handle, level, side)
             break
         except openslide.OpenSlideError:
             _reopen(slide)
     else:
         raise DataError(f"{slide.path}: no level of the slide can be read to find its tissue")
-    thumbnail = pixels.astype(np.float32) / 255.0
-    brightest, darkest = thumbnail.max(axis=-1), thumbnail.min(axis=-1)
-    saturation = (brightest - darkest) / np.maximum(brightest, 1e-6)
-    lit = brightest > BLACK_LEVEL
-    cut = max(otsu_threshold(saturation[lit]), TISSUE_SATURATION) if lit.any() else 1.0
-    downsample = slide.width / thumbnail.shape[1]
-    return pixels, lit & (saturation > cut), float(downsample)
+    # A band of rows at a time: bincount copies its input as 8-byte integers.
+    bands = range(0, pixels.shape[0], GRID_ROWS)
+    counts = sum(np.bincount(_codes(pixels[top:top + GRID_ROWS]), minlength=SATURATION.size) for top in bands)
+    counts *= LIT  # the lit pixels of each code
+    cut = max(otsu_threshold(SATURATION, weights=counts), TISSUE_SATURATION) if counts.any() else 1.0
+    stained = LIT & (cut < SATURATION)
+    mask = np.concatenate([stained.take(_codes(pixels[top:top + GRID_ROWS])) for top in bands])
+    return pixels, mask.reshape(pixels.shape[:2]), float(slide.width / pixels.shape[1])
+
+
+def _codes(pixels: np.ndarray) -> np.ndarray:
+    """Each RGB pixel's code, brightest * 256 + darkest channel (the index of SATURATION and LIT), flat."""
+    codes = pixels.max(axis=-1).astype(np.uint16).ravel()
+    codes <<= 8
+    codes |= pixels.min(axis=-1).ravel()
+    return codes
+
+
+def _shrunk_level(handle, level: int, side: int) -> np.ndarray:
+    """A pyramid level as RGB uint8 at Image.thumbnail's size for `side`: the bytes of Pillow's Image.resize(BOX) of
+    the whole level, but read in regions of at most MASK_READ_SIDE + 1 pixels a side, each shrunk into its part of
+    the thumbnail. The memory is bounded by `side`, not by the level, which is the slide itself in a pyramid
+    without lower levels (a single-level 6,000-px TIFF read whole: 137 MiB of RGBA, and float copies of it)."""
+    width, height = handle.level_dimensions[level]
+    downsample = handle.level_downsamples[level]
+    out_width, out_height = _thumbnail_size(width, height, side)
+    columns, rows = _box_starts(width, out_width), _box_starts(height, out_height)
+    step_x, step_y = max(1, MASK_READ_SIDE * out_width // width), max(1, MASK_READ_SIDE * out_height // height)
+    pixels = np.empty((out_height, out_width, 3), np.uint8)
+    for top in range(0, out_height, step_y):
+        bottom = min(top + step_y, out_height)
+        y0, y1 = int(rows[top]), int(rows[bottom])
+        for left in range(0, out_width, step_x):
+            right = min(left + step_x, out_width)
+            x0, x1 = int(columns[left]), int(columns[right])
+            region = _rgb(handle.read_region((round(x0 * downsample), round(y0 * downsample)), level,
+                                             (x1 - x0, y1 - y0)))
+            across = _box_mean(region, columns[left:right + 1] - x0, axis=1)
+            pixels[top:bottom, left:right] = _box_mean(across, rows[top:bottom + 1] - y0, axis=0)
+    return pixels
+
+
+def _box_starts(size: int, out: int) -> np.ndarray:
+    """The first of `size` pixels under each of `out` box-filtered ones, then `size`. Pillow's box filter averages
+    the pixels whose centres lie in an output pixel's footprint: pixel i goes to the j with
+    2 j size < (2 i + 1) out <= 2 (j + 1) size. Computed in integers, so that a region's pixels go where they go in
+    the whole level (Pillow's floating point decides a centre exactly on an edge either way, and differently
+    at different offsets)."""
+    return (2 * np.arange(out + 1, dtype=np.int64) * size - out) // (2 * out) + 1
+
+
+def _box_mean(pixels: np.ndarray, starts: np.ndarray, axis: int) -> np.ndarray:
+    """The means of the runs [starts[j], starts[j + 1]) of uint8 pixels along `axis`, rounded in Pillow's fixed
+    point (weights 1 / n in 22 bits, half added, shifted back): Image.resize(BOX)'s bytes for the same runs."""
+    shape = [1] * pixels.ndim
+    shape[axis] = -1
+    weights = np.floor(0.5 + (1.0 / np.diff(starts)) * (1 << 22)).astype(np.uint32).reshape(shape)
+    sums = np.add.reduceat(pixels, starts[:-1], axis=axis, dtype=np.uint32)
+    sums *= weights  # at most 255 n x 2^22 / n: no overflow; in place, as the next two
+    sums += 1 << 21
+    sums >>= 22
+    return np.minimum(sums, 255, out=sums).astype(np.uint8)
+
+
+def _thumbnail_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """Image.thumbnail((side, side))'s size for a width x height image (Pillow 10-12): never enlarged, the aspect
+    ratio kept by the nearer of floor and ceil. Computed here: Pillow's needs the image in memory."""
+    if width <= side and height <= side:
+        return width, height
+    aspect = width / height
+    if aspect <= 1:
+        candidates = (math.floor(side * aspect), math.ceil(side * aspect))
+        return max(min(candidates, key=lambda n: abs(aspect - n / side)), 1), side
+    candidates = (math.floor(side / aspect), math.ceil(side / aspect))
+    return side, max(min(candidates, key=lambda n: 0 if n == 0 else abs(aspect - side / n)), 1)
 
 
 def tile_grid(slide: Slide, tile_px: int, mpp: float, overlap: float = 0.0, min_tissue: float = 0.25,
@@ -146,8 +230,12 @@ def tile_grid(slide: Slide, tile_px: int, mpp: float, overlap: float = 0.0, min_
     xs = np.arange(0, slide.width - size + 1, stride)
     ys = np.arange(0, slide.height - size + 1, stride)
     # The mask's integral image: the tissue share of every tile at once, in four lookups each (a 100,000-px slide
-    # has 4 million 50-px positions).
-    integral = np.pad(tissue.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    # has 4 million 50-px positions); summed in place in integers: one 8-byte copy of the mask, not four.
+    integral = np.zeros((tissue.shape[0] + 1, tissue.shape[1] + 1), np.int64)
+    sums = integral[1:, 1:]
+    sums[...] = tissue  # cumsum from the bool mask into this would make another 8-byte copy
+    np.cumsum(sums, axis=0, out=sums)
+    np.cumsum(sums, axis=1, out=sums)
     left, right = _mask_spans(xs, size, downsample, tissue.shape[1])
     parts = []
     for chunk in range(0, len(ys), GRID_ROWS):  # a band of rows at a time: memory bounded for any slide
@@ -188,8 +276,12 @@ def read_tile(slide: Slide, x: int, y: int, size: int, tile_px: int) -> np.ndarr
 def _rgb(region) -> np.ndarray:
     """OpenSlide's RGBA region as RGB uint8; transparent (outside the scanned area) is white, as the glass."""
     rgba = np.asarray(region, dtype=np.uint8)
-    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-    return np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if rgba[..., 3].min(initial=255) == 255:  # opaque (a scanned area): no arithmetic, one copy
+        return np.ascontiguousarray(rgba[..., :3])
+    # round(c * a / 255 + 255 * (1 - a / 255)) in integers (2 bytes a channel, not float32): never a tie, so the
+    # same value as in floats for every (c, a).
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    return (255 - ((255 - rgba[..., :3]) * alpha + 127) // 255).astype(np.uint8)
 
 
 def _reopen(slide: Slide) -> None:

@@ -175,7 +175,10 @@ class _Store:
 def extract(config: TrainConfig, frame: pd.DataFrame, stain: StainNormalizer,
             network: keras.Model | None = None) -> _Store:
     """The pooled tap vectors of every image of `frame`, each of its cached copies (extractor's `model`)."""
-    step = inference.forward(extractor(config, network))  # one graph for every batch, the last, smaller one too
+    # forward() holds its model weakly: this name keeps the extractor alive while the loop runs (a garbage
+    # collection in the loop freed it otherwise; the CLI's gc thresholds had hidden that).
+    model = extractor(config, network)
+    step = inference.forward(model)  # one graph for every batch, the last, smaller one too
     dataset = make_dataset(frame["path"], frame["label"], config.image_size, config.batch_size, stain=stain)
     views = cached_views(config.augment)
     batches: list[list[list[np.ndarray]]] = []  # batch -> view -> tap

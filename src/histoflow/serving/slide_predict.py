@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -156,8 +157,9 @@ def tile_resolution(given: float, model_mpp: float, slide_mpp: float) -> tuple[f
     return slide_mpp, "slide level 0"
 
 
-def predict_slide(path: Path, model, config: SlideConfig, out: Path) -> dict:
-    """Score one slide into its output folder; its summary."""
+def predict_slide(path: Path, model, config: SlideConfig, out: Path,
+                  on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Score one slide into its output folder; its summary. `on_batch`: score_slide's progress callback."""
     slide = open_slide(path, config.slide_mpp or None)
     with slide:
         served = model.unwrap_python_model()
@@ -165,7 +167,7 @@ def predict_slide(path: Path, model, config: SlideConfig, out: Path) -> dict:
         mpp, mpp_source = tile_resolution(config.mpp, served.input_mpp, slide.mpp)
         thumbnail, mask, downsample = thumbnail_and_mask(slide)
         tiles = score_slide(slide, model, tile_px, mpp, config.overlap, config.min_tissue, config.batch,
-                            mask=(mask, downsample))
+                            mask=(mask, downsample), on_batch=on_batch)
         classes = list(served.class_names)
         threshold = float(served.calibration.threshold)
         call, share = slide_call(tiles, classes, config.positive_share)

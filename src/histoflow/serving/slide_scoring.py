@@ -7,6 +7,7 @@ memory at a time. The result is the per-tile table: level-0 x, y, size, tissue s
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -39,15 +40,18 @@ def _scorer(model):
 
 
 def score_slide(slide: Slide, model, tile_px: int, mpp: float, overlap: float = 0.0, min_tissue: float = 0.25,
-                batch: int = 64, mask: tuple[np.ndarray, float] | None = None) -> pd.DataFrame:
+                batch: int = 64, mask: tuple[np.ndarray, float] | None = None,
+                on_batch: Callable[[int, int], None] | None = None) -> pd.DataFrame:
     """The per-tile table of a slide (see the module's docstring); empty, with its columns, for a slide without
-    tissue. `model`: a loaded histoflow pyfunc; `mask`: the slide's tissue_mask when the caller has it."""
+    tissue. `model`: a loaded histoflow pyfunc; `mask`: the slide's tissue_mask when the caller has it; `on_batch`:
+    called with (batches done, batches) after each, for a caller's own progress display (the page's)."""
     grid = tile_grid(slide, tile_px, mpp, overlap, min_tissue, mask=mask)
     score = _scorer(model)
     parts = []
+    total = -(-len(grid) // batch)
     batches = read_tiles(slide, grid, tile_px, batch)
-    for rows, images in progress(batches, total=-(-len(grid) // batch), desc=f"scoring {slide.path}",
-                                 unit="batch"):
+    for done, (rows, images) in enumerate(progress(batches, total=total, desc=f"scoring {slide.path}",
+                                                   unit="batch"), start=1):
         read = [i for i, image in enumerate(images) if image is not None]
         scored = pd.DataFrame(index=range(len(rows)), columns=MODEL_COLUMNS)
         if read:
@@ -56,6 +60,8 @@ def score_slide(slide: Slide, model, tile_px: int, mpp: float, overlap: float = 
         failed = [i for i, image in enumerate(images) if image is None]
         scored.loc[failed, "flags"] = READ_ERROR_FLAG
         parts.append(pd.concat([rows.reset_index(drop=True), scored], axis=1))
+        if on_batch:
+            on_batch(done, total)
     if not parts:
         return pd.DataFrame(columns=TILE_COLUMNS + MODEL_COLUMNS)
     table = pd.concat(parts, ignore_index=True)

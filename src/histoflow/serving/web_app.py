@@ -260,16 +260,17 @@ class SlideResults:
     files: list[Path]  # tiles.csv, tiles.geojson, summary.json, heatmap.png: the downloads
 
 
-def score_slide_file(path: str | Path, model, scorer: Scorer, slide_mpp: float = 0.0) -> SlideResults:
+def score_slide_file(path: str | Path, model, scorer: Scorer, slide_mpp: float = 0.0,
+                     on_batch: Callable[[int, int], None] | None = None) -> SlideResults:
     """A whole slide through predict-slide's scoring (histoflow.serving.slide_predict) into a temporary folder, and
-    its TOP_TILES most positive tiles scored again with their Grad-CAM."""
+    its TOP_TILES most positive tiles scored again with their Grad-CAM. `on_batch`: (batches done, batches)."""
     from histoflow.data.slides import open_slide, read_tile
     from histoflow.serving.settings import SlideConfig
     from histoflow.serving.slide_predict import TOP_TILES, predict_slide
 
     path = Path(path)
     out = Path(tempfile.mkdtemp(prefix="histoflow-slide-")) / path.stem
-    summary = predict_slide(path, model, SlideConfig(slides=str(path), slide_mpp=slide_mpp), out)
+    summary = predict_slide(path, model, SlideConfig(slides=str(path), slide_mpp=slide_mpp), out, on_batch)
     tiles = pd.read_csv(out / "tiles.csv").dropna(subset=["positive_probability"])
     best = tiles.astype({"positive_probability": float}).nlargest(TOP_TILES, "positive_probability")
     top = []
@@ -349,7 +350,7 @@ def build_page(scorer: Scorer, title: str = PAGE_TITLE, model=None, slide_dir: s
     offered = offered_slides(slide_dir)
 
     def run_slide(chosen: str | None, uploaded: str | None, slide_mpp: float | None,
-                  progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - Gradio's way to show the tiles' bar
+                  progress=gr.Progress()):  # noqa: B008 - Gradio's way to show the tiles' bar
         if model is None:
             raise gr.Error(SLIDES_NEED_MODEL)
         path = uploaded or chosen
@@ -358,7 +359,9 @@ def build_page(scorer: Scorer, title: str = PAGE_TITLE, model=None, slide_dir: s
         if not uploaded and path not in offered:
             raise gr.Error(f"{path} is not one of the slides this page offers")
         try:
-            results = score_slide_file(path, model, scorer, float(slide_mpp or 0.0))
+            progress(0.0, desc="finding the tissue")
+            results = score_slide_file(path, model, scorer, float(slide_mpp or 0.0),
+                                       lambda done, total: progress((done, total), desc="scoring tiles", unit="batch"))
         except (HistoflowError, ScoringError) as exc:
             raise gr.Error(str(exc)) from None
         return (str(results.heatmap), slide_summary_text(results.summary), results.top,
