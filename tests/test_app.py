@@ -391,7 +391,7 @@ def test_a_slide_scored_for_the_page_is_predict_slide_s_with_the_top_tiles_expla
     assert [f.name for f in results.files] == ["tiles.csv", "tiles.geojson", "summary.json", "heatmap.png"]
     assert Image.open(results.heatmap).size[0] > 500
     # The most positive tiles, each read again and explained: the served answer for that tile, its overlay beside it.
-    best = tiles.nlargest(TOP_TILES, "positive_probability")
+    best = tiles[tiles["label"].isin(["benign", "malignant"])].nlargest(TOP_TILES, "positive_probability")
     assert len(results.top) == TOP_TILES
     with open_slide(slide_folder / "idc-mosaic.tiff") as slide:
         images = [read_tile(slide, x, y, size, 32) for x, y, size in best[["x", "y", "size"]].itertuples(index=False)]
@@ -441,6 +441,18 @@ def _score_slide(browser) -> str:
     return browser.find_element(By.ID, "slide-summary").text
 
 
+def _overlaps(rect: dict, box: tuple[float, float, float, float]) -> bool:
+    return (rect["x"] < box[2] and rect["x"] + rect["width"] > box[0] and rect["y"] < box[3]
+            and rect["y"] + rect["height"] > box[1] and rect["width"] > 0 and rect["height"] > 0)
+
+
+def _contains(outer: dict, inner: dict) -> bool:
+    """`outer` holds `inner` (an element around the image, not over it)."""
+    return (outer["x"] <= inner["x"] + 1 and outer["y"] <= inner["y"] + 1
+            and outer["x"] + outer["width"] >= inner["x"] + inner["width"] - 1
+            and outer["y"] + outer["height"] >= inner["y"] + inner["height"] - 1)
+
+
 def test_a_slide_from_the_server_s_folder_on_the_page(slide_page, browser, classifier, slide_folder, screenshots):
     """Choose the slide the server offers, score it: the summary, the heat map with its key, the most positive tiles
     with their Grad-CAM and the downloads are predict-slide's for that slide."""
@@ -481,6 +493,13 @@ def test_a_slide_from_the_server_s_folder_on_the_page(slide_page, browser, class
     shown = browser.execute_script("return arguments[0].complete && [arguments[0].naturalWidth, "
                                    "arguments[0].naturalHeight]", heat)
     assert shown == list(Image.open(io.BytesIO(downloads["heatmap.png"].content)).size)
+    # Nothing of the page over the figure's title (its top tenth): Gradio's label badge once hid it.
+    image = heat.rect
+    title = (image["x"], image["y"], image["x"] + image["width"], image["y"] + image["height"] / 10)
+    over = [e.text or e.tag_name for e in heat.find_elements(By.XPATH, "ancestor::*[@id='slide-heatmap']//*")
+            if e.is_displayed() and e.tag_name not in ("img", "svg", "path", "button") and e != heat
+            and _overlaps(e.rect, title) and not _contains(e.rect, image)]
+    assert not over, over
     save_page(browser, screenshots / "app-slide.png")
 
 

@@ -352,9 +352,31 @@ def test_a_tile_that_cannot_be_read_is_flagged_and_the_others_are_scored(idc_sli
     np.testing.assert_allclose(both["positive_probability"], both["positive_probability_intact"], atol=1e-6)
 
 
+def test_flagged_tiles_count_for_nothing_in_the_top_tiles_the_regions_or_the_call():
+    """The most positive tile is flagged (its image is one the model cannot be trusted on) and another unread:
+    the top tiles, the GeoJSON's positive regions and the slide's call are made of the scored tiles only."""
+    from histoflow.modeling.screening import INDETERMINATE
+    from histoflow.serving.slide_predict import geojson, most_positive, slide_call
+    from histoflow.serving.slide_scoring import READ_ERROR_FLAG
+
+    tiles = pd.DataFrame({"x": [0, 50, 100, 150, 200], "y": 0, "size": 50,
+                          "positive_probability": [0.99, 0.8, 0.7, 0.2, np.nan],
+                          "label": [INDETERMINATE, "malignant", "malignant", "benign", np.nan],
+                          "model_label": ["malignant", "malignant", "malignant", "benign", np.nan],
+                          "flags": ["out_of_focus", "", "", "", READ_ERROR_FLAG]})
+    assert most_positive(tiles, 2)["x"].tolist() == [50, 100]
+    assert most_positive(tiles)["x"].tolist() == [50, 100, 150]
+    regions = [f for f in geojson(tiles, 0.5, "malignant")["features"] if f["properties"]["objectType"] == "annotation"]
+    assert len(regions) == 1  # the two scored positive tiles side by side; the flagged one beside them left out
+    xs = [x for ring in regions[0]["geometry"]["coordinates"] for x, _ in ring]
+    assert (min(xs), max(xs)) == (50, 150)
+    assert slide_call(tiles, ["benign", "malignant"], 0.5) == ("malignant", pytest.approx(2 / 3))
+    assert slide_call(tiles, ["benign", "malignant"], 0.7) == ("benign", pytest.approx(2 / 3))
+
+
 def test_predict_slide_writes_the_tiles_heatmap_geojson_and_summary_of_each_slide(idc_slide, classifier, tmp_path):
     """`histoflow predict-slide` on a folder holding the IDC mosaic and a file that is not a slide: the mosaic's
-    outputs (its tiles, a GeoJSON whose regions cover every tile at or above the threshold, a heatmap, a summary
+    outputs (its tiles, a GeoJSON whose regions cover every scored tile at or above the threshold, a heatmap, a summary
     with the call), the other file reported in summary.csv; a second run into the same folder is refused unless
     overwrite=true."""
     import json as json_
@@ -389,13 +411,20 @@ def test_predict_slide_writes_the_tiles_heatmap_geojson_and_summary_of_each_slid
         features = json_.loads((result / "tiles.geojson").read_text())["features"]
         assert sum(f["properties"]["objectType"] == "tile" for f in features) == len(tiles)
         regions = [shape(f["geometry"]) for f in features if f["properties"]["objectType"] == "annotation"]
-        hot = tiles["positive_probability"] >= summary["threshold"]
+        scored = tiles["label"].isin(["benign", "malignant"])  # neither flagged nor unread
+        hot = scored & (tiles["positive_probability"] >= summary["threshold"])
         assert all(r.is_valid for r in regions)
         for (x, y, size), is_hot in zip(tiles[["x", "y", "size"]].itertuples(index=False), hot, strict=True):
             inside = any(r.contains(Point(x + size / 2, y + size / 2)) for r in regions)
             assert inside == is_hot, (x, y)  # every positive tile in a region, no other tile
         assert sum(r.area for r in regions) == pytest.approx(float((tiles.loc[hot, "size"] ** 2).sum()))
-        assert Image.open(result / "heatmap.png").size[0] > 500 and (result / "top_tiles.png").is_file()
+        shown = np.asarray(Image.open(result / "heatmap.png").convert("RGB")).astype(int)
+        assert shown.shape[1] > 500 and (result / "top_tiles.png").is_file()
+        # The flagged tiles (IDC's 50-px patches are out of focus for this model) in blue, which neither the
+        # stains nor the heat map's colours hold; not drawn where all tiles were scored.
+        assert (~scored).any()
+        blue = (shown[..., 2] > shown[..., 0] + 60) & (shown[..., 1] > shown[..., 0] + 30)
+        assert blue.sum() > (~scored).sum() * 10
         again = run_cli(*args, env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
         assert again.returncode != 0 and "overwrite=true" in again.stderr
         assert run_cli(*args, "--overwrite", "true", env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path).returncode == 0

@@ -4,9 +4,10 @@ For each slide, a folder `<output_dir>/<slide name>/` with:
 - tiles.csv: a row per tissue tile: level-0 x, y, size, tissue share, the model's label, model_label,
   positive_probability, threshold and flags (`read_error` for a tile that could not be read);
 - heatmap.png: the slide's thumbnail with each tile coloured by its positive probability, and a colour key;
-- tiles.geojson: the tiles as polygons with their probability and label, and the regions of neighbouring tiles at
-  or above the model's threshold merged into their outlines, in level-0 pixels: QuPath opens it over the slide;
-- top_tiles.png: the tiles with the highest positive probability, with their coordinates;
+- tiles.geojson: the tiles as polygons with their probability, label and flags, and the regions of neighbouring
+  scored tiles at or above the model's threshold merged into their outlines, in level-0 pixels: QuPath opens it
+  over the slide;
+- top_tiles.png: the scored tiles with the highest positive probability, with their coordinates;
 - summary.json: tissue area (mm²), tiles scored and flagged, the positive tiles' share and area (mm²), the slide's
   call and the rule that made it.
 
@@ -14,7 +15,9 @@ Tiles: `tile_px` pixels (default: the model's input size) at `mpp` micrometres p
 input resolution, the training images' field of view over the input size, recorded when training had the data
 setting mpp; a model without one: the slide's level 0, with a warning); summary.json says which.
 
-The slide's call: the positive class when at least `positive_share` of its scored (not flagged) tiles, and at
+Scored tiles are those not flagged (a flagged tile keeps its probability in tiles.csv but counts for nothing: its
+image was not one the model can be trusted on). The slide's call: the positive class when at least
+`positive_share` of its scored tiles, and at
 least 2, are called positive by the model at its threshold; else the other class; `indeterminate` when no tile
 could be scored (no tissue, or all flagged). A folder of slides: every slide, a slide that cannot be read reported
 in summary.csv with its reason and the others scored. A slides.csv beside them (slide, patient, label) gives
@@ -45,6 +48,7 @@ from histoflow.serving.slide_scoring import score_slide
 log = logging.getLogger(__name__)
 MIN_POSITIVE_TILES = 2
 TOP_TILES = 8
+FLAGGED_COLOUR = "#1f9bcf"  # a blue outside the heat map's inferno colours
 
 
 def slide_files(source: str) -> list[Path]:
@@ -59,9 +63,19 @@ def slide_files(source: str) -> list[Path]:
     return files
 
 
+def scored_tiles(tiles: pd.DataFrame) -> pd.Series:
+    """Which tiles count: read, scored and not flagged."""
+    return tiles["label"].notna() & (tiles["label"] != INDETERMINATE)
+
+
+def most_positive(tiles: pd.DataFrame, k: int = TOP_TILES) -> pd.DataFrame:
+    """The k scored tiles of highest positive probability, highest first: those that drive the call."""
+    return tiles[scored_tiles(tiles)].astype({"positive_probability": float}).nlargest(k, "positive_probability")
+
+
 def slide_call(tiles: pd.DataFrame, classes: list[str], positive_share: float) -> tuple[str, float]:
     """The slide's call by the module's rule, and the positive tiles' share of the scored ones."""
-    scored = tiles[tiles["label"].notna() & (tiles["label"] != INDETERMINATE)]
+    scored = tiles[scored_tiles(tiles)]
     if scored.empty:
         return INDETERMINATE, float("nan")
     positive = scored["model_label"] == classes[-1]
@@ -98,30 +112,43 @@ def geojson(tiles: pd.DataFrame, threshold: float, positive_class: str) -> dict:
     features += [{"type": "Feature", "geometry": region,
                   "properties": {"objectType": "annotation", "classification": {"name": positive_class},
                                  "name": f"{positive_class} region {i + 1}"}}
-                 for i, region in enumerate(_regions(tiles.dropna(subset=["positive_probability"]), threshold))]
+                 for i, region in enumerate(_regions(tiles[scored_tiles(tiles)], threshold))]
     return {"type": "FeatureCollection", "features": features}
 
 
 def heatmap(slide: Slide, thumbnail: np.ndarray, tiles: pd.DataFrame, threshold: float, path: Path) -> None:
-    """The slide's thumbnail (RGB uint8) with the tiles' positive probability over it and a colour key."""
+    """The slide's thumbnail (RGB uint8) with the scored tiles' positive probability over it and a colour key;
+    flagged and unread tiles in one flat colour outside the key's range (they count for nothing)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     scale = thumbnail.shape[1] / slide.width
     figure, axes = plt.subplots(figsize=(10, 10 * thumbnail.shape[0] / thumbnail.shape[1] + 0.6))
     axes.imshow(thumbnail)
-    heat = np.full(thumbnail.shape[:2], np.nan)
-    for x, y, size, p in tiles[["x", "y", "size", "positive_probability"]].itertuples(index=False):
-        if not np.isnan(p):
-            top, left = int(y * scale), int(x * scale)
-            heat[top:max(top + 1, int((y + size) * scale)), left:max(left + 1, int((x + size) * scale))] = p
+    heat, flagged = np.full(thumbnail.shape[:2], np.nan), np.full(thumbnail.shape[:2], np.nan)
+    counted = scored_tiles(tiles).to_numpy()
+    for (x, y, size, p), scored in zip(tiles[["x", "y", "size", "positive_probability"]].itertuples(index=False),
+                                       counted, strict=True):
+        top, left = int(y * scale), int(x * scale)
+        area = np.s_[top:max(top + 1, int((y + size) * scale)), left:max(left + 1, int((x + size) * scale))]
+        if scored:
+            heat[area] = p
+        else:
+            flagged[area] = 1.0
     shown = axes.imshow(np.ma.masked_invalid(heat), cmap="inferno", vmin=0, vmax=1, alpha=0.55)
+    axes.imshow(np.ma.masked_invalid(flagged), cmap=ListedColormap([FLAGGED_COLOUR]), vmin=0, vmax=1, alpha=0.7)
     key = figure.colorbar(shown, ax=axes, fraction=0.04, pad=0.02)
     key.set_label("positive probability")
     key.ax.axhline(threshold, color="cyan", linewidth=2)
-    axes.set_title(f"{Path(slide.path).name}: {len(tiles)} tissue tiles (threshold {threshold:.2f} on the key)")
+    if not counted.all():
+        axes.legend(handles=[Patch(color=FLAGGED_COLOUR, alpha=0.7, label="flagged or unread: not counted")],
+                    loc="upper left", bbox_to_anchor=(0, 0), fontsize=9, frameon=False)
+    axes.set_title(f"{Path(slide.path).name}: {int(counted.sum())} scored tiles, {int((~counted).sum())} flagged "
+                   f"(threshold {threshold:.2f} on the key)", pad=12)
     axes.axis("off")
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
@@ -133,7 +160,7 @@ def top_tiles(slide: Slide, tiles: pd.DataFrame, tile_px: int, path: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = tiles.dropna(subset=["positive_probability"]).nlargest(TOP_TILES, "positive_probability")
+    best = most_positive(tiles)
     figure, axes = plt.subplots(1, max(1, len(best)), figsize=(2.2 * max(1, len(best)), 2.6), squeeze=False)
     for ax, (x, y, size, p) in zip(axes[0], best[["x", "y", "size", "positive_probability"]].itertuples(index=False),
                                    strict=False):
@@ -177,7 +204,7 @@ def predict_slide(path: Path, model, config: SlideConfig, out: Path,
         heatmap(slide, thumbnail, tiles, threshold, out / "heatmap.png")
         top_tiles(slide, tiles, tile_px, out / "top_tiles.png")
         mm2_per_pixel = (slide.mpp / 1000.0) ** 2
-        scored = tiles["label"].notna() & (tiles["label"] != INDETERMINATE)
+        scored = scored_tiles(tiles)
         positive = scored & (tiles["model_label"] == classes[-1])
         tile_area = float((tiles["size"].astype(float) ** 2).mean()) * mm2_per_pixel if len(tiles) else 0.0
         summary = {"slide": str(path), "width": slide.width, "height": slide.height, "slide_mpp": slide.mpp,

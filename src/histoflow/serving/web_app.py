@@ -263,16 +263,16 @@ class SlideResults:
 def score_slide_file(path: str | Path, model, scorer: Scorer, slide_mpp: float = 0.0,
                      on_batch: Callable[[int, int], None] | None = None) -> SlideResults:
     """A whole slide through predict-slide's scoring (histoflow.serving.slide_predict) into a temporary folder, and
-    its TOP_TILES most positive tiles scored again with their Grad-CAM. `on_batch`: (batches done, batches)."""
+    its most positive scored tiles (most_positive) scored again with their Grad-CAM. `on_batch`: (batches done,
+    batches)."""
     from histoflow.data.slides import open_slide, read_tile
     from histoflow.serving.settings import SlideConfig
-    from histoflow.serving.slide_predict import TOP_TILES, predict_slide
+    from histoflow.serving.slide_predict import most_positive, predict_slide
 
     path = Path(path)
     out = Path(tempfile.mkdtemp(prefix="histoflow-slide-")) / path.stem
     summary = predict_slide(path, model, SlideConfig(slides=str(path), slide_mpp=slide_mpp), out, on_batch)
-    tiles = pd.read_csv(out / "tiles.csv").dropna(subset=["positive_probability"])
-    best = tiles.astype({"positive_probability": float}).nlargest(TOP_TILES, "positive_probability")
+    best = most_positive(pd.read_csv(out / "tiles.csv"))
     top = []
     if len(best):
         with open_slide(path, slide_mpp or None) as slide:
@@ -395,8 +395,11 @@ def build_page(scorer: Scorer, title: str = PAGE_TITLE, model=None, slide_dir: s
                                   elem_id="slide-mpp")
             slide_button = gr.Button("Score the slide", variant="primary", elem_id="score-slide")
             slide_text = gr.Markdown(elem_id="slide-summary")
-            heat = gr.Image(label="Positive probability over the slide (key: threshold marked)", type="filepath",
-                            elem_id="slide-heatmap")
+            # The heading outside the image: Gradio's label badge sits over the image's top, where the figure's
+            # title is.
+            gr.Markdown("#### Positive probability over the slide (threshold marked on the key; flagged tiles in "
+                        "blue, not counted)", elem_id="slide-heatmap-heading")
+            heat = gr.Image(show_label=False, type="filepath", elem_id="slide-heatmap")
             top = gr.Gallery(label="Most positive tiles | Grad-CAM overlay", columns=4, format="png",
                              object_fit="contain", elem_id="slide-top")
             slide_files_out = gr.File(label="Download: tiles.csv, tiles.geojson (QuPath), summary.json, heatmap.png",
