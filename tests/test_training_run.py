@@ -196,8 +196,16 @@ def test_a_frozen_backbone_trains_its_head_on_cached_features_as_it_would_on_ima
                                               key=lambda m: m.step)] for route, run in runs.items()}
     assert len(curves["auto"]) == 3 and curves["auto"][0] != curves["auto"][-1]  # it trained
     np.testing.assert_allclose(curves["auto"], curves["off"], rtol=2e-4)
-    for metric in ("test_roc_auc", "test_loss", "validation_loss"):  # the whole model evaluated on images
-        assert cached.data.metrics[metric] == pytest.approx(images.data.metrics[metric], rel=1e-3, abs=1e-4)
+    # Evaluated through the head on the cached features, as the whole model on the images: the same metrics,
+    # calibration and screening (the screening's features are the network's penultimate ones).
+    for metric in ("test_roc_auc", "test_loss", "validation_loss", "temperature", "decision_threshold",
+                   "ood_threshold", "validation_flagged_share", "test_flagged_share"):
+        assert cached.data.metrics[metric] == pytest.approx(images.data.metrics[metric], rel=1e-3, abs=1e-4), metric
+    predictions = {route: mlflow.load_table(artifacts.PREDICTIONS_ARTIFACT.format(split="test"),
+                                            run_ids=[run.info.run_id]) for route, run in runs.items()}
+    assert list(predictions["auto"]["relpath"]) == list(predictions["off"]["relpath"])
+    np.testing.assert_allclose(predictions["auto"]["probability_malignant"],
+                               predictions["off"]["probability_malignant"], atol=1e-4)
 
     # Another split of the same images: their features come from the same store entry.
     other = mlflow.get_run(training_run.run(replace(config, val_fraction=0.3, epochs=1)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from histoflow.data.step import PreparedData
 from histoflow.modeling import explain, figures, inference, metrics, screening
 from histoflow.modeling.architectures import gradcam_layer
 from histoflow.modeling.calibration import Calibration, calibration_metrics, fit_calibration
+from histoflow.modeling.features import CachedFeatures, copy_head, head_model
+from histoflow.modeling.fitting import precision_policy
 from histoflow.modeling.variants import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -63,15 +66,24 @@ class Evaluation:
 
 
 def evaluate(model: keras.Model, config: TrainConfig, prepared: PreparedData, stain: StainNormalizer,
-             val_ds, test_ds) -> Evaluation:
-    """Calibrate on validation, evaluate validation and test with it, and log everything into the active run."""
+             val_ds, test_ds, features: CachedFeatures | None = None) -> Evaluation:
+    """Calibrate on validation, evaluate validation and test with it, and log everything into the active run.
+
+    `features`: the frozen backbone's cached features the head was trained on; the network's outputs are then
+    its head's on them (without test-time augmentation), not a second pass of the backbone over the images."""
     class_names = prepared.dataset.class_names
     val_rows, test_rows = prepared.rows("val"), prepared.rows("test")
     # One pass over each split gives the probabilities and the screening's features (a second pass for the
     # probabilities only with test-time augmentation).
-    extractor = inference.feature_model(model)
-    (val_raw, val_features), (test_raw, test_features) = (inference.predict(extractor, d) for d in (val_ds, test_ds))
-    fallbacks = stain.fallbacks  # each image of the three splits normalised once by now
+    if features is not None and config.tta == "none":
+        outputs = head_outputs(model, config, features)
+        (val_raw, val_features), (test_raw, test_features) = outputs(val_rows), outputs(test_rows)
+        fallbacks = features.fallbacks  # each image of the dataset normalised once, when extracted
+    else:
+        outputs = image_outputs(model, config, stain)
+        (val_raw, val_features), (test_raw, test_features) = (inference.predict(inference.feature_model(model), d)
+                                                              for d in (val_ds, test_ds))
+        fallbacks = stain.fallbacks  # each image of the three splits normalised once by now
     if config.tta != "none":
         val_raw, test_raw = inference.predict(model, val_ds, config.tta), inference.predict(model, test_ds, config.tta)
     warn_small_validation(config, val_rows)
@@ -83,7 +95,7 @@ def evaluate(model: keras.Model, config: TrainConfig, prepared: PreparedData, st
     if stain.method != "none":  # images of all three splits left unchanged (too little tissue to normalise)
         mlflow.log_metric("stain_fallback_images", fallbacks)
     log_intervals(config, test_rows, test_probabilities, calibration.threshold)
-    fit_screening(extractor, config, prepared, stain, val_features, test_features)
+    fit_screening(outputs, config, prepared, val_features, test_features)
     log_gradcam(model, config, test_rows, test_probabilities, calibration, class_names, stain)
     return Evaluation(validation, test, test_probabilities, calibration)
 
@@ -150,11 +162,39 @@ def log_gradcam(model: keras.Model, config: TrainConfig, rows: pd.DataFrame, pro
     log_figure(figures.gradcam_figure(images, heatmaps, captions), "evaluation/gradcam.png")
 
 
-def fit_screening(extractor: keras.Model, config: TrainConfig, prepared: PreparedData, stain: StainNormalizer,
-                  val_features: np.ndarray, test_features: np.ndarray) -> None:
+Outputs = Callable[[pd.DataFrame], list[np.ndarray]]  # rows -> the network's [probabilities, penultimate features]
+
+
+def image_outputs(model: keras.Model, config: TrainConfig, stain: StainNormalizer) -> Outputs:
+    """The network's outputs of rows, read from their image files."""
+    extractor = inference.feature_model(model)
+
+    def outputs(rows: pd.DataFrame) -> list[np.ndarray]:
+        return inference.predict(extractor, make_dataset(rows["path"], rows["label"], config.image_size,
+                                                         config.batch_size, stain=stain))
+    return outputs
+
+
+def head_outputs(model: keras.Model, config: TrainConfig, features: CachedFeatures) -> Outputs:
+    """The network's outputs of rows, from its head on their cached backbone features: with the backbone frozen
+    (its BatchNorm in inference mode), what the whole network gives on the images, at a fraction of the cost."""
+    with precision_policy(config.mixed_precision):
+        head = head_model(features.widths, config.fusion_width, config.dropout, batchnorm=config.head_batchnorm,
+                          numbers=features.numbers)
+    copy_head(model, head)
+    extractor = inference.feature_model(head)
+
+    def outputs(rows: pd.DataFrame) -> list[np.ndarray]:
+        taps = list(features.of(rows).taps)
+        return [np.asarray(o) for o in extractor.predict(taps, batch_size=max(config.batch_size, 256), verbose=0)]
+    return outputs
+
+
+def fit_screening(outputs: Outputs, config: TrainConfig, prepared: PreparedData, val_features: np.ndarray,
+                  test_features: np.ndarray) -> None:
     """Fit the served model's quality and OOD checks (training features, validation percentiles), log them,
     and how many validation and test images they flag (the test share is what users should expect).
-    `extractor` is inference.feature_model of the network; the validation and test features are its."""
+    `outputs` gives the network's outputs of rows; the validation and test features are its."""
     train = prepared.rows("train")
     if len(train) > screening.MAX_FIT_IMAGES:
         train = train.sample(n=screening.MAX_FIT_IMAGES, random_state=config.seed)
@@ -162,8 +202,7 @@ def fit_screening(extractor: keras.Model, config: TrainConfig, prepared: Prepare
     def quality(part: str) -> np.ndarray:
         return measure_files(prepared.rows(part)["path"].tolist(), config.image_size)
 
-    train_features = inference.predict(extractor, make_dataset(train["path"], train["label"], config.image_size,
-                                                               config.batch_size, stain=stain))[1]
+    train_features = outputs(train)[1]
     train_quality = measure_files(train["path"].tolist(), config.image_size)
     val_quality = quality("val")
     fitted = screening.fit_screening(train_features, train_quality, val_features, val_quality)

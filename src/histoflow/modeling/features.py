@@ -48,7 +48,7 @@ from histoflow.progress import progress
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when what is stored (or how it is computed) changes: old files stop matching
+FORMAT_VERSION = 3  # bump when what is stored (or how it is computed) changes: old files stop matching
 CACHED_AUGMENT = {"none": "none", "seed": "seed", "random": "seed", "hed": "seed"}
 
 
@@ -79,6 +79,7 @@ class CachedFeatures:
     hit: bool
     splits: dict[str, SplitFeatures]
     seconds: float  # spent extracting (miss) or loading (hit)
+    store: _Store
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -87,6 +88,15 @@ class CachedFeatures:
     @property
     def numbers(self) -> tuple[int, ...]:
         return self.splits["train"].numbers
+
+    @property
+    def fallbacks(self) -> int:
+        """Images of the dataset the stain normaliser left unchanged when their features were extracted."""
+        return self.store.fallbacks
+
+    def of(self, rows: pd.DataFrame) -> SplitFeatures:
+        """The features of `rows` as the images themselves (no cached copy), in the rows' order."""
+        return self.store.split(rows, False, self.numbers)
 
 
 def _weights_identity(weights: str) -> str:
@@ -158,6 +168,7 @@ class _Store:
 
     relpaths: np.ndarray
     taps: tuple[np.ndarray, ...]
+    fallbacks: int  # images the stain normaliser left unchanged (too little tissue) during the extraction
 
     def split(self, rows: pd.DataFrame, training: bool, numbers: tuple[int, ...]) -> SplitFeatures:
         """The split's rows, of the taps `numbers`; a training split as each of its copies, in make_dataset's
@@ -181,16 +192,18 @@ def extract(config: TrainConfig, frame: pd.DataFrame, stain: StainNormalizer,
     step = inference.forward(model)  # one graph for every batch, the last, smaller one too
     dataset = make_dataset(frame["path"], frame["label"], config.image_size, config.batch_size, stain=stain)
     views = cached_views(config.augment)
+    fallbacks_before = stain.fallbacks
     batches: list[list[list[np.ndarray]]] = []  # batch -> view -> tap
     for images, _ in progress(dataset, total=int(dataset.cardinality()), desc="backbone features", unit="batch"):
         batches.append([[np.asarray(t, dtype="float32") for t in step(seed_view(images, v))] for v in range(views)])
     taps = tuple(np.stack([np.concatenate([b[v][i] for b in batches]) for v in range(views)])
                  for i in range(len(batches[0][0])))
-    return _Store(frame["relpath"].to_numpy(dtype=str), taps)
+    return _Store(frame["relpath"].to_numpy(dtype=str), taps, stain.fallbacks - fallbacks_before)
 
 
 def _save(path: Path, store: _Store, fields: dict[str, object]) -> None:
-    arrays = {"fields": np.array(json.dumps(fields, sort_keys=True, default=str)), "relpaths": store.relpaths}
+    arrays = {"fields": np.array(json.dumps(fields, sort_keys=True, default=str)), "relpaths": store.relpaths,
+              "fallbacks": np.array(store.fallbacks)}
     arrays.update({f"tap{i}": tap for i, tap in enumerate(store.taps, start=1)})
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename: a concurrent worker never reads a half-written file.
@@ -207,7 +220,7 @@ def _save(path: Path, store: _Store, fields: dict[str, object]) -> None:
 def _load(path: Path) -> _Store:
     with np.load(path, allow_pickle=False) as data:
         n_taps = sum(1 for name in data.files if name.startswith("tap"))
-        return _Store(data["relpaths"], tuple(data[f"tap{i}"] for i in range(1, n_taps + 1)))
+        return _Store(data["relpaths"], tuple(data[f"tap{i}"] for i in range(1, n_taps + 1)), int(data["fallbacks"]))
 
 
 def load_or_extract(config: TrainConfig, prepared: PreparedData, cache_dir: Path | None,
@@ -229,7 +242,7 @@ def load_or_extract(config: TrainConfig, prepared: PreparedData, cache_dir: Path
             _save(path, store, fields)
     numbers = tap_numbers(config.fusion_taps, len(store.taps))
     splits = {s: store.split(prepared.rows(s), s == "train", numbers) for s in SPLITS}
-    return CachedFeatures(path, cache_key(config, prepared), hit, splits, time.perf_counter() - start)
+    return CachedFeatures(path, cache_key(config, prepared), hit, splits, time.perf_counter() - start, store)
 
 
 def head_model(widths: Sequence[int], fusion_width: int, dropout: float, num_classes: int = 2,

@@ -33,7 +33,15 @@ from histoflow.modeling.architectures import (
 )
 from histoflow.modeling.calibration import Calibration
 from histoflow.modeling.catalog import BACKBONES
-from histoflow.modeling.features import CACHED_AUGMENT, copy_head, exact, head_dataset, head_model, load_or_extract
+from histoflow.modeling.features import (
+    CACHED_AUGMENT,
+    CachedFeatures,
+    copy_head,
+    exact,
+    head_dataset,
+    head_model,
+    load_or_extract,
+)
 from histoflow.modeling.fitting import (
     EpochMetrics,
     FitResult,
@@ -123,11 +131,12 @@ def _training_setup(config: TrainConfig, prepared: PreparedData) -> _TrainingSet
 
 def fit_head_on_features(config: TrainConfig, model: keras.Model, prepared: PreparedData, stain: StainNormalizer,
                          *, epochs: int, learning_rate: float, extra_callbacks: list[keras.callbacks.Callback],
-                         class_weight: dict[int, float] | None, checkpoint: Path | None) -> FitResult:
+                         class_weight: dict[int, float] | None,
+                         checkpoint: Path | None) -> tuple[FitResult, CachedFeatures]:
     """The fusion head of `model` trained alone on its frozen backbone's cached features (extracted through
     `model` on a miss), from the head's current weights, and put back into `model`. The same fit as on images
     with a frozen backbone (the backbone's BatchNorm runs in inference mode either way), minus the backbone's
-    forward pass every epoch; evaluation then runs the whole model on the images."""
+    forward pass every epoch. Returns the fit and the features (the evaluation reads them too)."""
     features = load_or_extract(config, prepared, local_folder(config.image_cache, "features"), stain, model)
     print(f"backbone features {'read from' if features.hit else 'extracted into'} "
           f"{features.path or 'memory'} ({features.seconds:.1f} s)", flush=True)
@@ -149,7 +158,7 @@ def fit_head_on_features(config: TrainConfig, model: keras.Model, prepared: Prep
                  extra_callbacks=extra_callbacks, class_weight=class_weight, patience=config.patience,
                  lr_patience=config.lr_patience, checkpoint_dir=checkpoint)  # a head's test step traces in no time
     copy_head(head, model)
-    return result
+    return result, features
 
 
 def warm_up_head(config: TrainConfig, setup: _TrainingSetup, prepared: PreparedData,
@@ -166,8 +175,8 @@ def warm_up_head(config: TrainConfig, setup: _TrainingSetup, prepared: PreparedD
     warmup_checkpoint = checkpoint and checkpoint / checkpoints.WARMUP
     print(f"warm-up: {config.warmup_epochs} epochs of the head alone at {config.warmup_learning_rate:g}", flush=True)
     if on_features(config, "warmup"):
-        result = fit_head_on_features(config, model, prepared, setup.stain, checkpoint=warmup_checkpoint,
-                                      learning_rate=config.warmup_learning_rate, **phase)
+        result, _ = fit_head_on_features(config, model, prepared, setup.stain, checkpoint=warmup_checkpoint,
+                                         learning_rate=config.warmup_learning_rate, **phase)
     else:
         with head_only(model), model.distribute_strategy.scope():
             compile_model(model, config.warmup_learning_rate, config.optimizer)
@@ -321,10 +330,11 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
         warm = warm_up_head(config, setup, prepared, checkpoint)
         warmed = model.get_weights() if warm and not cluster else None
         callbacks = [EpochMetrics(), tensorboard(board)]
+        features = None  # the backbone's cached features, when the fit trained the head on them
         if on_features(config, "fit"):
-            result = fit_head_on_features(config, model, prepared, stain, epochs=config.epochs,
-                                          learning_rate=config.learning_rate, extra_callbacks=callbacks,
-                                          class_weight=weights, checkpoint=checkpoint)
+            result, features = fit_head_on_features(config, model, prepared, stain, epochs=config.epochs,
+                                                    learning_rate=config.learning_rate, extra_callbacks=callbacks,
+                                                    class_weight=weights, checkpoint=checkpoint)
         else:
             result = fit(model, train_ds, val_ds, epochs=config.epochs, extra_callbacks=callbacks,
                          class_weight=weights, patience=config.patience, lr_patience=config.lr_patience,
@@ -348,7 +358,7 @@ def train_in_run(config: TrainConfig, prepared: PreparedData, run_name: str) -> 
     if result.resumed_at:
         mlflow.set_tag("histoflow.resumed_at_epoch", str(result.resumed_at))
     evaluation.log_figure(figures.history_figure(result.history, run_name), "evaluation/training_curves.png")
-    evaluated = evaluation.evaluate(model, config, prepared, stain, val_ds, test_ds)
+    evaluated = evaluation.evaluate(model, config, prepared, stain, val_ds, test_ds, features)
     example = next(iter(test_ds))[0].numpy()[:1]
     mlflow.log_metric("model_size_mb", _log_model(model, config, example, prepared.dataset.class_names))
     run_id = mlflow.active_run().info.run_id

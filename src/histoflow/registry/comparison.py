@@ -65,7 +65,9 @@ def summary(experiment: str, dataset: str = "") -> pd.DataFrame:
         raise DataError(f"experiment {experiment!r} has no finished training run"
                         + (f" on dataset {dataset!r}" if dataset else ""))
     both = pd.concat([runs, cvs], keys=["run", "cv"])
-    both["Settings"] = settings(both)
+    # Joined, not set in place: search_runs builds its frame a column at a time, and a column inserted into that
+    # fragmented frame made pandas warn (PerformanceWarning) in every comparison.
+    both = pd.concat([both, pd.Series(settings(both), index=both.index, name="Settings")], axis=1)
     runs, cvs = (both.loc[kind] if kind in both.index.get_level_values(0) else pd.DataFrame()
                  for kind in ("run", "cv"))
     parts = []
