@@ -28,7 +28,7 @@ from histoflow.data.step import PreparedData
 from histoflow.modeling import explain, figures, inference, metrics, screening
 from histoflow.modeling.architectures import gradcam_layer
 from histoflow.modeling.calibration import Calibration, calibration_metrics, fit_calibration
-from histoflow.modeling.features import CachedFeatures, copy_head, head_model
+from histoflow.modeling.features import CachedFeatures, copy_head, run_head
 from histoflow.modeling.fitting import precision_policy
 from histoflow.modeling.variants import TrainConfig
 
@@ -179,8 +179,7 @@ def head_outputs(model: keras.Model, config: TrainConfig, features: CachedFeatur
     """The network's outputs of rows, from its head on their cached backbone features: with the backbone frozen
     (its BatchNorm in inference mode), what the whole network gives on the images, at a fraction of the cost."""
     with precision_policy(config.mixed_precision):
-        head = head_model(features.widths, config.fusion_width, config.dropout, batchnorm=config.head_batchnorm,
-                          numbers=features.numbers)
+        head = run_head(config, features.widths, features.numbers)
     copy_head(model, head)
     extractor = inference.feature_model(head)
 

@@ -259,6 +259,11 @@ def head_model(widths: Sequence[int], fusion_width: int, dropout: float, num_cla
                                            numbers), name="fusion_head")
 
 
+def run_head(config: TrainConfig, widths: Sequence[int], numbers: Sequence[int]) -> keras.Model:
+    """The fusion head of `config` (its width, dropout and BatchNorm setting) alone, on the taps `numbers`."""
+    return head_model(widths, config.fusion_width, config.dropout, batchnorm=config.head_batchnorm, numbers=numbers)
+
+
 def copy_head(source: keras.Model, target: keras.Model) -> None:
     """The head's weights (BatchNorm statistics included) from one model to the other, layer by name."""
     names = {layer.name for layer in target.layers}

@@ -39,8 +39,8 @@ from histoflow.modeling.features import (
     copy_head,
     exact,
     head_dataset,
-    head_model,
     load_or_extract,
+    run_head,
 )
 from histoflow.modeling.fitting import (
     EpochMetrics,
@@ -80,8 +80,7 @@ def _draw_head_as_a_trial(config: TrainConfig, model: keras.Model) -> None:
     numbers = tap_numbers(config.fusion_taps, len(BACKBONES[config.backbone].taps))
     widths = [model.get_layer(f"fusion{i}_gap").output.shape[-1] for i in numbers]
     set_seeds(config.seed)
-    copy_head(head_model(widths, config.fusion_width, config.dropout, batchnorm=config.head_batchnorm,
-                         numbers=numbers), model)
+    copy_head(run_head(config, widths, numbers), model)
 
 
 def stain_normalizer(config: TrainConfig, prepared: PreparedData) -> StainNormalizer:
@@ -149,9 +148,7 @@ def fit_head_on_features(config: TrainConfig, model: keras.Model, prepared: Prep
                        "without colour jitter")
     set_seeds(config.seed)  # its dropout layers' seeds as a tuning trial's head draws them
     with precision_policy(config.mixed_precision):
-        head = compile_model(head_model(features.widths, config.fusion_width, config.dropout,
-                                        batchnorm=config.head_batchnorm, numbers=features.numbers),
-                             learning_rate, config.optimizer)
+        head = compile_model(run_head(config, features.widths, features.numbers), learning_rate, config.optimizer)
     copy_head(model, head)
     result = fit(head, head_dataset(features.splits["train"], config.batch_size, True, config.seed),
                  head_dataset(features.splits["val"], config.batch_size, False, config.seed), epochs=epochs,
