@@ -115,9 +115,9 @@ _TREE_KEY = pytest.StashKey[set]()
 
 # The test files that take longest, longest first: pytest-xdist hands files to its workers in this order, so
 # that no worker is left with a long file at the end (the others, after these, in name order).
-LONGEST_FIRST = ("test_project.py", "test_resume.py", "test_team_server.py", "test_tuning.py", "test_app.py",
-                 "test_screening.py", "test_training_run.py", "test_cross_validation.py",
-                 "test_spark_predict.py", "test_distributed_training.py", "test_registry.py",
+LONGEST_FIRST = ("test_project.py", "test_resume.py", "test_team_server.py", "test_onnx_serving.py", "test_tuning.py",
+                 "test_app.py", "test_screening.py", "test_training_run.py", "test_cross_validation.py",
+                 "test_spark_predict.py", "test_distributed_training.py", "test_slides.py", "test_registry.py",
                  "test_architectures.py", "test_serving.py", "test_docker.py")
 
 
